@@ -1,0 +1,108 @@
+"""Argument checks shared by the public factories.
+
+Values that are JAX tracers (for example hyperparameters injected by
+``optax.inject_hyperparams`` and read inside a jitted update) cannot be
+checked in Python; those are clipped at run time instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import numpy as np
+
+Scalar = Union[int, float, jax.Array, np.ndarray]
+
+
+def concrete(x: Any) -> Optional[float]:
+  """Returns ``x`` as a Python number if it is concrete, else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    arr = np.asarray(x)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if arr.shape != ():
+    return None
+  return arr.item()
+
+
+def check_target(num_nonzero: Any, compression: Any) -> None:
+  """Checks the Q / compression pair when the factory is built."""
+  if (num_nonzero is None) == (compression is None):
+    raise ValueError(
+        "Give exactly one of `num_nonzero` (Q, the number of weights kept) and "
+        f"`compression` (C, with Q = round(N_eligible / C)); got "
+        f"num_nonzero={num_nonzero!r}, compression={compression!r}.")
+  if num_nonzero is not None and not callable(num_nonzero):
+    q = concrete(num_nonzero)
+    if q is None and isinstance(num_nonzero, (str, bytes)):
+      raise TypeError(f"`num_nonzero` must be an int or a schedule, got "
+                      f"{num_nonzero!r}.")
+    if q is not None:
+      if isinstance(q, float) and not float(q).is_integer():
+        raise TypeError(
+            f"`num_nonzero` must be a whole number of weights, got {q!r}.")
+      if q <= 0:
+        raise ValueError(
+            f"`num_nonzero` must be a positive number of weights to keep "
+            f"(1 <= Q <= N_eligible), got {q!r}.")
+  if compression is not None and not callable(compression):
+    c = concrete(compression)
+    if c is None and isinstance(compression, (str, bytes)):
+      raise TypeError(f"`compression` must be a number or a schedule, got "
+                      f"{compression!r}.")
+    if c is not None and (not math.isfinite(c) or c < 1):
+      raise ValueError(
+          f"`compression` must be a finite ratio >= 1 (1 keeps every weight), "
+          f"got {c!r}.")
+
+
+def check_q_against(q: Any, n_eligible: int, *, source: str) -> None:
+  """Checks a concrete Q against the eligible count (at init)."""
+  value = concrete(q)
+  if value is None:
+    return
+  if value < 1:
+    raise ValueError(
+        f"{source} gives Q={value!r}, but at least one weight must be kept "
+        f"(1 <= Q <= N_eligible={n_eligible}).")
+  if value > n_eligible:
+    raise ValueError(
+        f"{source} gives Q={value!r}, more than the {n_eligible} eligible "
+        f"weights; Q must satisfy 1 <= Q <= N_eligible={n_eligible}.")
+
+
+def check_range(name: str, value: Any, lo: float, hi: float,
+                *, allow_schedule: bool = False) -> None:
+  """Checks ``lo <= value <= hi`` for a concrete scalar hyperparameter."""
+  if value is None:
+    return
+  if callable(value):
+    if allow_schedule:
+      return
+    raise TypeError(f"`{name}` must be a number, got the callable {value!r}.")
+  v = concrete(value)
+  if v is None:
+    if isinstance(value, jax.core.Tracer):
+      return
+    raise TypeError(f"`{name}` must be a scalar number, got {value!r}.")
+  if not (lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
+    raise ValueError(f"`{name}` must be in [{lo}, {hi}], got {v!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...],
+                 *, allow_callable: bool = False) -> None:
+  if allow_callable and callable(value):
+    return
+  if value not in choices:
+    extra = " or a callable" if allow_callable else ""
+    raise ValueError(
+        f"`{name}` must be one of {choices}{extra}, got {value!r}.")
+
+
+def resolve_schedule(value: Union[Scalar, Callable[[Any], Any]], count):
+  """Evaluates an optax-style schedule at ``count``, or returns the value."""
+  return value(count) if callable(value) else value

@@ -1,0 +1,319 @@
+"""The GSM gradient transformations: ``global_top_q`` and ``gsm``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gsm import _checks
+from optax_gsm import eligibility
+from optax_gsm import selection as selection_lib
+
+PyTree = Any
+Schedule = Callable[[chex.Numeric], chex.Numeric]
+ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
+Metric = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
+
+METRICS = ("taylor", "magnitude")
+
+
+class GlobalTopQState(NamedTuple):
+  """State of :func:`global_top_q`.
+
+  Attributes:
+    count: number of updates so far (int32); schedules are evaluated at it.
+    num_nonzero: the Q used by the last update (int32).
+    threshold: the Q-th largest score of the last update (float32). Useful to
+      monitor, and the score a weight had to beat to get its gradient.
+    score_ema: when ``score_momentum`` is set, the running average of the
+      scores of each eligible leaf (float32, leaf order); else ``()``.
+  """
+  count: jax.Array
+  num_nonzero: jax.Array
+  threshold: jax.Array
+  score_ema: tuple
+
+
+def _score_fn(metric: Metric) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  if callable(metric):
+    return metric
+  if metric == "taylor":
+    # Widen first: a bfloat16 product would round many scores to ties.
+    return lambda g, w: jnp.abs(g.astype(jnp.float32) * w.astype(jnp.float32))
+  return lambda g, w: jnp.abs(w.astype(jnp.float32))
+
+
+def resolve_selection(selection: str) -> str:
+  """Maps ``"auto"`` to a concrete backend for the current platform.
+
+  ``"top_k"`` is a sort and, on a sharded vector, also needs the whole score
+  vector on one device, so ``"auto"`` never picks it.
+  """
+  if selection == "auto":
+    return "threshold"
+  return selection
+
+
+def _num_eligible(leaves, flags) -> int:
+  return sum(int(leaf.size) for leaf, f in zip(leaves, flags) if f)
+
+
+def _target_q(num_nonzero, compression, count, n_eligible: int):
+  """Q for this step, as a Python int when it is static, else an int32."""
+  if num_nonzero is not None:
+    q = _checks.resolve_schedule(num_nonzero, count)
+    qc = _checks.concrete(q)
+    if qc is not None:
+      return int(round(qc))
+    return jnp.round(jnp.asarray(q)).astype(jnp.int32)
+  c = _checks.resolve_schedule(compression, count)
+  cc = _checks.concrete(c)
+  if cc is not None:
+    return int(round(n_eligible / cc))
+  return jnp.round(n_eligible / jnp.asarray(c, jnp.float32)).astype(jnp.int32)
+
+
+def global_top_q(
+    num_nonzero: Optional[Union[int, Schedule]] = None,
+    *,
+    compression: Optional[ScalarOrSchedule] = None,
+    where: eligibility.Where = None,
+    metric: Metric = "taylor",
+    selection: str = "auto",
+    unselected_decay: Optional[ScalarOrSchedule] = None,
+    score_momentum: Optional[ScalarOrSchedule] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Keeps the gradient of the Q globally most important weights, zeroes the rest.
+
+  For the eligible leaves, every entry gets a score (by default the
+  first-order Taylor estimate of the loss change when the weight is removed,
+  :math:`T = |g \odot w|`). The Q entries with the largest scores **across all
+  eligible leaves together** form the mask :math:`B`, and the update is
+
+  .. math::  u = B \odot g \;(+\; \eta_u (1 - B) \odot w)
+
+  where the second term is only present when ``unselected_decay`` is set.
+  Exactly Q entries are selected at every step; ties are broken by the lower
+  global flat index (leaf order of ``jax.tree.leaves``, then row-major), NaN
+  scores are never selected, and with ``Q >= N_eligible`` everything is.
+  Leaves that are not eligible pass through unchanged.
+
+  Args:
+    num_nonzero: Q, the number of weights whose gradient is kept: an int or an
+      optax schedule ``step -> Q``.
+    compression: alternatively C, with ``Q = round(N_eligible / C)``; a number
+      >= 1 or a schedule.
+    where: which leaves are eligible: a pytree of bools shaped like params, or
+      a callable ``params -> that pytree``. Default: floating-point leaves with
+      ``ndim >= 2``.
+    metric: ``"taylor"`` (:math:`|g w|`, the paper), ``"magnitude"``
+      (:math:`|w|`), or a callable ``(g, w) -> score``.
+    selection: ``"auto"``, ``"threshold"`` (exact radix descent on the score
+      bits, no sort, accepts a traced Q) or ``"top_k"`` (the sort-based
+      reference). All give identical masks.
+    unselected_decay: optional extra decay :math:`\eta_u` applied to the
+      *unselected* eligible weights only (a number or a schedule). It speeds
+      up the decay of weights that are selected only part of the time, which
+      the final magnitude pruning would otherwise cut while they still matter.
+    score_momentum: optional :math:`m` (a number or schedule in [0, 1)). The
+      ranking then uses the running average
+      :math:`\bar T \leftarrow m \bar T + (1 - m) T` instead of :math:`T`,
+      which reduces churn of the selected set.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
+    ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_gsm
+    >>> params = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0]]), 'b': jnp.ones(2)}
+    >>> grads = {'w': jnp.array([[4.0, 1.0], [1.0, 1.0]]), 'b': jnp.ones(2)}
+    >>> tx = optax_gsm.global_top_q(2)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates['w'].tolist()   # |g*w| = [[4, 2], [3, 4]]: keep 4 and 4
+    [[4.0, 0.0], [0.0, 1.0]]
+    >>> updates['b'].tolist()   # not eligible: unchanged
+    [1.0, 1.0]
+  """
+  _checks.check_target(num_nonzero, compression)
+  _checks.check_choice("metric", metric, METRICS, allow_callable=True)
+  _checks.check_choice("selection", selection, selection_lib.SELECTIONS)
+  _checks.check_range("unselected_decay", unselected_decay, 0.0, float("inf"),
+                      allow_schedule=True)
+  _checks.check_range("score_momentum", score_momentum, 0.0, 1.0,
+                      allow_schedule=True)
+  score = _score_fn(metric)
+  method = resolve_selection(selection)
+
+  def init_fn(params):
+    leaves = jax.tree.leaves(params)
+    flags = eligibility.resolve_where(where, params)
+    n = _num_eligible(leaves, flags)
+    if num_nonzero is not None:
+      q0 = _checks.resolve_schedule(num_nonzero, 0)
+      _checks.check_q_against(q0, n, source=f"num_nonzero={num_nonzero!r}")
+    else:
+      c0 = _checks.concrete(_checks.resolve_schedule(compression, 0))
+      if c0 is not None:
+        _checks.check_q_against(
+            round(n / c0), n,
+            source=f"compression={c0!r} over {n} eligible weights")
+    if score_momentum is None:
+      ema = ()
+    else:
+      ema = tuple(jnp.zeros(leaf.shape, jnp.float32)
+                  for leaf, f in zip(leaves, flags) if f)
+    return GlobalTopQState(
+        count=jnp.zeros([], jnp.int32),
+        num_nonzero=jnp.zeros([], jnp.int32),
+        threshold=jnp.zeros([], jnp.float32),
+        score_ema=ema)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+          "global_top_q scores weights by their values, so update() needs "
+          "params: call tx.update(grads, state, params).")
+    param_leaves, treedef = jax.tree.flatten(params)
+    try:
+      grad_leaves = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"updates and params must have the same structure: {e}") from None
+    flags = eligibility.resolve_where(where, params)
+    n = _num_eligible(param_leaves, flags)
+    q = _target_q(num_nonzero, compression, state.count, n)
+
+    eligible = [i for i, f in enumerate(flags) if f]
+    scores = []
+    for i in eligible:
+      s = score(grad_leaves[i], param_leaves[i])
+      if jnp.shape(s) != param_leaves[i].shape:
+        raise ValueError(
+            f"metric must return one score per weight: for a leaf of shape "
+            f"{param_leaves[i].shape} it returned shape {jnp.shape(s)}.")
+      scores.append(jnp.asarray(s, jnp.float32))
+
+    new_ema = state.score_ema
+    if score_momentum is not None:
+      m = jnp.asarray(
+          _checks.resolve_schedule(score_momentum, state.count), jnp.float32)
+      new_ema = tuple(m * e + (1 - m) * s
+                      for e, s in zip(state.score_ema, scores))
+      scores = list(new_ema)
+
+    keys = [selection_lib.scores_to_keys(s) for s in scores]
+    if isinstance(q, int) and q >= n:
+      # Static Q >= N keeps everything: exactly momentum SGD.
+      masks = [jnp.ones(k.shape, bool) for k in keys]
+      kth = jnp.min(jnp.stack([jnp.min(k) for k in keys]))
+    else:
+      masks, kth = selection_lib.top_q_keys(keys, q, method=method)
+
+    out = list(grad_leaves)
+    if unselected_decay is not None:
+      eta_u = _checks.resolve_schedule(unselected_decay, state.count)
+    for i, mask in zip(eligible, masks):
+      g, w = grad_leaves[i], param_leaves[i]
+      u = jnp.where(mask, g, jnp.zeros([], g.dtype))
+      if unselected_decay is not None:
+        u = u + jnp.where(mask, 0, eta_u * w).astype(g.dtype)
+      out[i] = u
+
+    new_state = GlobalTopQState(
+        count=optax.safe_increment(state.count),
+        num_nonzero=jnp.clip(jnp.asarray(q, jnp.int32), 0, n),
+        threshold=selection_lib.keys_to_scores(kth),
+        score_ema=new_ema)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gsm(
+    learning_rate: ScalarOrSchedule,
+    *,
+    num_nonzero: Optional[Union[int, Schedule]] = None,
+    compression: Optional[ScalarOrSchedule] = None,
+    momentum: float = 0.98,
+    weight_decay: float = 1e-4,
+    nesterov: bool = False,
+    where: eligibility.Where = None,
+    selection: str = "auto",
+    metric: Metric = "taylor",
+    unselected_decay: Optional[ScalarOrSchedule] = None,
+    score_momentum: Optional[ScalarOrSchedule] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
+
+  Every eligible weight keeps its momentum and weight decay, but only the Q
+  weights with the largest Taylor score :math:`|g w|` across the whole model
+  get the loss gradient:
+
+  .. math::
+
+     Z &\leftarrow \beta Z + \eta W + B \odot \frac{\partial L}{\partial W} \\
+     W &\leftarrow W - \alpha Z
+
+  with :math:`B` the 0/1 global top-Q mask, :math:`\beta` the momentum,
+  :math:`\eta` the weight decay and :math:`\alpha` the learning rate. The
+  unselected weights decay towards zero, so that pruning all but the Q largest
+  magnitudes after training (:func:`optax_gsm.magnitude_prune`) loses little.
+  With ``compression=1`` this is ``optax.sgd(learning_rate, momentum)`` after
+  ``optax.add_decayed_weights(weight_decay)`` on the eligible leaves.
+
+  It is ``optax.chain(global_top_q(...), add_decayed_weights(weight_decay,
+  mask=where), trace(momentum, nesterov), scale_by_learning_rate(lr))``.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number or an optax schedule.
+    num_nonzero: Q, an int or a schedule ``step -> Q``.
+    compression: alternatively C, with ``Q = round(N_eligible / C)``.
+    momentum: :math:`\beta` in [0, 1].
+    weight_decay: :math:`\eta` >= 0, applied to the eligible leaves.
+    nesterov: use Nesterov momentum.
+    where: eligible leaves; see :func:`global_top_q`.
+    selection: the selection backend; see :func:`global_top_q`.
+    metric: the score; see :func:`global_top_q`.
+    unselected_decay: extra decay on unselected weights only; see
+      :func:`global_top_q`. ``None`` (the paper's rule) by default.
+    score_momentum: running average of the scores; see :func:`global_top_q`.
+      ``None`` (the paper's rule) by default.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_gsm
+    >>> params = {'w': jnp.ones((4, 4)), 'b': jnp.zeros(4)}
+    >>> tx = optax_gsm.gsm(0.1, compression=4)   # keep 4 of 16 weights
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum((p['w'] @ jnp.arange(4.)) ** 2))(
+    ...     params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> int(jnp.sum(updates['w'] != -0.1 * 1e-4))  # 4 got the gradient
+    4
+  """
+  _checks.check_range("momentum", momentum, 0.0, 1.0)
+  _checks.check_range("weight_decay", weight_decay, 0.0, float("inf"),
+                      allow_schedule=True)
+  if not callable(learning_rate):
+    _checks.check_range("learning_rate", learning_rate, 0.0, float("inf"))
+
+  def decay_mask(params):
+    return eligibility.where_tree(where, params)
+
+  return optax.chain(
+      global_top_q(num_nonzero, compression=compression, where=where,
+                   metric=metric, selection=selection,
+                   unselected_decay=unselected_decay,
+                   score_momentum=score_momentum),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
