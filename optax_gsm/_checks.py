@@ -24,7 +24,7 @@ def concrete(x: Any) -> Optional[float]:
     arr = np.asarray(x)
   except Exception:  # pylint: disable=broad-except
     return None
-  if arr.shape != ():
+  if arr.shape != () or arr.dtype.kind not in "biuf":
     return None
   return arr.item()
 
@@ -38,7 +38,7 @@ def check_target(num_nonzero: Any, compression: Any) -> None:
         f"num_nonzero={num_nonzero!r}, compression={compression!r}.")
   if num_nonzero is not None and not callable(num_nonzero):
     q = concrete(num_nonzero)
-    if q is None and isinstance(num_nonzero, (str, bytes)):
+    if q is None and not isinstance(num_nonzero, jax.core.Tracer):
       raise TypeError(f"`num_nonzero` must be an int or a schedule, got "
                       f"{num_nonzero!r}.")
     if q is not None:
@@ -51,7 +51,7 @@ def check_target(num_nonzero: Any, compression: Any) -> None:
             f"(1 <= Q <= N_eligible), got {q!r}.")
   if compression is not None and not callable(compression):
     c = concrete(compression)
-    if c is None and isinstance(compression, (str, bytes)):
+    if c is None and not isinstance(compression, jax.core.Tracer):
       raise TypeError(f"`compression` must be a number or a schedule, got "
                       f"{compression!r}.")
     if c is not None and (not math.isfinite(c) or c < 1):

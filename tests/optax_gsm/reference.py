@@ -1,0 +1,58 @@
+"""Independent numpy references for the selection and the GSM update."""
+
+import numpy as np
+
+
+def ranked_selection(scores_list, q):
+  """Boolean masks of the Q best entries, ranked with numpy's lexsort.
+
+  Order: larger score first; NaN after every number; ties by lower global
+  flat index. NaN is never selected unless Q >= N.
+  """
+  flat = np.concatenate(
+      [np.asarray(s, np.float32).ravel() for s in scores_list])
+  n = flat.size
+  q = int(min(max(q, 0), n))
+  nan = np.isnan(flat)
+  value = np.where(nan, 0.0, -flat.astype(np.float64))
+  order = np.lexsort((np.arange(n), value, nan))   # last key is primary
+  sel = np.zeros(n, bool)
+  sel[order[:q]] = True
+  if q < n:
+    sel &= ~nan
+  out, start = [], 0
+  for s in scores_list:
+    size = np.size(s)
+    out.append(sel[start:start + size].reshape(np.shape(s)))
+    start += size
+  return out
+
+
+def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
+              unselected_decay=0.0):
+  """Runs Z <- beta Z + eta W + B g (+ eta_u (1-B) W); W <- W - lr Z in numpy.
+
+  ``params`` is a list of float64 arrays, ``eligible`` a list of bools and
+  ``grads_seq`` a list (over steps) of lists of gradient arrays.
+  """
+  w = [np.array(p, np.float64) for p in params]
+  z = [np.zeros_like(p) for p in w]
+  masks_seq = []
+  for grads in grads_seq:
+    elig_idx = [i for i, e in enumerate(eligible) if e]
+    scores = [np.abs(np.asarray(grads[i], np.float32) *
+                     np.asarray(w[i], np.float32)) for i in elig_idx]
+    masks = ranked_selection(scores, q)
+    masks_seq.append(masks)
+    mask_of = dict(zip(elig_idx, masks))
+    for i, g in enumerate(grads):
+      g = np.asarray(g, np.float64)
+      if eligible[i]:
+        b = mask_of[i]
+        u = np.where(b, g, 0.0) + weight_decay * w[i]
+        u = u + unselected_decay * np.where(b, 0.0, w[i])
+      else:
+        u = g
+      z[i] = momentum * z[i] + u
+      w[i] = w[i] - lr * z[i]
+  return w, masks_seq
