@@ -1,0 +1,521 @@
+r"""Budgets instead of compression ratios: select weights by score per unit cost.
+
+Every eligible weight :math:`i` has a score :math:`s_i` and a positive integer
+cost :math:`c_i` (the multiply-accumulates it takes part in, or the bytes it
+takes in a sparse file). Given a budget :math:`B`, the weights are ordered by
+
+1. a larger ratio :math:`r_i = s_i / c_i` first (computed in float32:
+   ``float32(s) / float32(c)``, correctly rounded, so costs above
+   :math:`2^{24}` are rounded to float32 in the ratio only);
+2. among equal ratios, the lower *global flat index* first (leaf order of
+   ``jax.tree.leaves``, then row-major), exactly as in
+   :mod:`optax_gsm.selection`;
+3. NaN ratios last; they are never selected unless everything fits.
+
+and the selection is the **longest prefix of that order whose total cost is at
+most** :math:`B`. It is exact and deterministic, and found without sorting:
+
+* the ratio threshold :math:`t^*` is the largest int32 ratio key with
+  :math:`\sum_{r_i \ge t^*} c_i > B`, built bit by bit from the most
+  significant bit (32 passes that each sum the costs above a candidate, like
+  :func:`optax_gsm.selection.kth_largest_key` counts);
+* every weight with a ratio above :math:`t^*` is selected (their total is at
+  most :math:`B`), and the weights tied at :math:`t^*` are taken in global
+  index order while the running total stays within :math:`B` (prefix sums).
+
+**Exactness.** Costs are int32 in :math:`[1, 2^{31})`. Sums of costs are
+carried exactly in 16-bit limbs held in int32 (no float, no int64): per block
+of :math:`2^{15}` entries the low and high 16 bits of the costs are summed
+separately (each sum fits in int32), the block sums are normalised into three
+16-bit limbs, and those are summed across blocks. This is exact for up to
+:math:`2^{30}` entries in all (a larger selection raises ``ValueError``), so
+every total is below :math:`2^{61}`, with or without ``jax_enable_x64``.
+The leaves are concatenated (one copy of keys and costs), which keeps the
+compiled program the same size for any number of leaves. Budgets may be Python ints of any size up to
+:math:`2^{62}`, or traced integer or float scalars (a float budget :math:`B`
+means :math:`\lfloor B \rfloor`).
+
+Cost trees (pytrees of int32 arrays shaped like the params, 0 on leaves that
+are not eligible) come from :func:`cost_tree` and :func:`bytes_cost_tree`;
+``experiments/flops.py`` builds the FLOPs cost tree of a Flax model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from optax_gsm import _checks
+from optax_gsm import eligibility
+from optax_gsm import selection as selection_lib
+
+Array = jax.Array
+PyTree = Any
+
+# Entries per block of the exact limb sums: a block sum of 16-bit limbs
+# stays below 2**31.
+_BLOCK = 2**15
+_MAX_COST = 2**31 - 1
+_MAX_BUDGET = 2**62 - 1
+_MASK16 = 0xFFFF
+# Sums over at most 2**15 blocks of 16-bit limbs stay below 2**31.
+_MAX_ENTRIES = _BLOCK * 2**15
+
+Limbs = tuple[Array, Array, Array]
+
+
+# --------------------------------------------------------------------------
+# Cost trees.
+
+
+def cost_tree(
+    params: PyTree,
+    per_entry: Union[PyTree, Callable[[str, Any], int]],
+    *,
+    where: eligibility.Where = None,
+) -> PyTree:
+  """A cost pytree: every entry of an eligible leaf costs that leaf's value.
+
+  Args:
+    params: the parameter pytree.
+    per_entry: the cost of one entry of each leaf: a pytree of ints shaped
+      like ``params`` (one int per leaf; values on leaves that are not
+      eligible are ignored), or a callable ``(keystr, leaf) -> int`` (called
+      on the eligible leaves only).
+    where: the eligible leaves; see :func:`optax_gsm.global_top_q`.
+
+  Returns:
+    A pytree of int32 numpy arrays shaped like ``params``: the leaf's cost on
+    eligible leaves, 0 elsewhere.
+
+  Raises:
+    ValueError: if an eligible leaf's cost is not in ``[1, 2**31)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {'conv': jnp.ones((3, 3, 1, 2)), 'b': jnp.ones(2)}
+    >>> costs = cost_tree(params, {'conv': 64, 'b': 0})
+    >>> int(costs['conv'][0, 0, 0, 0]), int(costs['b'].sum())
+    (64, 0)
+  """
+  flags = eligibility.resolve_where(where, params)
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if callable(per_entry):
+    values = [per_entry(jax.tree_util.keystr(p), leaf) if flag else 0
+              for (p, leaf), flag in zip(path_leaves, flags)]
+  else:
+    try:
+      values = treedef.flatten_up_to(per_entry)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "`per_entry` must hold one int per leaf of params (or be a "
+          f"callable); details: {e}") from None
+  out = []
+  for (path, leaf), value, flag in zip(path_leaves, values, flags):
+    shape = np.shape(leaf)
+    if not flag:
+      out.append(np.zeros(shape, np.int32))
+      continue
+    c = _checks.concrete(value)
+    if c is None or float(c) != int(c) or not 1 <= int(c) <= _MAX_COST:
+      raise ValueError(
+          f"`per_entry` gives leaf {jax.tree_util.keystr(path)} the cost "
+          f"{value!r}; an eligible entry's cost must be an integer in "
+          f"[1, {_MAX_COST}].")
+    out.append(np.full(shape, int(c), np.int32))
+  return jax.tree.unflatten(treedef, out)
+
+
+def bytes_cost_tree(params: PyTree, *, where: eligibility.Where = None
+                    ) -> PyTree:
+  """Bytes per non-zero in the index encodings of the sparse file.
+
+  An entry costs its value bytes plus 2 index bytes: a uint16 index in the
+  ``coo`` encoding (leaves of at most 65,536 entries) or in the ``csr``
+  encoding (larger leaves). A budget in bytes then bounds the payload of the
+  sparse file up to a fixed part per leaf (the csr row offsets, the ``.npy``
+  and zip headers); leaves that :func:`~optax_gsm.sparse_io.save_sparse`
+  stores with a bitmask or densely only get smaller.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> costs = bytes_cost_tree({'a': jnp.ones((4, 4)),
+    ...                          'b': jnp.ones((300, 300), jnp.bfloat16)})
+    >>> int(costs['a'][0, 0]), int(costs['b'][0, 0])
+    (6, 4)
+  """
+  def per_entry(_, leaf):
+    return np.dtype(jnp.result_type(leaf)).itemsize + 2
+  return cost_tree(params, per_entry, where=where)
+
+
+def total_cost(costs: PyTree, masks: Optional[PyTree] = None) -> int:
+  """The exact total cost of the selected entries, as a Python int.
+
+  Args:
+    costs: a cost pytree (concrete integer arrays).
+    masks: optional pytree of bools shaped like ``costs`` (the selected or
+      non-zero entries); default: every entry.
+
+  Example:
+    >>> import numpy as np
+    >>> total_cost({'w': np.array([3, 4])}, {'w': np.array([True, False])})
+    3
+  """
+  leaves, treedef = jax.tree.flatten(costs)
+  mask_leaves = ([None] * len(leaves) if masks is None
+                 else treedef.flatten_up_to(masks))
+  total = 0
+  for c, m in zip(leaves, mask_leaves):
+    c = np.asarray(jax.device_get(c)).astype(np.int64)
+    if m is not None:
+      c = np.where(np.asarray(jax.device_get(m)), c, 0)
+    total += int(c.sum(dtype=np.int64))
+  return total
+
+
+# --------------------------------------------------------------------------
+# Selection.
+
+
+def ratio_keys(scores: Array, costs: Array) -> Array:
+  """int32 keys of ``float32(scores) / float32(costs)`` (see :mod:`selection`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_gsm.selection import scores_to_keys
+    >>> k = ratio_keys(jnp.array([6.0, 1.0]), jnp.array([3, 1]))
+    >>> bool((k == scores_to_keys(jnp.array([2.0, 1.0]))).all())
+    True
+  """
+  ratio = (jnp.asarray(scores).astype(jnp.float32)
+           / jnp.asarray(costs).astype(jnp.float32))
+  return selection_lib.scores_to_keys(ratio)
+
+
+def budget_top_keys(keys: Sequence[Array], costs: Sequence[Array], budget
+                    ) -> tuple[list[Array], Array]:
+  r"""Selects the longest prefix of the key order whose total cost fits the budget.
+
+  The order is: larger key first, ties by lower global flat index (leaf
+  order, then row-major), ``NAN_KEY`` last. With keys of the ratios
+  :math:`s_i / c_i` (:func:`ratio_keys`) this is the greedy knapsack order.
+  Found without sorting (see the module docstring); exact for any budget.
+
+  Args:
+    keys: int32 key arrays, in the fixed leaf order that breaks ties.
+    costs: integer cost arrays broadcastable to the shapes of ``keys``, with
+      values in ``[1, 2**31)`` (checked when concrete).
+    budget: the budget :math:`B`: a Python int (up to :math:`2^{62}`), or an
+      integer or float scalar (may be traced; a float means
+      :math:`\lfloor B \rfloor`). A negative budget selects nothing.
+
+  Returns:
+    ``(masks, threshold_key)``: boolean arrays shaped like ``keys`` whose
+    selected entries have total cost :math:`\le B`, such that the next entry
+    in the order (if any) would exceed :math:`B`; and the key :math:`t^*`
+    of the first entry that does not fit (``NAN_KEY`` when everything fits).
+    Entries with key ``NAN_KEY`` are selected only when everything fits.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> k = ratio_keys(jnp.array([9.0, 4.0, 3.0, 8.0]), jnp.array([3, 1, 1, 4]))
+    >>> masks, _ = budget_top_keys([k], [jnp.array([3, 1, 1, 4])], 5)
+    >>> masks[0].tolist()   # ratios 3, 4, 3, 2: take 4 (1), 3 (3), 3 (1)
+    [True, True, True, False]
+    >>> masks, _ = budget_top_keys([k], [jnp.array([3, 1, 1, 4])], 3)
+    >>> masks[0].tolist()   # 4 (1) fits, 3 (cost 3) would exceed: stop
+    [False, True, False, False]
+  """
+  keys = [jnp.asarray(k) for k in keys]
+  for k in keys:
+    if k.dtype != jnp.int32:
+      raise TypeError(f"`keys` must be int32 arrays, got dtype {k.dtype}.")
+  costs = _check_costs(costs, [k.shape for k in keys])
+  masks, kth = _budget_select(tuple(keys), costs, _budget_limbs(budget))
+  return list(masks), kth
+
+
+def _check_costs(costs: Sequence[Any], shapes: Sequence[tuple]) -> tuple:
+  """Checks dtypes, shapes and (when concrete) values of the costs."""
+  if len(costs) != len(shapes):
+    raise ValueError(
+        f"`costs` must have one array per key array: got {len(costs)} cost "
+        f"arrays for {len(shapes)} key arrays.")
+  out = []
+  for i, (c, shape) in enumerate(zip(costs, shapes)):
+    if not isinstance(c, jax.core.Tracer):
+      c = np.asarray(jax.device_get(c))
+    if not jnp.issubdtype(c.dtype, jnp.integer):
+      raise TypeError(
+          f"`costs[{i}]` must be an integer array, got dtype {c.dtype}.")
+    try:
+      if np.broadcast_shapes(np.shape(c), shape) != tuple(shape):
+        raise ValueError
+    except ValueError:
+      raise ValueError(
+          f"`costs[{i}]` of shape {np.shape(c)} does not broadcast to the key "
+          f"shape {shape}.") from None
+    if isinstance(c, np.ndarray) and c.size:
+      lo, hi = int(c.min()), int(c.max())
+      if lo < 1 or hi > _MAX_COST:
+        raise ValueError(
+            f"`costs[{i}]` must be in [1, {_MAX_COST}], got values in "
+            f"[{lo}, {hi}].")
+      c = c.astype(np.int32)
+    out.append(c)
+  return tuple(out)
+
+
+def budget_select(scores: Sequence[Array], costs: Sequence[Array], budget
+                  ) -> list[Array]:
+  """Masks of the entries with the best score per unit cost within a budget.
+
+  :func:`ratio_keys` then :func:`budget_top_keys`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> budget_select([jnp.array([1.0, 5.0, 2.0])], [jnp.array([1, 10, 1])],
+    ...               2)[0].tolist()
+    [True, False, True]
+  """
+  scores = tuple(jnp.asarray(s) for s in scores)
+  costs = _check_costs(costs, [s.shape for s in scores])
+  masks, _ = _ratio_select(scores, costs, _budget_limbs(budget))
+  return list(masks)
+
+
+def budget_prune(
+    params: PyTree,
+    costs: PyTree,
+    budget,
+    *,
+    where: eligibility.Where = None,
+) -> tuple[PyTree, PyTree]:
+  r"""Keeps the eligible weights of largest :math:`|w| / c` within a budget.
+
+  The budgeted counterpart of :func:`optax_gsm.magnitude_prune`: the kept
+  set is the longest prefix of the :math:`|w_i| / c_i` order (ties by lower
+  global index) whose total cost is at most ``budget``.
+
+  Args:
+    params: the parameter pytree.
+    costs: a cost pytree shaped like ``params`` (see :func:`cost_tree`);
+      only its eligible leaves are used.
+    budget: the budget; see :func:`budget_top_keys`.
+    where: the eligible leaves; see :func:`optax_gsm.global_top_q`.
+
+  Returns:
+    ``(pruned_params, masks)`` as :func:`optax_gsm.magnitude_prune`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {'conv': jnp.array([[3.0, 1.0]]),
+    ...           'fc': jnp.array([[2.0, 0.5]])}
+    >>> costs = {'conv': jnp.array([[4, 4]]), 'fc': jnp.array([[1, 1]])}
+    >>> pruned, _ = budget_prune(params, costs, 5)  # ratios .75 .25 | 2 .5
+    >>> pruned['conv'].tolist(), pruned['fc'].tolist()
+    ([[3.0, 0.0]], [[2.0, 0.0]])
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  flags = eligibility.resolve_where(where, params)
+  try:
+    cost_leaves = treedef.flatten_up_to(costs)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"`costs` must have the structure of params: {e}") from None
+  idx = [i for i, f in enumerate(flags) if f]
+  eligible = tuple(jnp.asarray(leaves[i]) for i in idx)
+  cost_eligible = _check_costs([cost_leaves[i] for i in idx],
+                               [x.shape for x in eligible])
+  sel, pruned_eligible = _prune(eligible, cost_eligible,
+                                _budget_limbs(budget))
+  masks = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
+  pruned = list(leaves)
+  for i, m, p in zip(idx, sel, pruned_eligible):
+    masks[i], pruned[i] = m, p
+  return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef, masks)
+
+
+# --------------------------------------------------------------------------
+# Exact integer sums in 16-bit limbs.
+
+
+def _norm(l0: Array, l1: Array, l2: Array) -> Limbs:
+  """Carries so that l0, l1 are in [0, 2**16) (all limbs non-negative)."""
+  l1 = l1 + lax.shift_right_arithmetic(l0, 16)
+  l0 = l0 & _MASK16
+  l2 = l2 + lax.shift_right_arithmetic(l1, 16)
+  l1 = l1 & _MASK16
+  return l0, l1, l2
+
+
+def _add(a: Limbs, b: Limbs) -> Limbs:
+  return _norm(a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def _sub(a: Limbs, b: Limbs) -> Limbs:
+  """``a - b`` for normalised ``a >= b`` (borrows via arithmetic shifts)."""
+  d0 = a[0] - b[0]
+  d1 = a[1] - b[1] + lax.shift_right_arithmetic(d0, 16)
+  d2 = a[2] - b[2] + lax.shift_right_arithmetic(d1, 16)
+  return d0 & _MASK16, d1 & _MASK16, d2
+
+
+def _gt(a: Limbs, b: Limbs) -> Array:
+  return ((a[2] > b[2]) | ((a[2] == b[2]) & (
+      (a[1] > b[1]) | ((a[1] == b[1]) & (a[0] > b[0])))))
+
+
+def _block_limbs(s_lo: Array, s_hi: Array) -> Limbs:
+  """Limbs of ``s_hi * 2**16 + s_lo`` for 0 <= s_lo, s_hi < 2**31."""
+  t = s_hi + lax.shift_right_logical(s_lo, 16)
+  return s_lo & _MASK16, t & _MASK16, lax.shift_right_logical(t, 16)
+
+
+def _zero() -> Limbs:
+  z = jnp.int32(0)
+  return z, z, z
+
+
+def _budget_limbs(budget) -> Limbs:
+  """The budget, floored and clipped to [0, 2**62), as three int32 limbs."""
+  if isinstance(budget, bool):
+    raise TypeError(f"`budget` must be a number, got {budget!r}.")
+  value = budget if isinstance(budget, int) else _checks.concrete(budget)
+  if value is not None:
+    if isinstance(value, float):
+      if math.isnan(value):
+        raise ValueError("`budget` must be a number, got nan.")
+      value = min(max(value, 0.0), float(_MAX_BUDGET))
+      value = math.floor(value)
+    b = min(max(int(value), 0), _MAX_BUDGET)
+    return (jnp.int32(b & _MASK16), jnp.int32((b >> 16) & _MASK16),
+            jnp.int32(b >> 32))
+  b = jnp.asarray(budget)
+  if b.shape != ():
+    raise ValueError(f"`budget` must be a scalar, got shape {b.shape}.")
+  if jnp.issubdtype(b.dtype, jnp.integer):
+    b = jnp.maximum(b, 0)
+    if b.dtype.itemsize <= 4:
+      u = b.astype(jnp.uint32)
+      return ((u & _MASK16).astype(jnp.int32),
+              (u >> 16).astype(jnp.int32), jnp.int32(0))
+    b = jnp.minimum(b, _MAX_BUDGET)
+    return ((b & _MASK16).astype(jnp.int32),
+            ((b >> 16) & _MASK16).astype(jnp.int32),
+            (b >> 32).astype(jnp.int32))
+  if not jnp.issubdtype(b.dtype, jnp.floating):
+    raise TypeError(f"`budget` must be an int or a float, got dtype {b.dtype}.")
+  b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
+  # Floats: floor, then split with exact power-of-two divisions (every
+  # remainder has fewer significant bits than the float, so it is exact).
+  b = jnp.floor(jnp.clip(jnp.nan_to_num(b, nan=0.0), 0.0, 2.0**61))
+  hi = jnp.floor(b / 2.0**32)
+  rem = b - hi * 2.0**32
+  mid = jnp.floor(rem / 2.0**16)
+  low = rem - mid * 2.0**16
+  return low.astype(jnp.int32), mid.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _blocked(x: Array, fill) -> Array:
+  """Flattens, pads to whole blocks and reshapes to ``(blocks, block)``."""
+  flat = x.reshape(-1)
+  n = flat.shape[0]
+  block = min(n, _BLOCK)
+  m = -(-n // block)
+  pad = m * block - n
+  if pad:
+    flat = jnp.concatenate([flat, jnp.full((pad,), fill, flat.dtype)])
+  return flat.reshape(m, block)
+
+
+@jax.jit
+def _budget_select(keys: tuple, costs: tuple, budget: Limbs):
+  return _select_impl(keys, costs, budget)
+
+
+@jax.jit
+def _ratio_select(scores: tuple, costs: tuple, budget: Limbs):
+  keys = tuple(ratio_keys(s, c) for s, c in zip(scores, costs))
+  return _select_impl(keys, costs, budget)
+
+
+@jax.jit
+def _prune(leaves: tuple, costs: tuple, budget: Limbs):
+  scores = tuple(jnp.abs(leaf.astype(jnp.float32)) for leaf in leaves)
+  masks, _ = _ratio_select(scores, costs, budget)
+  pruned = tuple(jnp.where(m, leaf, jnp.zeros([], leaf.dtype))
+                 for m, leaf in zip(masks, leaves))
+  return masks, pruned
+
+
+def _select_impl(keys: tuple, costs: tuple, budget: Limbs):
+  """The selection over the concatenated leaves (in global index order).
+
+  Concatenating keeps the compiled program the same size whatever the number
+  of leaves; it costs one copy of the keys and of the costs.
+  """
+  nan_key = jnp.int32(selection_lib.NAN_KEY)
+  shapes = [k.shape for k in keys]
+  sizes = [math.prod(shape) for shape in shapes]
+  n = sum(sizes)
+  if n == 0:
+    return tuple(jnp.zeros(shape, bool) for shape in shapes), nan_key
+  if n > _MAX_ENTRIES:
+    raise ValueError(
+        f"budget selection supports up to {_MAX_ENTRIES} entries in all, got "
+        f"{n}.")
+  flat_k = jnp.concatenate([k.reshape(-1) for k in keys])
+  flat_c = jnp.concatenate([
+      jnp.broadcast_to(c, k.shape).astype(jnp.int32).reshape(-1)
+      for k, c in zip(keys, costs)])
+  # (blocks, block) layout; padding entries cost 0, so they change no sum.
+  k2 = _blocked(flat_k, selection_lib.NAN_KEY)
+  lo = _blocked(flat_c & _MASK16, 0)
+  hi = _blocked(lax.shift_right_logical(flat_c, 16), 0)
+
+  def cost_where(sel) -> Limbs:
+    s_lo = jnp.sum(jnp.where(sel, lo, 0), axis=1, dtype=jnp.int32)
+    s_hi = jnp.sum(jnp.where(sel, hi, 0), axis=1, dtype=jnp.int32)
+    return _norm(*(jnp.sum(x, dtype=jnp.int32)
+                   for x in _block_limbs(s_lo, s_hi)))
+
+  sign = jnp.int32(-2**31)
+
+  def body(i, prefix_u):
+    bit = lax.shift_left(jnp.int32(1), jnp.int32(31) - i)
+    cand_u = prefix_u | bit
+    over = _gt(cost_where(k2 >= (cand_u ^ sign)), budget)
+    return jnp.where(over, cand_u, prefix_u)
+
+  kth = lax.fori_loop(0, 32, body, jnp.int32(0)) ^ sign
+  over = _gt(cost_where(k2 >= kth), budget)
+  # Budget left after every entry above the threshold (their total fits).
+  remaining = _sub(budget, cost_where(k2 > kth))
+
+  # Inclusive running cost of the ties in index order: within the block,
+  # plus the blocks before.
+  tie = k2 == kth
+  c_lo = jnp.where(tie, lo, 0)
+  c_hi = jnp.where(tie, hi, 0)
+  within = _block_limbs(jnp.cumsum(c_lo, axis=1, dtype=jnp.int32),
+                        jnp.cumsum(c_hi, axis=1, dtype=jnp.int32))
+  blocks = _block_limbs(jnp.sum(c_lo, axis=1, dtype=jnp.int32),
+                        jnp.sum(c_hi, axis=1, dtype=jnp.int32))
+  offset = _norm(*(jnp.cumsum(x, dtype=jnp.int32) - x for x in blocks))
+  running = _add(within, tuple(x[:, None] for x in offset))
+  fits = ~_gt(running, remaining)
+  mask = ((k2 > kth) | (tie & fits)).reshape(-1)[:n]
+  # Everything fits: select all, NaN included; else NaN is never selected.
+  mask = jnp.where(over, mask & (flat_k != nan_key), True)
+  out, start = [], 0
+  for shape, size in zip(shapes, sizes):
+    out.append(mask[start:start + size].reshape(shape))
+    start += size
+  return tuple(out), jnp.where(over, kth, nan_key)
