@@ -12,6 +12,7 @@ bools shaped like the params, or a callable ``params -> that pytree``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Union
 
 import jax
@@ -121,7 +122,8 @@ def count_eligible(params: PyTree, where: Where = None) -> int:
     12
   """
   flags = resolve_where(where, params)
-  return sum(int(jnp.size(leaf))
+  # math.prod of the shape also serves jax.ShapeDtypeStruct leaves.
+  return sum(math.prod(jnp.shape(leaf))
              for leaf, f in zip(jax.tree.leaves(params), flags) if f)
 
 

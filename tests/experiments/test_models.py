@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,12 +23,6 @@ EXPECTED_ELIGIBLE = {
 }
 
 
-@functools.cache
-def build(name: str) -> nnx.Module:
-    """Each model is built once per test session (initialising DenseNet is not free)."""
-    return get_model(name, rngs=nnx.Rngs(0))
-
-
 def input_for(name: str, batch: int = 2) -> jax.Array:
     shape = get_spec(name).input_shape
     if name == "resnet50":
@@ -39,14 +31,14 @@ def input_for(name: str, batch: int = 2) -> jax.Array:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_eligible_count_matches_paper(name: str) -> None:
-    counts = param_counts(build(name))
+def test_eligible_count_matches_paper(name: str, built_model) -> None:
+    counts = param_counts(built_model(name))
     assert counts["eligible"] == EXPECTED_ELIGIBLE[name]
     paper = MODELS[name].paper_params
     if paper is not None:
         assert abs(counts["eligible"] - paper) / paper < 0.03, (counts, paper)
     # Our eligibility rule is the library's.
-    params = nnx.to_pure_dict(nnx.state(build(name), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(built_model(name), nnx.Param))
     assert optax_gsm.count_eligible(params) == counts["eligible"]
 
 
@@ -57,8 +49,8 @@ def test_resnet56_projection_shortcuts() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_forward_pass(name: str) -> None:
-    model = build(name)
+def test_forward_pass(name: str, built_model) -> None:
+    model = nnx.clone(built_model(name))  # BatchNorm statistics change in train mode
     x = input_for(name)
     logits = nnx.jit(lambda m, x: m(x))(model, x)
     assert logits.shape == (2, get_spec(name).num_classes)
@@ -67,8 +59,8 @@ def test_forward_pass(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n, s in sorted(MODELS.items()) if s.has_batch_norm])
-def test_train_eval_switches_every_batch_norm(name: str) -> None:
-    model = build(name)
+def test_train_eval_switches_every_batch_norm(name: str, built_model) -> None:
+    model = nnx.clone(built_model(name))
     norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
     assert norms
     model.eval()
@@ -77,8 +69,8 @@ def test_train_eval_switches_every_batch_norm(name: str) -> None:
     assert not any(bn.use_running_average for bn in norms)
 
 
-def test_batch_norm_train_vs_eval_semantics() -> None:
-    model = get_model("resnet56", rngs=nnx.Rngs(0))
+def test_batch_norm_train_vs_eval_semantics(built_model) -> None:
+    model = nnx.clone(built_model("resnet56"))
     x = input_for("resnet56", batch=4)
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 

@@ -1,0 +1,105 @@
+"""Unit tests of the training-loop helpers (small LeNet-300-100, random data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_gsm
+from experiments import data
+from experiments.models import get_model
+from experiments.training import (
+    Trainer,
+    evaluate,
+    magnitude_histogram,
+    make_gsm_tx,
+    nonzero_by_magnitude,
+    param_dict,
+    prefetch_to_device,
+    qth_largest_magnitude,
+    restore_model_state,
+    set_params,
+)
+
+
+def random_pipeline(n: int, batch_size: int, *, train: bool, seed: int = 0) -> data.InMemoryPipeline:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n)
+    return data.InMemoryPipeline(images, labels, spec=data.DATASETS["mnist"], batch_size=batch_size,
+                                 train=train, seed=seed)
+
+
+def test_step_compiles_once_even_with_restored_state(tmp_path: Path) -> None:
+    """Uncommitted fresh arrays vs committed step outputs used to cost a 2nd compile."""
+    model = get_model("lenet_300_100", rngs=nnx.Rngs(0))
+    trainer = Trainer(model, make_gsm_tx(optax.constant_schedule(0.01), num_nonzero=5000,
+                                         momentum=0.99, weight_decay=5e-4),
+                      lr_schedule=optax.constant_schedule(0.01), name="t")
+    if not hasattr(trainer._train_step, "_cache_size"):
+        pytest.skip("jax.jit cache introspection unavailable")
+    train = random_pipeline(64, 16, train=True)
+    trainer.fit(train, None, epochs=1, ckpt_dir=tmp_path / "ckpt", progress=False)
+    assert trainer._train_step._cache_size() == 1
+
+    # A new trainer whose model comes from an orbax checkpoint.
+    restored = get_model("lenet_300_100", rngs=nnx.Rngs(1))
+    meta = restore_model_state(tmp_path / "ckpt", restored)
+    assert meta["epoch"] == 1
+    same = jax.tree.map(np.array_equal, param_dict(restored), trainer.params())
+    assert all(jax.tree.leaves(same))
+    again = Trainer(restored, optax.sgd(0.01, momentum=0.9), lr_schedule=optax.constant_schedule(0.01))
+    for batch in train.epoch(0):
+        again.train_step(batch.image, batch.label)
+    assert again._train_step._cache_size() == 1
+
+
+def test_evaluate_ignores_padding() -> None:
+    model = get_model("lenet_300_100", rngs=nnx.Rngs(0))
+    pipe = random_pipeline(50, 16, train=False)  # 4 batches, the last with 2 real examples
+    result = evaluate(model, pipe)
+    logits = model(jnp.asarray(pipe.normalize(pipe.images)))
+    expected_acc = float(np.mean(np.argmax(logits, -1) == pipe.labels))
+    expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, pipe.labels).mean())
+    assert result["count"] == 50
+    np.testing.assert_allclose(result["acc"], expected_acc)
+    np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+
+
+def test_magnitude_helpers() -> None:
+    params = {"w": jnp.array([[0.0, 1e-5], [3.0, -2.0]]), "b": jnp.array([5.0, 0.0]),
+              "k": jnp.array([[[1e-3, -4.0]]])}
+    assert nonzero_by_magnitude(params, 1e-4) == (4, 6)  # b is not eligible
+    assert qth_largest_magnitude(params, 1) == 4.0
+    assert qth_largest_magnitude(params, 3) == 2.0
+    hist = magnitude_histogram(params)
+    assert hist["zeros"] == 1 and sum(hist["counts"]) == 5
+    assert hist["max"] == 4.0 and hist["min_nonzero"] == pytest.approx(1e-5)
+    pruned, _ = optax_gsm.magnitude_prune(params, num_nonzero=2)
+    assert nonzero_by_magnitude(pruned, 0.0) == (2, 6)
+
+
+def test_param_dict_round_trip() -> None:
+    model = get_model("lenet_300_100", rngs=nnx.Rngs(0))
+    params = param_dict(model)
+    assert set(params) == {"fc1", "fc2", "fc3"}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    set_params(model, zeros)
+    assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(param_dict(model)))
+
+
+def test_prefetch_to_device_keeps_order() -> None:
+    pipe = random_pipeline(64, 8, train=True)
+    direct = [(b.image, b.label) for b in pipe.epoch(3)]
+    fetched = list(prefetch_to_device(pipe.epoch(3), size=3))
+    assert len(direct) == len(fetched) == 8
+    for (x, y), (fx, fy) in zip(direct, fetched):
+        assert isinstance(fx, jax.Array)
+        np.testing.assert_array_equal(x, np.asarray(fx))
+        np.testing.assert_array_equal(y, np.asarray(fy))
