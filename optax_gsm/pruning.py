@@ -66,7 +66,7 @@ def magnitude_prune(
     q = int(round(n / c))
     _checks.check_q_against(q, n, source=f"compression={c!r} over {n} "
                             "eligible weights")
-  method = "threshold" if selection == "auto" else selection
+  method = "search" if selection == "auto" else selection
   eligible_leaves = [leaf for leaf, f in zip(leaves, flags) if f]
   eligible_masks = _prune_masks(eligible_leaves, q, method)
   it = iter(eligible_masks)

@@ -11,6 +11,7 @@ import optax
 
 from optax_gsm import _checks
 from optax_gsm import eligibility
+from optax_gsm import fast_select
 from optax_gsm import selection as selection_lib
 
 PyTree = Any
@@ -31,11 +32,18 @@ class GlobalTopQState(NamedTuple):
       monitor, and the score a weight had to beat to get its gradient.
     score_ema: when ``score_momentum`` is set, the running average of the
       scores of each eligible leaf (float32, leaf order); else ``()``.
+    threshold_drift: running mean of the step-to-step change of
+      ``threshold``, counted in float32 values (ulps) between the two (float32).
+    threshold_spread: running mean deviation of that change from
+      ``threshold_drift`` (float32). With ``threshold`` they place the first
+      counting pass of the next step's ``selection="search"``.
   """
   count: jax.Array
   num_nonzero: jax.Array
   threshold: jax.Array
   score_ema: tuple
+  threshold_drift: jax.Array
+  threshold_spread: jax.Array
 
 
 def _score_fn(metric: Metric) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -54,7 +62,7 @@ def resolve_selection(selection: str) -> str:
   vector on one device, so ``"auto"`` never picks it.
   """
   if selection == "auto":
-    return "threshold"
+    return "search"
   return selection
 
 
@@ -112,9 +120,11 @@ def global_top_q(
       ``ndim >= 2``.
     metric: ``"taylor"`` (:math:`|g w|`, the paper), ``"magnitude"``
       (:math:`|w|`), or a callable ``(g, w) -> score``.
-    selection: ``"auto"``, ``"threshold"`` (exact radix descent on the score
-      bits, no sort, accepts a traced Q) or ``"top_k"`` (the sort-based
-      reference). All give identical masks.
+    selection: ``"auto"`` (= ``"search"``: an exact interpolation search by
+      counting passes, warm-started from the last step's threshold; see
+      :mod:`optax_gsm.fast_select`), ``"threshold"`` (exact radix descent on
+      the score bits, 32 counting passes) or ``"top_k"`` (the sort-based
+      reference). All give identical masks and accept a traced Q.
     unselected_decay: optional extra decay :math:`\eta_u` applied to the
       *unselected* eligible weights only (a number or a schedule). It speeds
       up the decay of weights that are selected only part of the time, which
@@ -171,7 +181,9 @@ def global_top_q(
         count=jnp.zeros([], jnp.int32),
         num_nonzero=jnp.zeros([], jnp.int32),
         threshold=jnp.zeros([], jnp.float32),
-        score_ema=ema)
+        score_ema=ema,
+        threshold_drift=jnp.zeros([], jnp.float32),
+        threshold_spread=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -208,10 +220,30 @@ def global_top_q(
       scores = list(new_ema)
 
     keys = [selection_lib.scores_to_keys(s) for s in scores]
+    last_key = selection_lib.scores_to_keys(state.threshold)
     if isinstance(q, int) and q >= n:
       # Static Q >= N keeps everything: exactly momentum SGD.
       masks = [jnp.ones(k.shape, bool) for k in keys]
       kth = jnp.min(jnp.stack([jnp.min(k) for k in keys]))
+    elif method == "search":
+      # Warm start from the last threshold; the keys are recomputed inside
+      # every counting pass from (g, w) rather than stored.
+      if score_momentum is None:
+        operands = ([grad_leaves[i] for i in eligible],
+                    [param_leaves[i] for i in eligible])
+        def key_fn(ops, j):
+          return selection_lib.scores_to_keys(
+              jnp.asarray(score(ops[0][j], ops[1][j]), jnp.float32))
+      else:
+        operands = list(new_ema)
+        def key_fn(ops, j):
+          return selection_lib.scores_to_keys(ops[j])
+      warm = fast_select.warm_start(
+          last_key, state.threshold_drift, state.threshold_spread,
+          state.count > 0)
+      masks, kth = fast_select.select(
+          key_fn, operands, [k.shape for k in keys], q, hint=warm.hint,
+          sigma=warm.sigma)
     else:
       masks, kth = selection_lib.top_q_keys(keys, q, method=method)
 
@@ -225,11 +257,16 @@ def global_top_q(
         u = u + jnp.where(mask, 0, eta_u * w).astype(g.dtype)
       out[i] = u
 
+    drift, spread = fast_select.update_drift(
+        last_key, kth, state.threshold_drift, state.threshold_spread,
+        state.count > 0)
     new_state = GlobalTopQState(
         count=optax.safe_increment(state.count),
         num_nonzero=jnp.clip(jnp.asarray(q, jnp.int32), 0, n),
         threshold=selection_lib.keys_to_scores(kth),
-        score_ema=new_ema)
+        score_ema=new_ema,
+        threshold_drift=drift,
+        threshold_spread=spread)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
