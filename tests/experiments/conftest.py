@@ -82,8 +82,10 @@ def split_arrays():
 @pytest.fixture(scope="session")
 def built_model():
     """``built_model(name)``: a freshly initialised registry model, built once per
-    session (initialising DenseNet-40 or ResNet-50 takes ~10 s on 2 cores).
-    Callers that mutate it must ``nnx.clone`` it first."""
+    session (initialising DenseNet-40 or ResNet-50 takes ~10 s on 2 cores) and
+    handed out as a copy with its own buffers."""
+    import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from experiments.models import get_model
@@ -93,6 +95,9 @@ def built_model():
     def get(name: str) -> nnx.Module:
         if name not in cache:
             cache[name] = get_model(name, rngs=nnx.Rngs(0))
-        return cache[name]
+        # A copy with its own buffers: nnx.clone shares them, and a training
+        # step that donates its inputs would delete the cached model's arrays.
+        graphdef, state = nnx.split(cache[name])
+        return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
     return get
