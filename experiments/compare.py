@@ -100,18 +100,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _json_default(x: Any) -> Any:
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 # ------------------------------------------------------------------ base models
 
 
@@ -195,7 +183,7 @@ def run(
     import optax_gsm
     from experiments import data
     from experiments.methods import collect_methods, common
-    from experiments.run import environment
+    from experiments.run import environment, json_default
 
     available = collect_methods()
     chosen = list(available) if not methods else list(methods)
@@ -241,7 +229,7 @@ def run(
 
     def save(with_plot: bool = False) -> None:
         results["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
-        _atomic_write(json_path, json.dumps(results, indent=1, default=_json_default))
+        _atomic_write(json_path, json.dumps(results, indent=1, default=json_default))
         write_markdown(results, out_dir / f"{dataset}{suffix}.md")
         if with_plot:  # ~1 s of matplotlib: once per model, not after every cell
             plot(results, out_dir / f"{dataset}{suffix}.png")

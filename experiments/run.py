@@ -120,13 +120,14 @@ def phase_config(config: ExperimentConfig, phase: str) -> dict[str, Any]:
 def _atomic_write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
+        json.dump(data, f, indent=1, default=json_default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
+    """``json.dump`` fallback for numpy scalars and arrays and paths."""
     import numpy as np
 
     if isinstance(x, np.generic):

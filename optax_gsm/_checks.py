@@ -75,6 +75,22 @@ def check_q_against(q: Any, n_eligible: int, *, source: str) -> None:
         f"weights; Q must satisfy 1 <= Q <= N_eligible={n_eligible}.")
 
 
+def static_q(num_nonzero: Any, compression: Any, n_eligible: int) -> int:
+  """Q for a one-off cut from a concrete ``num_nonzero`` or ``compression``.
+
+  Assumes :func:`check_target` has passed; checks ``1 <= Q <= N_eligible``.
+  """
+  if num_nonzero is not None:
+    q = int(concrete(num_nonzero))
+    check_q_against(q, n_eligible, source=f"num_nonzero={num_nonzero!r}")
+    return q
+  c = float(concrete(compression))
+  q = int(round(n_eligible / c))
+  check_q_against(q, n_eligible, source=f"compression={c!r} over "
+                  f"{n_eligible} eligible weights")
+  return q
+
+
 def check_range(name: str, value: Any, lo: float, hi: float,
                 *, allow_schedule: bool = False) -> None:
   """Checks ``lo <= value <= hi`` for a concrete scalar hyperparameter."""

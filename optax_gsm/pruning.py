@@ -58,14 +58,7 @@ def magnitude_prune(
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   n = sum(int(leaf.size) for leaf, f in zip(leaves, flags) if f)
-  if num_nonzero is not None:
-    q = int(_checks.concrete(num_nonzero))
-    _checks.check_q_against(q, n, source=f"num_nonzero={num_nonzero!r}")
-  else:
-    c = float(_checks.concrete(compression))
-    q = int(round(n / c))
-    _checks.check_q_against(q, n, source=f"compression={c!r} over {n} "
-                            "eligible weights")
+  q = _checks.static_q(num_nonzero, compression, n)
   method = "search" if selection == "auto" else selection
   eligible_leaves = [leaf for leaf, f in zip(leaves, flags) if f]
   eligible_masks = _prune_masks(eligible_leaves, q, method)

@@ -122,14 +122,7 @@ def saliency_prune(
     raise ValueError(
         f"`scores` must have the structure of params: {e}") from None
   n = sum(int(jnp.size(l)) for l, f in zip(leaves, flags) if f)
-  if num_nonzero is not None:
-    q = int(_checks.concrete(num_nonzero))
-    _checks.check_q_against(q, n, source=f"num_nonzero={num_nonzero!r}")
-  else:
-    c = float(_checks.concrete(compression))
-    q = int(round(n / c))
-    _checks.check_q_against(q, n, source=f"compression={c!r} over {n} "
-                            "eligible weights")
+  q = _checks.static_q(num_nonzero, compression, n)
   idx = [i for i, f in enumerate(flags) if f]
   for i in idx:
     if jnp.shape(s_leaves[i]) != jnp.shape(leaves[i]):
