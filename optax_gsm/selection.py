@@ -27,8 +27,10 @@ Backends:
   schedule, :func:`optax.inject_hyperparams`) it ranks with a stable sort.
 * ``"threshold"``: finds the Q-th largest key bit by bit from the most
   significant bit (a radix descent: 32 counting passes, never a sort), then
-  breaks ties at the threshold by global index. Works per leaf, so the scores
-  are never concatenated, and accepts a traced Q.
+  breaks ties at the threshold by global index with a second radix descent
+  over indices (only when the ties at the threshold are not all taken).
+  Works per leaf, so the scores are never concatenated, communicates only
+  scalar counts on a mesh, and accepts a traced Q.
 * ``"search"``: an interpolation search on counts, 8 thresholds per
   counting pass, typically 3 to 6 passes instead of 32, warm-started by
   :func:`optax_gsm.global_top_q` from the previous step's threshold; see
@@ -187,20 +189,41 @@ def _threshold_select(keys, q):
     return [k >= kth for k in keys]
 
   def first_ties():
-    # Ties are taken in global flat index order: all of a leaf's ties before
-    # the next leaf's. Only this (rare) branch pays for the prefix sums.
-    masks = []
-    before = jnp.int32(0)
+    # Ties are taken in global flat index order. The index of the take-th tie
+    # is found by a radix descent over global indices (counting passes, so
+    # per-leaf sums: scalar all-reduces on a mesh), not by a cumsum over the
+    # flattened leaf, which XLA can only partition by all-gathering the leaf.
+    index, offset = [], 0
     for k in keys:
-      tie = (k == kth).reshape(-1)
-      rank = jnp.cumsum(tie, dtype=jnp.int32) - 1 + before
-      sel = (k.reshape(-1) > kth) | (tie & (rank < take))
-      masks.append(sel.reshape(k.shape))
-      before = before + jnp.sum(tie, dtype=jnp.int32)
-    return masks
+      index.append(_global_index(k.shape, offset))
+      offset += k.size
+    nbits = max(1, (offset - 1).bit_length())
+
+    def body(i, last):
+      # The largest c with #(ties with index < c) < take is the take-th
+      # tie's index; build it from the most significant bit.
+      cand = last | lax.shift_left(jnp.int32(1), jnp.int32(nbits - 1) - i)
+      count = jnp.int32(0)
+      for k, idx in zip(keys, index):
+        count = count + jnp.sum((k == kth) & (idx < cand), dtype=jnp.int32)
+      return jnp.where(count < take, cand, last)
+
+    last = lax.fori_loop(0, nbits, body, jnp.int32(0))
+    return [(k > kth) | ((k == kth) & (idx <= last))
+            for k, idx in zip(keys, index)]
 
   masks = lax.cond(take == n_equal, all_ties, first_ties)
   return [m & (q > 0) for m in masks], kth
+
+
+def _global_index(shape: tuple, offset: int) -> Array:
+  """Row-major flat index of every entry of a leaf, plus ``offset`` (int32)."""
+  idx = jnp.full(shape, offset, jnp.int32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    idx = idx + lax.broadcasted_iota(jnp.int32, shape, d) * stride
+    stride *= shape[d]
+  return idx
 
 
 def _top_k_select(keys, q):

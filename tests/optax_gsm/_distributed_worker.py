@@ -154,57 +154,6 @@ def methods() -> list[str]:
                      if m not in ("auto", auto)]
 
 
-def proposed_threshold_select(keys, q):
-  """The proposed sharding-friendly replacement of
-  ``optax_gsm.selection._threshold_select`` (see docs/distributed.md).
-
-  Identical semantics; the tie-break finds the global flat index of the
-  ``take``-th tie by a radix descent over indices (counting passes: per-leaf
-  sums, i.e. scalar all-reduces on a mesh) instead of a cumsum over the
-  flattened leaf, which XLA can only partition by all-gathering the leaf.
-  """
-  import jax.numpy as jnp
-  from jax import lax
-  from optax_gsm import selection
-  kth = selection.kth_largest_key(keys, q)
-  n_greater = jnp.int32(0)
-  n_equal = jnp.int32(0)
-  for k in keys:
-    n_greater = n_greater + jnp.sum(k > kth, dtype=jnp.int32)
-    n_equal = n_equal + jnp.sum(k == kth, dtype=jnp.int32)
-  take = q - n_greater
-
-  def all_ties():
-    return [k >= kth for k in keys]
-
-  def first_ties():
-    index, offset = [], 0
-    for k in keys:
-      idx = jnp.full(k.shape, offset, jnp.int32)
-      stride = 1
-      for d in reversed(range(k.ndim)):
-        idx = idx + lax.broadcasted_iota(jnp.int32, k.shape, d) * stride
-        stride *= k.shape[d]
-      index.append(idx)
-      offset += k.size
-    nbits = max(1, (offset - 1).bit_length())
-
-    def body(i, last):
-      # Largest c with #(ties with index < c) < take: the take-th tie's index.
-      cand = last | lax.shift_left(jnp.int32(1), jnp.int32(nbits - 1) - i)
-      count = jnp.int32(0)
-      for k, idx in zip(keys, index):
-        count = count + jnp.sum((k == kth) & (idx < cand), dtype=jnp.int32)
-      return jnp.where(count < take, cand, last)
-
-    last = lax.fori_loop(0, nbits, body, jnp.int32(0))
-    return [(k > kth) | ((k == kth) & (idx <= last))
-            for k, idx in zip(keys, index)]
-
-  masks = lax.cond(take == n_equal, all_ties, first_ties)
-  return [m & (q > 0) for m in masks], kth
-
-
 # --- HLO inspection ---------------------------------------------------------
 
 _COLLECTIVE = re.compile(
@@ -256,20 +205,6 @@ def put(tree, shardings):
       lambda x, s: jax.make_array_from_callback(
           np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
       tree, shardings)
-
-
-def _with_selection(select, fn):
-  """``fn`` with ``optax_gsm.selection._threshold_select`` replaced while it
-  runs (so while it is traced)."""
-  def wrapped(*args):
-    from optax_gsm import selection
-    original = selection._threshold_select
-    selection._threshold_select = select
-    try:
-      return fn(*args)
-    finally:
-      selection._threshold_select = original
-  return wrapped
 
 
 class Layout:
@@ -327,10 +262,6 @@ class Layout:
         "train_step": (step, (p_sh, s_sh, b_sh, b_sh), (p_sh, s_sh, p_sh),
                        (p_abs, s_abs, *b_abs)),
         "init": (tx.init, (p_sh,), s_sh, (p_abs,)),
-        # The proposed gather-free tie-break of the threshold backend.
-        "masks_proposed": (
-            _with_selection(proposed_threshold_select, masks_fn("threshold")),
-            (p_sh, p_sh), mask_sh, (p_abs, p_abs)),
     }
     # The mask of every selection backend ("masks_auto" is what gsm uses).
     for m in methods():
@@ -378,8 +309,7 @@ def run_layout(layout: Layout, ref: "Layout | None", out: dict, prefix: str,
 
   With ``ref`` (a one-device layout), also recomputes every training step on
   one device from the gradient this layout computed (``samegrad_*``). With
-  ``extras``, also every other selection backend and the proposed
-  tie-break.
+  ``extras``, also every other selection backend.
   """
   import jax
 
@@ -394,7 +324,7 @@ def run_layout(layout: Layout, ref: "Layout | None", out: dict, prefix: str,
     grads = put(grads_np, layout.p_sh)
     record(f"{case}/mask", layout.masks_auto(grads, params))
     if extras:
-      for m in methods()[1:] + ["proposed"]:
+      for m in methods()[1:]:
         record(f"{case}/mask_{m}",
                getattr(layout, f"masks_{m}")(grads, params))
     state = layout.init(params)
