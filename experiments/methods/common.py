@@ -277,6 +277,8 @@ def train(
     forward: Forward | None = None,
     name: str = "train",
     first_epoch: int = 0,
+    on_epoch: Callable[[int, Params], None] | None = None,
+    progress: bool = False,
 ) -> TrainOutput:
     """Trains ``params`` with ``tx`` for ``epochs`` epochs of ``ctx.train``.
 
@@ -291,6 +293,11 @@ def train(
       name: for the log.
       first_epoch: data epoch index to start at (epoch ``e`` always yields the
         same batches, whichever method asks).
+      on_epoch: called as ``on_epoch(epochs_done, params)`` after every epoch
+        (e.g. to evaluate or to check a mask). ``params`` are the live training
+        buffers, donated by the next step: use them, do not keep them.
+      progress: show a tqdm bar per epoch (off by default: the comparison
+        logs one line per phase instead).
 
     Returns:
       A :class:`TrainOutput`; ``losses`` holds the mean training loss per epoch.
@@ -318,11 +325,27 @@ def train(
     t0 = time.perf_counter()
     for e in range(epochs):
         pending = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=ctx.steps_per_epoch, desc=f"{name} {e + 1}/{epochs}", leave=False,
+                       mininterval=0.5, dynamic_ncols=True)
         for batch in ctx.train.epoch(first_epoch + e):
             params, opt_state, loss = step(params, opt_state, batch.image, batch.label)
             pending.append(loss)
             steps += 1
+            # Only with a bar: waiting for the device every 50 steps makes the bar
+            # show computed steps rather than dispatched ones.
+            if bar is not None and len(pending) % 50 == 0:
+                bar.update(50)
+                bar.set_postfix_str(f"loss={float(loss):.4f}")
         losses.append(float(np.mean(jax.device_get(pending))))
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
+        if on_epoch is not None:
+            on_epoch(e + 1, params)
     seconds = time.perf_counter() - t0
     ctx.log(f"  [{name}] {epochs} epochs, {steps} steps, {seconds:.1f} s, "
             f"last loss {losses[-1]:.4f}")
@@ -361,19 +384,32 @@ def calibration_batches(ctx: Context) -> list[Any]:
     return out
 
 
-def fixed_mask_tx(ctx: Context, masks: Params, epochs: int, *, lr: float | None = None
-                  ) -> optax.GradientTransformation:
-    """Momentum SGD (cosine from ``lr``) that keeps pruned weights at exactly 0."""
-    lr = ctx.budget.lr if lr is None else lr
-    schedule = cosine(lr, epochs * ctx.steps_per_epoch)
+def fixed_mask_tx(ctx: Context, masks: Params, epochs: int, *, lr: float | None = None,
+                  schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """Momentum SGD that keeps pruned weights at exactly 0.
+
+    The learning rate is ``schedule`` when given (e.g. a run's own warm-up and
+    step decay), else cosine from ``lr`` (default ``budget.lr``) to 0 over
+    ``epochs``.
+    """
+    if schedule is None:
+        lr = ctx.budget.lr if lr is None else lr
+        schedule = cosine(lr, epochs * ctx.steps_per_epoch)
     return optax.chain(sgd(schedule, ctx.budget), baselines.masked_updates(masks))
 
 
 def retrain_fixed_mask(ctx: Context, params: Params, masks: Params, epochs: int, *,
-                       lr: float | None = None, name: str = "retrain") -> TrainOutput:
-    """Zeroes the pruned weights and retrains the rest with the mask fixed."""
+                       lr: float | None = None, schedule: optax.Schedule | None = None,
+                       name: str = "retrain", on_epoch: Callable[[int, Params], None] | None = None,
+                       progress: bool = False) -> TrainOutput:
+    """Zeroes the pruned weights and retrains the rest with the mask fixed.
+
+    ``lr`` / ``schedule``: see :func:`fixed_mask_tx`; ``on_epoch``, ``progress``:
+    see :func:`train`.
+    """
     params = baselines.apply_masks(params, masks)
-    return train(ctx, params, fixed_mask_tx(ctx, masks, epochs, lr=lr), epochs, name=name)
+    tx = fixed_mask_tx(ctx, masks, epochs, lr=lr, schedule=schedule)
+    return train(ctx, params, tx, epochs, name=name, on_epoch=on_epoch, progress=progress)
 
 
 # ---------------------------------------------------------------- persistence

@@ -17,17 +17,21 @@ network's recipe (``budget.base_lr``, cosine, ``budget.ticket_epochs`` epochs);
   control of Frankle and Carbin).
 
 The experiments' lottery-ticket table uses :func:`train_ticket` and
-:func:`imp_chain` directly.
+:func:`imp_chain` directly; :mod:`experiments.lottery` trains GSM, magnitude
+and random tickets of a finished ``experiments.run`` with :func:`train_ticket`
+and the run's own recipe (the GSM rebuttal's Table 4).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from optax_gsm import baselines
 from experiments.methods import common
@@ -35,13 +39,27 @@ from experiments.methods import gsm as gsm_method
 from experiments.methods.common import Context, MethodResult
 
 
-def train_ticket(ctx: Context, masks: common.Params, *, name: str = "ticket"
-                 ) -> common.TrainOutput:
-    """Trains ``masks * W0`` with the mask fixed, using the dense recipe."""
+def train_ticket(ctx: Context, masks: common.Params, *, name: str = "ticket",
+                 epochs: int | None = None, schedule: optax.Schedule | None = None,
+                 on_epoch: Callable[[int, common.Params], None] | None = None,
+                 progress: bool = False) -> common.TrainOutput:
+    """Trains ``masks * W0`` with the mask fixed, using the dense recipe.
+
+    Args:
+      ctx: the context; ``ctx.init_params`` is W0.
+      masks: True keeps a weight.
+      name: for the log.
+      epochs: default ``budget.ticket_epochs_``.
+      schedule: the dense recipe's learning rate; default cosine from
+        ``budget.base_lr`` (the comparison's dense recipe).
+        :mod:`experiments.lottery` passes a run's own warm-up and step decay.
+      on_epoch, progress: see :func:`experiments.methods.common.train`.
+    """
     b = ctx.budget
+    epochs = b.ticket_epochs_ if epochs is None else epochs
     start = baselines.rewind(ctx.init_params, masks)
-    return common.retrain_fixed_mask(ctx, start, masks, b.ticket_epochs_, lr=b.base_lr,
-                                     name=name)
+    return common.retrain_fixed_mask(ctx, start, masks, epochs, lr=b.base_lr, schedule=schedule,
+                                     name=name, on_epoch=on_epoch, progress=progress)
 
 
 def imp_levels(num_eligible: int, targets: list[int], max_step: float) -> list[int]:

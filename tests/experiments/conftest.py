@@ -101,3 +101,26 @@ def built_model():
         return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
     return get
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory: pytest.TempPathFactory, tfds_data_dir: Path, mnist_builder) -> Path:
+    """LeNet-300-100, 1 epoch base + 1 epoch GSM on all 60k images, all phases.
+
+    Session-scoped: the run tests and the lottery-ticket test read the same
+    folder (test_run.py re-runs phases on it, which leaves it equivalent)."""
+    from experiments import run
+
+    del mnist_builder  # MNIST is prepared in the session data dir
+    out = tmp_path_factory.mktemp("lenet300")
+    argv = [
+        "lenet300_60x", "--quick", "--out", str(out), "--data-dir", str(tfds_data_dir),
+        "--no-download", "--overrides",
+        "train.epochs=1", "train.warmup_epochs=0", "train.boundaries=()",
+        "gsm.epochs=1", "gsm.boundaries=()",
+        # 10x instead of 60x: one GSM epoch is far too short for the unselected
+        # weights to decay (the paper uses 280), and this test checks the plumbing.
+        "compression=10",
+    ]
+    assert run.main(argv) == 0
+    return out

@@ -1,5 +1,8 @@
 """End to end on the real MNIST files: base training, GSM, pruning, report, with a
-tiny budget (one epoch each), through the command line entry point."""
+tiny budget (one epoch each), through the command line entry point.
+
+The run itself is the session fixture ``mnist_run`` (conftest.py), shared with
+the lottery-ticket test."""
 
 from __future__ import annotations
 
@@ -12,24 +15,6 @@ import pytest
 from experiments import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory: pytest.TempPathFactory, tfds_data_dir: Path, mnist_builder) -> Path:
-    """LeNet-300-100, 1 epoch base + 1 epoch GSM on all 60k images, all phases."""
-    del mnist_builder  # MNIST is prepared in the session data dir
-    out = tmp_path_factory.mktemp("lenet300")
-    argv = [
-        "lenet300_60x", "--quick", "--out", str(out), "--data-dir", str(tfds_data_dir),
-        "--no-download", "--overrides",
-        "train.epochs=1", "train.warmup_epochs=0", "train.boundaries=()",
-        "gsm.epochs=1", "gsm.boundaries=()",
-        # 10x instead of 60x: one GSM epoch is far too short for the unselected
-        # weights to decay (the paper uses 280), and this test checks the plumbing.
-        "compression=10",
-    ]
-    assert run.main(argv) == 0
-    return out
 
 
 def test_results_json(mnist_run: Path) -> None:
