@@ -12,4 +12,6 @@ code that trains the paper's benchmark models with the library:
 * :mod:`experiments.plots` -- matplotlib figures written next to ``results.json``.
 * :mod:`experiments.run` -- the command line entry point
   (``python -m experiments.run CONFIG --phase all``).
+* :mod:`experiments.sensitivity` -- per-layer pruning sensitivity of a run against
+  GSM's per-layer choice (``python -m experiments.sensitivity RUN_DIR``).
 """

@@ -89,18 +89,30 @@ def plot_sensitivity(result: Union[SensitivityResult, dict],
       ax2.plot(x, [layer[key] for layer in layers], color="black",
                marker=marker, linestyle=style, markerfacecolor="white",
                markersize=6, linewidth=1.2, label=name)
-    ax2.set_ylabel("GSM keep ratio")
-    ax2.set_ylim(bottom=0.0)
+    values = [layer[key] for key, *_ in present for layer in layers]
+    if min(values) > 0 and max(values) > 10 * min(values):
+      # The non-zero ratio (~Q/N) and the relative density (~1) differ by
+      # orders of magnitude; on a linear axis one of them is a flat line.
+      ax2.set_yscale("log")
+      ax2.set_ylabel("GSM keep ratio / density (log)")
+    else:
+      ax2.set_ylabel("GSM keep ratio")
+      ax2.set_ylim(bottom=0.0)
     h2, n2 = ax2.get_legend_handles_labels()
     handles, names = handles + h2, names + n2
   rho = {k: v for k, v in d.get("spearman", {}).items() if v is not None}
+  heading = [title] if title else []
   if rho:
-    text = ", ".join(f"rho({k}) = {v:+.2f}" for k, v in rho.items())
-    ax.text(0.01, 0.98, text, transform=ax.transAxes, va="top", fontsize=8)
-  ax.legend(handles, names, fontsize=7, loc="upper right", frameon=False)
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
+    heading.append("Spearman vs mean drop: " + ", ".join(
+        f"{k} {v:+.2f}" for k, v in rho.items()))
+  if heading:
+    ax.set_title("\n".join(heading), fontsize=9)
+  # Below the axes, where it cannot hide a bar or a marker.
+  ncol = min(len(handles), 3)
+  rows = -(-len(handles) // ncol)
+  fig.legend(handles, names, fontsize=7, loc="lower center", ncol=ncol,
+             frameon=False)
+  fig.tight_layout(rect=(0.0, 0.045 * rows + 0.01, 1.0, 1.0))
   if path is not None:
     fig.savefig(os.fspath(path), dpi=150)
   return fig
