@@ -29,9 +29,36 @@ def concrete(x: Any) -> Optional[float]:
   return arr.item()
 
 
-def check_target(num_nonzero: Any, compression: Any) -> None:
-  """Checks the Q / compression pair when the factory is built."""
-  if (num_nonzero is None) == (compression is None):
+def check_target(num_nonzero: Any, compression: Any, *,
+                 budget: Any = None, costs: Any = None,
+                 accepts_budget: bool = False) -> None:
+  """Checks the Q / compression (/ budget) target when the factory is built.
+
+  With ``accepts_budget`` exactly one of the three targets must be given, and
+  ``costs`` goes with ``budget``.
+  """
+  if accepts_budget:
+    given = [x is not None for x in (num_nonzero, compression, budget)]
+    if sum(given) != 1:
+      raise ValueError(
+          "Give exactly one of `num_nonzero` (Q, the number of weights kept), "
+          "`compression` (C, with Q = round(N_eligible / C)) and `budget` "
+          "(the total cost of the kept weights, with `costs`); got "
+          f"num_nonzero={num_nonzero!r}, compression={compression!r}, "
+          f"budget={budget!r}.")
+    if budget is None and costs is not None:
+      raise ValueError(
+          "`costs` is only used with `budget`: give `budget=` (the total "
+          "cost of the weights kept) or drop `costs`.")
+    if budget is not None:
+      if costs is None:
+        raise ValueError(
+            f"`budget={budget!r}` needs `costs`: a pytree of positive "
+            "integer costs shaped like params, or a callable params -> that "
+            "pytree (see optax_gsm.budget.cost_tree, bytes_cost_tree).")
+      check_budget(budget)
+      return
+  elif (num_nonzero is None) == (compression is None):
     raise ValueError(
         "Give exactly one of `num_nonzero` (Q, the number of weights kept) and "
         f"`compression` (C, with Q = round(N_eligible / C)); got "
@@ -58,6 +85,30 @@ def check_target(num_nonzero: Any, compression: Any) -> None:
       raise ValueError(
           f"`compression` must be a finite ratio >= 1 (1 keeps every weight), "
           f"got {c!r}.")
+
+
+def check_budget(budget: Any, *, name: str = "`budget`") -> None:
+  """Checks a budget (or a schedule's value): a number >= 0, not NaN.
+
+  Traced values and schedules pass (a schedule is checked at step 0 by
+  ``init``).
+  """
+  if callable(budget) or isinstance(budget, jax.core.Tracer):
+    return
+  if isinstance(budget, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a number (a total cost), got "
+                    f"{budget!r}.")
+  value = budget if isinstance(budget, int) else concrete(budget)
+  if value is None or isinstance(value, bool):
+    raise TypeError(
+        f"{name} must be a number (a total cost) or a schedule "
+        f"step -> budget, got {budget!r}.")
+  if isinstance(value, float) and math.isnan(value):
+    raise ValueError(f"{name} must be a number >= 0, got nan.")
+  if value < 0:
+    raise ValueError(
+        f"{name} must be >= 0 (the total cost of the weights kept), got "
+        f"{value!r}.")
 
 
 def check_q_against(q: Any, n_eligible: int, *, source: str) -> None:

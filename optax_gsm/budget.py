@@ -192,10 +192,20 @@ def ratio_keys(scores: Array, costs: Array) -> Array:
     >>> k = ratio_keys(jnp.array([6.0, 1.0]), jnp.array([3, 1]))
     >>> bool((k == scores_to_keys(jnp.array([2.0, 1.0]))).all())
     True
+    >>> # Correctly rounded also for a scalar cost (not 6 * (1 / 7)):
+    >>> int(ratio_keys(jnp.array([6.0]), 7)[0]) == int(
+    ...     scores_to_keys(jnp.float32(6.0) / jnp.array([7.0]))[0])
+    True
   """
-  ratio = (jnp.asarray(scores).astype(jnp.float32)
-           / jnp.asarray(costs).astype(jnp.float32))
-  return selection_lib.scores_to_keys(ratio)
+  s = jnp.asarray(scores).astype(jnp.float32)
+  c = jnp.asarray(costs).astype(jnp.float32)
+  c = jnp.broadcast_to(c, jnp.broadcast_shapes(s.shape, c.shape))
+  # XLA rewrites a division by a broadcast or a constant into a
+  # multiplication by the reciprocal, which is off by one ulp for about half
+  # of the ratios (6 / 7 vs 6 * (1 / 7)) and would order equal ratios of
+  # different leaves by their rounding. The barrier keeps a true division,
+  # which is correctly rounded.
+  return selection_lib.scores_to_keys(s / lax.optimization_barrier(c))
 
 
 def budget_top_keys(keys: Sequence[Array], costs: Sequence[Array], budget
@@ -324,11 +334,7 @@ def budget_prune(
   """
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
-  try:
-    cost_leaves = treedef.flatten_up_to(costs)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`costs` must have the structure of params: {e}") from None
+  cost_leaves = cost_leaves_like(costs, params)
   idx = [i for i, f in enumerate(flags) if f]
   eligible = tuple(jnp.asarray(leaves[i]) for i in idx)
   cost_eligible = _check_costs([cost_leaves[i] for i in idx],
@@ -340,6 +346,114 @@ def budget_prune(
   for i, m, p in zip(idx, sel, pruned_eligible):
     masks[i], pruned[i] = m, p
   return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef, masks)
+
+
+def _path_key(path) -> tuple:
+  """A leaf path without the ``.value`` level of Flax NNX variables."""
+  out = []
+  for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+      continue
+    out.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return tuple(out)
+
+
+def cost_leaves_like(costs: PyTree, params: PyTree) -> list:
+  """The leaves of ``costs`` in the leaf order of ``params``.
+
+  ``costs`` must have the structure of ``params`` (its values at leaves that
+  are not eligible may be anything, ``None`` included), or the same leaves at
+  the same paths up to the ``.value`` level of Flax NNX variables: a cost
+  tree built from ``nnx.state(model, nnx.Param)`` then serves the plain-array
+  params that ``nnx.Optimizer`` passes to ``update``.
+
+  Raises:
+    ValueError: naming both structures when neither matches.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> cost_leaves_like({'b': None, 'w': 4},
+    ...                  {'w': jnp.ones(2), 'b': jnp.ones(1)})
+    [None, 4]
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    return treedef.flatten_up_to(costs)
+  except (ValueError, TypeError) as e:
+    detail = str(e)
+  cost_paths = jax.tree_util.tree_flatten_with_path(costs)[0]
+  if ([_path_key(p) for p, _ in cost_paths]
+      == [_path_key(p) for p, _ in path_leaves]):
+    return [c for _, c in cost_paths]
+  text = repr(costs)
+  text = text if len(text) <= 200 else text[:200] + "..."
+  raise ValueError(
+      "`costs` must be a pytree with the structure of params (one integer "
+      f"array per leaf, shaped like it); params have structure {treedef}, "
+      f"got costs={text}. Details: {detail}")
+
+
+def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
+                   ) -> tuple:
+  """Checked costs of the eligible leaves, in leaf order.
+
+  Args:
+    costs: a cost pytree (see :func:`cost_leaves_like`).
+    params: the parameter pytree.
+    flags: one bool per leaf of ``params`` (the eligible leaves).
+
+  Returns:
+    One int32 array per eligible leaf, broadcastable to its shape: a scalar
+    when every entry of the leaf costs the same (so that a jitted update
+    embeds one number rather than a whole constant array). Traced costs
+    cannot be checked; they are clipped to ``[1, 2**31)``.
+
+  Raises:
+    TypeError: if an eligible leaf's costs are not integers.
+    ValueError: if the structure does not match, a shape does not broadcast
+      to the leaf's shape, or a concrete cost is outside ``[1, 2**31)``.
+  """
+  path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for (path, leaf), c, flag in zip(path_leaves,
+                                   cost_leaves_like(costs, params), flags):
+    if not flag:
+      continue
+    name = jax.tree_util.keystr(path)
+    if c is None:
+      raise TypeError(
+          f"`costs` has None at the eligible leaf {name}; give its entries "
+          "integer costs in [1, 2**31) (see optax_gsm.budget.cost_tree).")
+    if isinstance(c, jax.core.Tracer):
+      if not jnp.issubdtype(c.dtype, jnp.integer):
+        raise TypeError(f"`costs` at {name} must be integers, got dtype "
+                        f"{c.dtype}.")
+    else:
+      c = np.asarray(jax.device_get(c))
+      if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(
+            f"`costs` at {name} must be integers (the cost of each entry), "
+            f"got dtype {c.dtype}.")
+    shape = tuple(np.shape(leaf))
+    try:
+      ok = np.broadcast_shapes(np.shape(c), shape) == shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(
+          f"`costs` at {name} has shape {np.shape(c)}, which does not "
+          f"broadcast to the leaf's shape {shape}.")
+    if isinstance(c, jax.core.Tracer):
+      c = jnp.clip(c, 1, _MAX_COST).astype(jnp.int32)
+    elif c.size:
+      lo, hi = int(c.min()), int(c.max())
+      if lo < 1 or hi > _MAX_COST:
+        raise ValueError(
+            f"`costs` at the eligible leaf {name} must be in [1, {_MAX_COST}]"
+            f", got values in [{lo}, {hi}].")
+      c = np.int32(lo) if lo == hi else c.astype(np.int32)
+    out.append(c)
+  return tuple(out)
 
 
 # --------------------------------------------------------------------------
@@ -455,18 +569,59 @@ def _prune(leaves: tuple, costs: tuple, budget: Limbs):
   return masks, pruned
 
 
-def _select_impl(keys: tuple, costs: tuple, budget: Limbs):
+@jax.jit
+def _budget_select_stats(keys: tuple, costs: tuple, budget: Limbs):
+  return _select_impl(keys, costs, budget, stats=True)
+
+
+def top_keys_with_stats(keys: Sequence[Array], costs: Sequence[Array], budget
+                        ) -> tuple[list[Array], Array, Array, Array]:
+  """:func:`budget_top_keys` plus the smallest selected key and the count.
+
+  Used by :func:`optax_gsm.global_top_q`; both statistics come from the
+  concatenated mask in the same program, so the mask is not recomputed.
+
+  Returns:
+    ``(masks, threshold_key, min_selected_key, num_selected)``: the first two
+    as :func:`budget_top_keys`; the smallest key among the selected entries
+    (``2**31 - 1`` when nothing is selected) and how many are selected
+    (int32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> k = ratio_keys(jnp.array([9.0, 4.0, 3.0, 8.0]), jnp.array([3, 1, 1, 4]))
+    >>> masks, _, low, count = top_keys_with_stats(
+    ...     [k], [jnp.array([3, 1, 1, 4])], 5)
+    >>> int(count), bool(low == ratio_keys(jnp.array(3.0), 1))
+    (3, True)
+  """
+  keys = [jnp.asarray(k) for k in keys]
+  for k in keys:
+    if k.dtype != jnp.int32:
+      raise TypeError(f"`keys` must be int32 arrays, got dtype {k.dtype}.")
+  costs = _check_costs(costs, [k.shape for k in keys])
+  masks, kth, low, count = _budget_select_stats(tuple(keys), costs,
+                                                _budget_limbs(budget))
+  return list(masks), kth, low, count
+
+
+def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False):
   """The selection over the concatenated leaves (in global index order).
 
   Concatenating keeps the compiled program the same size whatever the number
-  of leaves; it costs one copy of the keys and of the costs.
+  of leaves; it costs one copy of the keys and of the costs. With ``stats``
+  also returns the smallest selected key and the number selected.
   """
   nan_key = jnp.int32(selection_lib.NAN_KEY)
+  big_key = jnp.int32(jnp.iinfo(jnp.int32).max)
   shapes = [k.shape for k in keys]
   sizes = [math.prod(shape) for shape in shapes]
   n = sum(sizes)
   if n == 0:
-    return tuple(jnp.zeros(shape, bool) for shape in shapes), nan_key
+    masks = tuple(jnp.zeros(shape, bool) for shape in shapes)
+    if stats:
+      return masks, nan_key, big_key, jnp.int32(0)
+    return masks, nan_key
   if n > _MAX_ENTRIES:
     raise ValueError(
         f"budget selection supports up to {_MAX_ENTRIES} entries in all, got "
@@ -514,8 +669,16 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs):
   mask = ((k2 > kth) | (tie & fits)).reshape(-1)[:n]
   # Everything fits: select all, NaN included; else NaN is never selected.
   mask = jnp.where(over, mask & (flat_k != nan_key), True)
+  # Materialise the mask once: otherwise XLA may fuse the prefix sums that
+  # produce it into every consumer (each leaf's update, counts), recomputing
+  # them several times per step.
+  mask = lax.optimization_barrier(mask)
   out, start = [], 0
   for shape, size in zip(shapes, sizes):
     out.append(mask[start:start + size].reshape(shape))
     start += size
-  return tuple(out), jnp.where(over, kth, nan_key)
+  kth = jnp.where(over, kth, nan_key)
+  if stats:
+    low = jnp.min(jnp.where(mask, flat_k, big_key))
+    return tuple(out), kth, low, jnp.sum(mask, dtype=jnp.int32)
+  return tuple(out), kth

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_gsm import _checks
+from optax_gsm import budget as budget_lib
 from optax_gsm import eligibility
 from optax_gsm import fast_select
 from optax_gsm import selection as selection_lib
@@ -18,6 +19,7 @@ PyTree = Any
 Schedule = Callable[[chex.Numeric], chex.Numeric]
 ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
 Metric = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
+Costs = Union[PyTree, Callable[[PyTree], PyTree]]
 
 METRICS = ("taylor", "magnitude")
 
@@ -27,16 +29,24 @@ class GlobalTopQState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32); schedules are evaluated at it.
-    num_nonzero: the Q used by the last update (int32).
+    num_nonzero: the Q used by the last update (int32); with a ``budget``,
+      the number of weights the last update selected.
     threshold: the Q-th largest score of the last update (float32). Useful to
-      monitor, and the score a weight had to beat to get its gradient.
+      monitor, and the score a weight had to beat to get its gradient. With
+      a ``budget``, the same in score per unit cost: the smallest ratio
+      :math:`s_i / c_i` among the selected weights (every weight with a
+      larger ratio was selected, those with an equal ratio in index order
+      while the budget lasted); the largest ratio when nothing fit. With
+      unit costs it equals the count target's threshold.
     score_ema: when ``score_momentum`` is set, the running average of the
       scores of each eligible leaf (float32, leaf order); else ``()``.
     threshold_drift: running mean of the step-to-step change of
       ``threshold``, counted in float32 values (ulps) between the two (float32).
+      Stays 0 with a ``budget``.
     threshold_spread: running mean deviation of that change from
       ``threshold_drift`` (float32). With ``threshold`` they place the first
-      counting pass of the next step's ``selection="search"``.
+      counting pass of the next step's ``selection="search"``. Stays 0 with
+      a ``budget``.
   """
   count: jax.Array
   num_nonzero: jax.Array
@@ -85,6 +95,25 @@ def _target_q(num_nonzero, compression, count, n_eligible: int):
   return jnp.round(n_eligible / jnp.asarray(c, jnp.float32)).astype(jnp.int32)
 
 
+def _resolve_costs(costs: Costs, params: PyTree) -> PyTree:
+  return costs(params) if callable(costs) else costs
+
+
+def _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay,
+                 count) -> list:
+  """``B * g (+ eta_u (1 - B) w)`` on the eligible leaves; others unchanged."""
+  out = list(grad_leaves)
+  if unselected_decay is not None:
+    eta_u = _checks.resolve_schedule(unselected_decay, count)
+  for i, mask in zip(eligible, masks):
+    g, w = grad_leaves[i], param_leaves[i]
+    u = jnp.where(mask, g, jnp.zeros([], g.dtype))
+    if unselected_decay is not None:
+      u = u + jnp.where(mask, 0, eta_u * w).astype(g.dtype)
+    out[i] = u
+  return out
+
+
 def global_top_q(
     num_nonzero: Optional[Union[int, Schedule]] = None,
     *,
@@ -94,6 +123,8 @@ def global_top_q(
     selection: str = "auto",
     unselected_decay: Optional[ScalarOrSchedule] = None,
     score_momentum: Optional[ScalarOrSchedule] = None,
+    budget: Optional[ScalarOrSchedule] = None,
+    costs: Optional[Costs] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the gradient of the Q globally most important weights, zeroes the rest.
 
@@ -109,6 +140,24 @@ def global_top_q(
   global flat index (leaf order of ``jax.tree.leaves``, then row-major), NaN
   scores are never selected, and with ``Q >= N_eligible`` everything is.
   Leaves that are not eligible pass through unchanged.
+
+  **Budgets.** Instead of a count, the target can be a budget :math:`K` on
+  the total cost of the selected weights, each eligible entry :math:`i`
+  having an integer cost :math:`c_i \ge 1` (its multiply-accumulates per
+  example for a FLOPs budget, its bytes in the sparse file for a size
+  budget). The entries are then ordered by score per unit cost,
+  :math:`r_i = s_i / c_i` (float32), larger first, ties by the lower global
+  flat index, NaN last, and the mask :math:`B` is the **longest prefix of
+  that order whose total cost is at most** :math:`K`:
+
+  .. math::  \sum_i B_i c_i \le K < \sum_i B_i c_i + c_{\text{next}}
+
+  where "next" is the first entry of the order that is not selected (if
+  any). It is the exact greedy knapsack rule of :mod:`optax_gsm.budget`: a
+  weighted threshold search with exact integer sums, no sort. NaN ratios are
+  selected only when everything fits. With unit costs and :math:`K = Q \le
+  N_{\text{eligible}}` it selects exactly the weights that
+  ``num_nonzero=Q`` selects (same order, same ties).
 
   Args:
     num_nonzero: Q, the number of weights whose gradient is kept: an int or an
@@ -133,6 +182,29 @@ def global_top_q(
       ranking then uses the running average
       :math:`\bar T \leftarrow m \bar T + (1 - m) T` instead of :math:`T`,
       which reduces churn of the selected set.
+    budget: alternatively to ``num_nonzero`` / ``compression``, the budget
+      :math:`K \ge 0` on the total cost of the selected weights: an int, a
+      float (floored), or an optax schedule ``step -> K`` (checked at step 0
+      by ``init``). Ints up to :math:`2^{62}` are exact; under
+      ``optax.inject_hyperparams`` the budget becomes an int32 or float32
+      array, so pass budgets above :math:`2^{31}` as floats there (float32
+      keeps 24 bits). A budget below every cost selects nothing.
+    costs: with ``budget`` (and only then), the integer cost of every
+      eligible entry: a pytree shaped like params of int arrays broadcastable
+      to each leaf's shape (a scalar per leaf is fine), values in
+      :math:`[1, 2^{31})` on the eligible leaves and ignored elsewhere
+      (``None`` allowed there); or a callable ``params -> that pytree``,
+      e.g. ``optax_gsm.bytes_cost_tree``. A cost tree built from
+      ``nnx.state(model, nnx.Param)`` (``experiments/flops.py``) also fits
+      the plain-array params ``nnx.Optimizer`` passes. It is checked by
+      ``init``; costs computed from traced values cannot be checked and are
+      clipped to :math:`[1, 2^{31})`. Under ``optax.inject_hyperparams``
+      pass a callable ``costs`` in ``static_args``.
+
+  With a ``budget``, ``selection`` must stay ``"auto"``: budgets have one
+  exact backend (:func:`optax_gsm.budget.budget_top_keys`): 32 bit-by-bit
+  passes per step, each an exact cost sum over the concatenated ratio keys
+  and costs, against 3 to 6 counting passes for ``"search"`` with a count.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -148,8 +220,26 @@ def global_top_q(
     [[4.0, 0.0], [0.0, 1.0]]
     >>> updates['b'].tolist()   # not eligible: unchanged
     [1.0, 1.0]
+
+    With a budget: the first column costs 3 per entry, the second 1. The
+    ratios |g*w| / c are [[4/3, 2], [1, 4]]; a budget of 4 takes 4 (cost 1),
+    then 2 (cost 1), then 4/3 would make 5 > 4: stop.
+
+    >>> tx = optax_gsm.global_top_q(budget=4, costs={'w': jnp.array([3, 1]),
+    ...                                              'b': None})
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates['w'].tolist()
+    [[0.0, 1.0], [0.0, 1.0]]
+    >>> int(state.num_nonzero), float(state.threshold)  # 2 kept; ratio >= 2
+    (2, 2.0)
   """
-  _checks.check_target(num_nonzero, compression)
+  _checks.check_target(num_nonzero, compression, budget=budget, costs=costs,
+                       accepts_budget=True)
+  if budget is not None and selection != "auto":
+    raise ValueError(
+        f"selection={selection!r} applies to `num_nonzero` / `compression`; "
+        "a `budget` is always selected by the exact weighted threshold "
+        "search of optax_gsm.budget. Leave selection='auto'.")
   _checks.check_choice("metric", metric, METRICS, allow_callable=True)
   _checks.check_choice("selection", selection, selection_lib.SELECTIONS)
   _checks.check_range("unselected_decay", unselected_decay, 0.0, float("inf"),
@@ -163,7 +253,11 @@ def global_top_q(
     leaves = jax.tree.leaves(params)
     flags = eligibility.resolve_where(where, params)
     n = _num_eligible(leaves, flags)
-    if num_nonzero is not None:
+    if budget is not None:
+      _checks.check_budget(_checks.resolve_schedule(budget, 0),
+                           name="`budget` (at step 0)")
+      budget_lib.eligible_costs(_resolve_costs(costs, params), params, flags)
+    elif num_nonzero is not None:
       q0 = _checks.resolve_schedule(num_nonzero, 0)
       _checks.check_q_against(q0, n, source=f"num_nonzero={num_nonzero!r}")
     else:
@@ -199,7 +293,8 @@ def global_top_q(
           f"updates and params must have the same structure: {e}") from None
     flags = eligibility.resolve_where(where, params)
     n = _num_eligible(param_leaves, flags)
-    q = _target_q(num_nonzero, compression, state.count, n)
+    if budget is None:
+      q = _target_q(num_nonzero, compression, state.count, n)
 
     eligible = [i for i, f in enumerate(flags) if f]
     scores = []
@@ -218,6 +313,26 @@ def global_top_q(
       new_ema = tuple(m * e + (1 - m) * s
                       for e, s in zip(state.score_ema, scores))
       scores = list(new_ema)
+
+    if budget is not None:
+      cost_leaves = budget_lib.eligible_costs(
+          _resolve_costs(costs, params), params, flags)
+      keys = [budget_lib.ratio_keys(s, c) for s, c in zip(scores, cost_leaves)]
+      masks, first_out, low, selected = budget_lib.top_keys_with_stats(
+          keys, cost_leaves, _checks.resolve_schedule(budget, state.count))
+      out = _apply_masks(grad_leaves, param_leaves, eligible, masks,
+                         unselected_decay, state.count)
+      # The smallest selected ratio, as the count target's Q-th largest
+      # score; the largest ratio (the first one left out) if none fit.
+      kth = jnp.where(selected > 0, low, first_out)
+      new_state = GlobalTopQState(
+          count=optax.safe_increment(state.count),
+          num_nonzero=jnp.asarray(selected, jnp.int32),
+          threshold=selection_lib.keys_to_scores(kth),
+          score_ema=new_ema,
+          threshold_drift=state.threshold_drift,
+          threshold_spread=state.threshold_spread)
+      return jax.tree.unflatten(treedef, out), new_state
 
     keys = [selection_lib.scores_to_keys(s) for s in scores]
     last_key = selection_lib.scores_to_keys(state.threshold)
@@ -247,15 +362,8 @@ def global_top_q(
     else:
       masks, kth = selection_lib.top_q_keys(keys, q, method=method)
 
-    out = list(grad_leaves)
-    if unselected_decay is not None:
-      eta_u = _checks.resolve_schedule(unselected_decay, state.count)
-    for i, mask in zip(eligible, masks):
-      g, w = grad_leaves[i], param_leaves[i]
-      u = jnp.where(mask, g, jnp.zeros([], g.dtype))
-      if unselected_decay is not None:
-        u = u + jnp.where(mask, 0, eta_u * w).astype(g.dtype)
-      out[i] = u
+    out = _apply_masks(grad_leaves, param_leaves, eligible, masks,
+                       unselected_decay, state.count)
 
     drift, spread = fast_select.update_drift(
         last_key, kth, state.threshold_drift, state.threshold_spread,
@@ -285,6 +393,8 @@ def gsm(
     metric: Metric = "taylor",
     unselected_decay: Optional[ScalarOrSchedule] = None,
     score_momentum: Optional[ScalarOrSchedule] = None,
+    budget: Optional[ScalarOrSchedule] = None,
+    costs: Optional[Costs] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
 
@@ -301,6 +411,12 @@ def gsm(
   :math:`\eta` the weight decay and :math:`\alpha` the learning rate. The
   unselected weights decay towards zero, so that pruning all but the Q largest
   magnitudes after training (:func:`optax_gsm.magnitude_prune`) loses little.
+
+  With a ``budget`` and ``costs`` instead of Q, :math:`B` selects by score
+  per unit cost :math:`|g w| / c` the longest prefix of that order whose
+  total cost :math:`\sum B_i c_i` is at most the budget (see
+  :func:`global_top_q`); the matching final cut is
+  :func:`optax_gsm.budget_prune` with the same costs and budget.
   With ``compression=1`` this is ``optax.sgd(learning_rate, momentum)`` after
   ``optax.add_decayed_weights(weight_decay)`` on the eligible leaves.
 
@@ -321,6 +437,11 @@ def gsm(
       :func:`global_top_q`. ``None`` (the paper's rule) by default.
     score_momentum: running average of the scores; see :func:`global_top_q`.
       ``None`` (the paper's rule) by default.
+    budget: alternatively to ``num_nonzero`` / ``compression``, the budget on
+      the total cost of the selected weights (a number or a schedule); see
+      :func:`global_top_q`.
+    costs: with ``budget``, the per-entry integer costs (a pytree like
+      params or a callable ``params -> pytree``); see :func:`global_top_q`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -335,6 +456,20 @@ def gsm(
     >>> updates, state = tx.update(grads, state, params)
     >>> int(jnp.sum(updates['w'] != -0.1 * 1e-4))  # 4 got the gradient
     4
+
+    A budget of 13 units when the entries of the first row cost 4 each and
+    the others 1 (say, MACs). The scores are ``[0, 12, 24, 36]`` in every
+    row, so the ratios are ``[0, 3, 6, 9]`` in the first row: after the nine
+    entries of ratio 36, 24 and 12 (cost 9), the 9 of the first row fits.
+
+    >>> costs = {'w': jnp.array([[4], [1], [1], [1]]), 'b': None}
+    >>> tx = optax_gsm.gsm(0.1, budget=13, costs=costs)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> selected = updates['w'] != -0.1 * 1e-4
+    >>> selected.astype(int).tolist()
+    [[0, 0, 0, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]
+    >>> optax_gsm.total_cost({'w': costs['w']}, {'w': selected})
+    13
   """
   _checks.check_range("momentum", momentum, 0.0, 1.0)
   _checks.check_range("weight_decay", weight_decay, 0.0, float("inf"),
@@ -349,7 +484,7 @@ def gsm(
       global_top_q(num_nonzero, compression=compression, where=where,
                    metric=metric, selection=selection,
                    unselected_decay=unselected_decay,
-                   score_momentum=score_momentum),
+                   score_momentum=score_momentum, budget=budget, costs=costs),
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),

@@ -207,6 +207,25 @@ def test_ratio_keys_match_numpy_float32_division():
                                 selection.scores_to_keys(want))
 
 
+def test_ratio_keys_correctly_rounded_for_scalar_and_constant_costs():
+  # XLA turns x / broadcast(c) and x / constant into x * (1 / c), one ulp
+  # off for about half of the ratios; equal ratios from a scalar-cost leaf
+  # and an array-cost leaf must still get equal keys.
+  rng = np.random.default_rng(4)
+  s = rng.integers(0, 10_000, 5000).astype(np.float32)
+  c = rng.integers(1, 100, 5000).astype(np.int32)
+  want = selection.scores_to_keys(s / c.astype(np.float32))
+  for seven in (np.int32(7), 7, np.full(5000, 7, np.int32)):
+    want7 = selection.scores_to_keys(s / np.float32(7))
+    np.testing.assert_array_equal(budget.ratio_keys(s, seven), want7)
+    np.testing.assert_array_equal(
+        jax.jit(lambda x: budget.ratio_keys(x, seven))(s), want7)
+    np.testing.assert_array_equal(
+        jax.jit(budget.ratio_keys)(s, jnp.asarray(seven)), want7)
+  np.testing.assert_array_equal(
+      jax.jit(lambda x: budget.ratio_keys(x, c))(s), want)
+
+
 def test_argument_errors():
   k = [jnp.zeros(3, jnp.int32)]
   with pytest.raises(TypeError, match="integer array"):
