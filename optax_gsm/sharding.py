@@ -287,10 +287,14 @@ def fsdp_partition_specs(tree: PyTree, mesh: MeshLike,
   r"""FSDP-style specs: shard the largest divisible axis of each large leaf.
 
   For every leaf with :math:`\mathrm{size} \ge` ``min_size`` the spec shards
-  the largest dimension :math:`d` with :math:`d \bmod S = 0` over ``axis``,
-  where :math:`S` is the size of ``axis`` (the product of the sizes when
-  ``axis`` is a tuple of names); among equally large dimensions the first
-  wins. Smaller leaves, scalars and leaves with no divisible dimension are
+  the largest dimension :math:`d` *other than the last* with
+  :math:`d \bmod S = 0` over ``axis``, where :math:`S` is the size of
+  ``axis`` (the product of the sizes when ``axis`` is a tuple of names);
+  among equally large dimensions the first wins. The last dimension is
+  sharded only when no other one divides: the ``"search"`` selection splits
+  the last axis into rows of up to 32 keys, and a shard of the last axis that
+  is not a multiple of the row width would make XLA regather the leaf in
+  every counting pass. Smaller leaves, scalars and leaves with no divisible dimension are
   replicated (``PartitionSpec()``). The rule depends only on shapes, so
   applying it to the params and to ``jax.eval_shape(tx.init, params)`` shards
   the momentum (and any score average) exactly like the weights it belongs
@@ -338,9 +342,13 @@ def fsdp_partition_specs(tree: PyTree, mesh: MeshLike,
     if not shape or math.prod(shape) < min_size:
       return PartitionSpec()
     best = None
-    for i, d in enumerate(shape):
+    # The last axis only as a fallback: the "search" backend splits the last
+    # axis into rows, and rows that straddle shards make XLA regather them.
+    for i, d in enumerate(shape[:-1]):
       if d > 0 and d % s == 0 and (best is None or d > shape[best]):
         best = i
+    if best is None and shape[-1] > 0 and shape[-1] % s == 0:
+      best = len(shape) - 1
     if best is None:
       return PartitionSpec()
     parts = [None] * len(shape)

@@ -532,6 +532,23 @@ def test_fsdp_partition_specs_rule():
   sharding.validate_partition_specs(tree, specs, {"data": 2, "model": 4})
 
 
+def test_fsdp_partition_specs_keep_the_last_axis_whole_when_they_can():
+  """The search backend splits the last axis into rows of up to 32 keys, so
+  the rule shards another axis first: a (64, 96) kernel over 8 devices is
+  split by rows (96 / 8 = 12 columns would straddle rows of 32), and the
+  last axis is only the fallback."""
+  tree = {
+      "kernel": jax.ShapeDtypeStruct((64, 96), jnp.float32),
+      "conv": jax.ShapeDtypeStruct((5, 5, 20, 56), jnp.float32),
+      "fallback": jax.ShapeDtypeStruct((5, 96), jnp.float32),
+  }
+  specs = sharding.fsdp_partition_specs(tree, {"model": 8}, min_size=0)
+  assert specs == {"kernel": P("model"), "conv": P(None, None, None, "model"),
+                   "fallback": P(None, "model")}
+  specs = sharding.fsdp_partition_specs(tree, {"model": 4}, min_size=0)
+  assert specs["conv"] == P(None, None, "model")
+
+
 def test_fsdp_specs_follow_params_into_the_gsm_state():
   import optax_gsm
   params = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32),
