@@ -35,12 +35,13 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from experiments.fileio import atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "compare"
@@ -88,16 +89,6 @@ def method_note(name: str, available: dict[str, Any]) -> str:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ base models
@@ -183,7 +174,7 @@ def run(
     import optax_gsm
     from experiments import data
     from experiments.methods import collect_methods, common
-    from experiments.run import environment, json_default
+    from experiments.run import environment
 
     available = collect_methods()
     chosen = list(available) if not methods else list(methods)
@@ -229,7 +220,7 @@ def run(
 
     def save(with_plot: bool = False) -> None:
         results["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
-        _atomic_write(json_path, json.dumps(results, indent=1, default=json_default))
+        atomic_write_json(json_path, results)
         write_markdown(results, out_dir / f"{dataset}{suffix}.md")
         if with_plot:  # ~1 s of matplotlib: once per model, not after every cell
             plot(results, out_dir / f"{dataset}{suffix}.png")
@@ -350,7 +341,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     for who, what in PAPER_NUMBERS:
         lines.append(f"- {who}: {what}")
     lines.append("")
-    _atomic_write(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _cell_note(c: dict[str, Any]) -> str:

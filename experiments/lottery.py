@@ -44,12 +44,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "lottery"
@@ -78,16 +79,6 @@ INIT_ACC_ATOL = 2e-3
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ the run
@@ -381,7 +372,7 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
     env = record.get("environment", {})
     lines += ["", f"Wall time {record.get('wall_seconds', 0):.0f} s on {env.get('device', '?')} "
               f"({env.get('cpu_count', '?')} CPUs, shared with other jobs).", ""]
-    _atomic_write(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 # ------------------------------------------------------------------ main
@@ -393,7 +384,7 @@ def lottery(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     from experiments.methods import common
     from experiments.methods.lottery import random_masks
-    from experiments.run import environment, json_default
+    from experiments.run import environment
     from experiments.training import param_dict
 
     t_start = time.perf_counter()
@@ -460,7 +451,7 @@ def lottery(args: argparse.Namespace, command: str) -> dict[str, Any]:
     def save() -> None:
         record["wall_seconds"] = time.perf_counter() - t_start
         record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        _atomic_write(out_dir / "lottery.json", json.dumps(record, indent=1, default=json_default))
+        atomic_write_json(out_dir / "lottery.json", record)
         write_markdown(record, out_dir / "lottery.md")
 
     _log(f"[lottery] {run_dir.name}: {config.model}, N={n:,}, Q={q:,} ({n / q:.1f}x); "
@@ -525,13 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-from", default=None, metavar="DIR",
                    help="run folder holding the dense base GSM started from (default: the "
                         "run's --base-from as recorded in its results.json)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--manual-dir", default=None, help="folder with the dataset's original files")
-    p.add_argument("--no-download", action="store_true", help="never let TFDS download")
     p.add_argument("--verify-init", action=argparse.BooleanOptionalAction, default=True,
                    help="check W0 against the run's first base epoch (one extra epoch)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bars (default: when stderr is a terminal)")
+    add_data_arguments(p)
     return p
 
 

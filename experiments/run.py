@@ -4,7 +4,7 @@ Usage::
 
     python -m experiments.run CONFIG [--phase train|gsm|prune|report|all]
         [--overrides key=value ...] [--quick] [--resume] [--out DIR]
-        [--manual-dir DIR] [--data-dir DIR] [--base-from DIR]
+        [--manual-dir DIR] [--data-dir DIR] [--base-from DIR] [--mesh data=4,model=2]
     python -m experiments.run --list
 
 Phases (``all`` runs them in this order):
@@ -38,6 +38,13 @@ parameters equal those of an uninterrupted run bitwise (see
 error.  ``--base-from DIR`` takes the base model from another run's output folder
 (e.g. the two LeNet-5 rows share one base model).
 
+``--mesh data=D,model=M`` trains and evaluates on a device mesh of all
+``D * M`` devices (on CPU, emulate them with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``): batches are sharded
+along ``data``, parameters and optimizer state FSDP-style along ``model``
+(replicated without a ``model`` axis); GSM's selection stays global.  The
+mesh is recorded in ``results.json``; checkpoints restore on any mesh.
+
 Set ``OPTAX_GSM_JAX_CACHE=DIR`` to keep compiled XLA programs between runs.
 """
 
@@ -52,9 +59,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.configs import CONFIGS, ExperimentConfig, config_names, get_config
+from experiments.fileio import add_data_arguments, atomic_write_json
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("train", "gsm", "prune", "report")
@@ -71,6 +82,44 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# Pool threads per mesh device reserved for XLA:CPU (see _reserve_host_threads).
+_THREADS_PER_DEVICE = 4
+
+
+def _reserve_host_threads(spec: str) -> None:
+    """Gives XLA:CPU's thread pools spare threads for a mesh of emulated devices.
+
+    XLA:CPU sizes its thread pools ``max(cores, devices)``, reading ``cores`` from
+    the ``NPROC`` environment variable when it is set.  In every collective of a
+    step, each device blocks one pool thread until all its peers arrive; with 8
+    emulated devices on a 2-core machine that is every thread, and work a late
+    device still needs (its multi-threaded kernels, the asynchronously dispatched
+    next step, batch transfers) then never runs: the rendezvous times out and XLA
+    aborts the process (measured: ``lenet5_125x --quick --mesh data=4,model=2`` on
+    2 cores died in its first steps in 3 runs of 3, and ran with ``NPROC=32``).
+    So, unless the user set ``NPROC``, this reserves ``_THREADS_PER_DEVICE``
+    threads per mesh device (at least one per core).  Idle threads cost nothing;
+    the variable only counts when JAX's CPU backend starts, which :func:`main`
+    has not done yet.
+
+    Args:
+      spec: the ``--mesh`` value; if it does not parse, nothing is changed (the
+        error is reported by :func:`build_mesh`).
+    """
+    if "NPROC" in os.environ or "PJRT_NPROC" in os.environ:
+        return
+    from optax_gsm.sharding import parse_mesh_shape
+
+    try:
+        sizes = parse_mesh_shape(spec)
+    except ValueError:
+        return
+    devices = 1
+    for size in sizes.values():
+        devices *= max(size, 1)  # a -1 axis: at least the named axes' devices
+    os.environ["NPROC"] = str(max(os.cpu_count() or 1, _THREADS_PER_DEVICE * devices))
 
 
 def environment() -> dict[str, Any]:
@@ -117,28 +166,6 @@ def phase_config(config: ExperimentConfig, phase: str) -> dict[str, Any]:
     return d
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def json_default(x: Any) -> Any:
-    """``json.dump`` fallback for numpy scalars and arrays and paths."""
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 def parse_stop(value: str | None, phases: Sequence[str]) -> tuple[str, int] | None:
     """``"gsm:2"`` -> ``("gsm", 2)``; ``"2"`` -> (first phase, 2)."""
     if value is None:
@@ -156,11 +183,19 @@ def parse_stop(value: str | None, phases: Sequence[str]) -> tuple[str, int] | No
 
 
 class Run:
-    """State shared by the phases of one invocation: config, paths, data, results."""
+    """State shared by the phases of one invocation: config, paths, data, results.
 
-    def __init__(self, config: ExperimentConfig, args: argparse.Namespace):
+    Args:
+      config: the experiment configuration.
+      args: the parsed command line.
+      mesh: the device mesh of ``--mesh`` (``None``: one device).
+    """
+
+    def __init__(self, config: ExperimentConfig, args: argparse.Namespace, mesh: Mesh | None = None):
         self.config = config
         self.args = args
+        self.mesh = mesh
+        self._mesh_info: dict[str, Any] | None = None
         self.out = Path(args.out).expanduser().absolute() if args.out else REPO_ROOT / "runs" / config.name
         self.out.mkdir(parents=True, exist_ok=True)
         self.base_dir = Path(args.base_from).expanduser().absolute() if args.base_from else self.out
@@ -260,7 +295,32 @@ class Run:
                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
         )
-        _atomic_write_json(self.results_path, self.results)
+        if self.mesh is not None:
+            # The mesh of this invocation (the trained phases keep their own too).
+            self.results["environment"]["mesh"] = self.mesh_info()
+        atomic_write_json(self.results_path, self.results)
+
+    def mesh_info(self) -> dict[str, Any] | None:
+        """The ``--mesh`` layout as recorded in ``results.json`` (``None`` without one)."""
+        if self.mesh is None:
+            return None
+        if self._mesh_info is None:
+            from flax import nnx
+
+            from experiments.models import get_spec
+            from experiments.training import mesh_record
+
+            # Shapes only, as in num_eligible(): which parameters are sharded how.
+            abstract = nnx.eval_shape(
+                lambda: get_spec(self.config.model).constructor(
+                    rngs=nnx.Rngs(0), **dict(self.config.model_kwargs)
+                )
+            )
+            params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+            self._mesh_info = {"spec": self.args.mesh, **mesh_record(self.mesh, params),
+                               # XLA:CPU's thread pool size (see _reserve_host_threads).
+                               "nproc": os.environ.get("NPROC")}
+        return self._mesh_info
 
     def stop_for(self, phase: str) -> int | None:
         stop = self.args.stop
@@ -278,7 +338,8 @@ class Run:
         self.results["model_params"] = param_counts(model)
         schedule = cfg.train.lr_schedule(train.steps_per_epoch)
         tx = make_base_tx(schedule, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-        trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold, name="train")
+        trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold, name="train",
+                          mesh=self.mesh)
         if self.args.benchmark_step:
             self._benchmark(trainer, train)
         self._fit("train", trainer, train, test, cfg.train.epochs, self.out / "train" / "checkpoints")
@@ -298,7 +359,7 @@ class Run:
                          unselected_decay=cfg.gsm_unselected_decay,
                          score_momentum=cfg.gsm_score_momentum)
         trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold,
-                          num_nonzero=q, name="gsm")
+                          num_nonzero=q, name="gsm", mesh=self.mesh)
         if self.args.benchmark_step:
             self._benchmark(trainer, train)
         print(f"[gsm] base model: {base_ckpt} (epoch {meta['epoch']}); N={self.num_eligible():,} "
@@ -340,11 +401,11 @@ class Run:
         for name, model in (("gsm", gsm_model), ("base", base_model)):
             params = before[name]
             t0 = time.perf_counter()
-            acc_before = evaluate(model, test)
+            acc_before = evaluate(model, test, mesh=self.mesh)
             nz_mag, n = _nonzero(params, cfg.nonzero_threshold)
             pruned, mask = optax_gsm.magnitude_prune(params, num_nonzero=q)
             set_params(model, pruned)
-            acc_after = evaluate(model, test)
+            acc_after = evaluate(model, test, mesh=self.mesh)
             report = optax_gsm.sparsity_report(pruned)
             kept = int(sum(int(np.sum(np.asarray(m))) for m, f in
                            zip(jax_leaves(mask), jax_leaves(optax_gsm.default_where(pruned))) if f))
@@ -422,6 +483,8 @@ class Run:
         )
         result["process_seconds"] = time.perf_counter() - t0
         result["config"] = phase_config(cfg, phase)
+        if self.mesh is not None:
+            result["mesh"] = self.mesh_info()
         previous = self.results["phases"].get(phase, {})
         if "step_benchmark" in previous:
             result["step_benchmark"] = previous["step_benchmark"]
@@ -539,16 +602,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default <repo>/runs/CONFIG)")
     parser.add_argument("--base-from", default=None, metavar="DIR",
                         help="take the base model from DIR/train/checkpoints (another run's --out)")
-    parser.add_argument("--manual-dir", default=None, help="folder with the dataset's original files")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory")
-    parser.add_argument("--no-download", action="store_true", help="never let TFDS download")
+    add_data_arguments(parser)
     parser.add_argument("--stop-after-epoch", default=None, metavar="[PHASE:]N",
                         help="crash test: exit abruptly halfway through the epoch after epoch N's checkpoint")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="tqdm progress bars (default: when stderr is a terminal)")
     parser.add_argument("--benchmark-step", action="store_true",
                         help="time the split/merge + jax.jit step against nnx.jit before training")
+    parser.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                        help="train on a mesh of all devices: batches sharded along 'data', parameters "
+                             "and optimizer state FSDP-style along 'model' (sizes multiply to the device "
+                             "count; either axis may be left out)")
     return parser
+
+
+def build_mesh(spec: str, config: ExperimentConfig) -> Mesh:
+    """The mesh of ``--mesh spec``, checked against the devices and ``config``'s batch sizes.
+
+    Args:
+      spec: the flag's value, e.g. ``"data=4,model=2"``.
+      config: the run's configuration (its train and evaluation batch sizes must
+        divide along the ``data`` axis).
+
+    Returns:
+      A mesh over all devices.
+
+    Raises:
+      ValueError: what is wrong with ``spec`` (syntax, axis names, device count)
+        or with the batch sizes.
+    """
+    from experiments.training import check_batch_size, make_training_mesh
+
+    mesh = make_training_mesh(spec)
+    check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+    check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    return mesh
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -570,9 +656,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from experiments.data import DatasetError
     from experiments.training import CheckpointMismatchError
 
-    run = Run(config, args)
+    mesh = None
+    if args.mesh is not None:
+        _reserve_host_threads(args.mesh)  # before JAX's CPU backend starts
+        # Before anything is created or trained: a bad layout is a usage error.
+        try:
+            mesh = build_mesh(args.mesh, config)
+        except ValueError as e:
+            print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr, flush=True)
+            return 2
+    run = Run(config, args, mesh=mesh)
     print(f"[run] {config.name}: {config.description}; phases {', '.join(phases)}; output {run.out}",
           flush=True)
+    if mesh is not None:
+        info = run.mesh_info()
+        batches = "batches split along 'data'" if "data" in info["shape"] else "batches replicated"
+        params = (f"{len(info['sharded_leaves'])} parameter leaves sharded along 'model'"
+                  if "model" in info["shape"] else "parameters replicated")
+        print(f"[mesh] {args.mesh}: {info['devices']} {info['platform']} devices, {batches}, {params}",
+              flush=True)
     try:
         for phase in phases:
             getattr(run, f"phase_{phase}")()

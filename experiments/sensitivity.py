@@ -41,7 +41,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from experiments.run import REPO_ROOT, Run, _atomic_write_json, environment
+from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text
+from experiments.run import REPO_ROOT, Run, environment
 
 DEFAULT_RATIOS = (0.5, 0.7, 0.9)
 
@@ -533,15 +534,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_save_figure(fig: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     # The suffix of the temporary name is not an image format: say it.
@@ -575,11 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-from", default=None, metavar="DIR",
                         help="take the base model from DIR/train/checkpoints (default: the run's own "
                              "base, as recorded in its results.json)")
-    parser.add_argument("--manual-dir", default=None, help="folder with the dataset's original files")
-    parser.add_argument("--data-dir", default=None, help="TFDS data directory")
-    parser.add_argument("--no-download", action="store_true", help="never let TFDS download")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="tqdm progress bars (default: when stderr is a terminal)")
+    add_data_arguments(parser)
     return parser
 
 
@@ -704,8 +692,8 @@ def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     text = markdown(doc)
     fig = plot_sensitivity(doc, None, title=f"{config.description}: layer sensitivity")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out / "sensitivity.json", doc)
-    _atomic_write_text(out / "sensitivity.md", text)
+    atomic_write_json(out / "sensitivity.json", doc)
+    atomic_write_text(out / "sensitivity.md", text)
     _atomic_save_figure(fig, out / "sensitivity.png")
     plt.close(fig)
     print(result.table(), flush=True)

@@ -18,6 +18,17 @@ kept.  The data order of epoch ``e`` is a pure function of ``(seed, e)``
 (:mod:`experiments.data`), so resuming from the checkpoint of epoch ``e`` replays
 exactly the batches an uninterrupted run would have used and, with a
 deterministic backend (XLA:CPU), the final parameters are bitwise identical.
+
+Meshes.  With ``mesh=`` (:func:`make_training_mesh`, the ``--mesh`` flag of
+:mod:`experiments.run`) the same jitted step runs SPMD on a
+:class:`jax.sharding.Mesh` with axes ``data`` and/or ``model``: every batch is
+sharded along ``data``, parameters and optimizer state are sharded FSDP-style
+along ``model`` (:func:`optax_gsm.sharding.fsdp_partition_specs`; small leaves
+and GSM's scalar state replicated) or replicated when there is no ``model``
+axis.  The loss is still the mean over the global batch and GSM's selection
+stays global, so a mesh changes the results only by float32 summation order.
+Checkpoints hold global arrays: one written on any mesh (or none) restores on
+any other, each leaf placed directly into the sharding of the restoring run.
 """
 
 from __future__ import annotations
@@ -38,9 +49,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_gsm
 from experiments.data import Pipeline, epoch_rng
+from optax_gsm import sharding as gsm_sharding
 
 # Exit status of a process stopped by ``stop_after_epoch`` (see :meth:`Trainer.fit`).
 STOP_EXIT_CODE = 75
@@ -48,6 +61,115 @@ STOP_EXIT_CODE = 75
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint on disk was written by a different configuration."""
+
+
+# ------------------------------------------------------------------ meshes
+
+# The mesh axes the training loop understands: the batch is split along DATA_AXIS,
+# parameters and optimizer state along MODEL_AXIS.
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+MESH_AXES = (DATA_AXIS, MODEL_AXIS)
+
+
+def make_training_mesh(spec: str) -> Mesh:
+    """Builds the mesh of a ``--mesh`` value such as ``"data=4,model=2"``.
+
+    Args:
+      spec: ``name=size`` entries separated by commas, with names among
+        :data:`MESH_AXES` (each at most once, in any order; one size may be
+        ``-1`` for "the remaining devices").  The sizes must multiply to
+        ``jax.device_count()``.
+
+    Returns:
+      A mesh over all devices (:func:`optax_gsm.sharding.make_mesh`).
+
+    Raises:
+      ValueError: a malformed spec, an axis other than ``data``/``model``, or a
+        product of sizes that is not the device count; the message names the
+        spec and says what is wrong.
+    """
+    shape = gsm_sharding.parse_mesh_shape(spec)
+    unknown = [name for name in shape if name not in MESH_AXES]
+    if unknown:
+        raise ValueError(
+            f"mesh shape {spec!r}: unknown axis {unknown[0]!r}; the training loop "
+            f"shards the batch along {DATA_AXIS!r} and parameters/optimizer state "
+            f"along {MODEL_AXIS!r}, so the axes must be among {MESH_AXES}"
+        )
+    return gsm_sharding.make_mesh(spec)
+
+
+def data_axis_size(mesh: Mesh | None) -> int:
+    """How many shards a batch is split into on ``mesh`` (1 without a mesh or ``data`` axis)."""
+    if mesh is None:
+        return 1
+    return int(dict(mesh.shape).get(DATA_AXIS, 1))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh | None, what: str = "batch size") -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly along the ``data`` axis.
+
+    JAX needs evenly divisible shardings, and an uneven split would change which
+    examples a step averages over.
+    """
+    n = data_axis_size(mesh)
+    if batch_size % n:
+        raise ValueError(
+            f"{what} {batch_size} is not divisible by the size {n} of mesh axis "
+            f"{DATA_AXIS!r}: every device gets an equal slice of each batch"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch (images, labels, masks): the leading axis along ``data``."""
+    if DATA_AXIS in mesh.shape:
+        return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree of model or optimizer state on ``mesh``.
+
+    FSDP-style along ``model`` (:func:`optax_gsm.sharding.fsdp_partition_specs`:
+    the largest divisible axis of every leaf of at least 2**14 entries), so the
+    momentum of a weight is sharded exactly like the weight and scalars stay
+    replicated; everything replicated when the mesh has no ``model`` axis.
+    """
+    if MODEL_AXIS in mesh.shape:
+        specs = gsm_sharding.fsdp_partition_specs(tree, mesh, MODEL_AXIS)
+        gsm_sharding.validate_partition_specs(tree, specs, mesh)
+    else:
+        specs = jax.tree.map(lambda _: PartitionSpec(), tree)
+    return gsm_sharding.named_shardings(specs, mesh)
+
+
+def mesh_record(mesh: Mesh, tree: Any | None = None) -> dict[str, Any]:
+    """A JSON-ready description of ``mesh`` (for ``results.json``).
+
+    Args:
+      mesh: the training mesh.
+      tree: optional model state; its leaves sharded over ``model`` are listed
+        with their partition specs.
+
+    Returns:
+      ``{"shape": {axis: size}, "devices": n, "platform": ..., "batch_spec": [...],
+      "sharded_leaves": {path: spec entries}}`` (the last only with ``tree``).
+    """
+    record: dict[str, Any] = {
+        "shape": {str(k): int(v) for k, v in mesh.shape.items()},
+        "devices": int(mesh.devices.size),
+        "platform": str(mesh.devices.flat[0].platform),
+        "batch_spec": [str(e) for e in batch_sharding(mesh).spec],
+    }
+    if tree is not None:
+        shardings = jax.tree_util.tree_flatten_with_path(state_shardings(tree, mesh))[0]
+        record["sharded_leaves"] = {
+            jax.tree_util.keystr(path): [str(e) for e in sh.spec]
+            for path, sh in shardings
+            if any(e is not None for e in sh.spec)
+        }
+    return record
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -93,7 +215,7 @@ def nonzero_by_magnitude(params: Any, threshold: float) -> tuple[int, int]:
 _EVAL_STEPS: dict[Any, Callable[..., Any]] = {}
 
 
-def evaluate(model: nnx.Module, pipeline: Pipeline) -> dict[str, float]:
+def evaluate(model: nnx.Module, pipeline: Pipeline, *, mesh: Mesh | None = None) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` over one pass of ``pipeline``.
 
     The model is put in eval mode (BatchNorm uses its running statistics) for the
@@ -101,12 +223,30 @@ def evaluate(model: nnx.Module, pipeline: Pipeline) -> dict[str, float]:
     are excluded.  The jitted step is cached per graph definition, so repeated
     evaluations of a model do not recompile.
 
+    Args:
+      model: the model (not modified).
+      pipeline: the evaluation pipeline; its last batch is padded to full size.
+      mesh: optional mesh: each batch is then sharded along ``data`` and the
+        model state placed as in training (:func:`state_shardings`; a no-op for
+        a trainer's state, which is there already).  Padding stays masked, so
+        the sums are those of one device up to float32 summation order.
+
     Returns:
       ``{"loss": ..., "acc": ..., "count": number of examples}``.
+
+    Raises:
+      ValueError: the batch size does not divide along the mesh's ``data`` axis.
     """
+    if mesh is not None:
+        check_batch_size(pipeline.batch_size, mesh, "evaluation batch size")
     model.eval()
     try:
         graphdef, state = nnx.split(model)
+        batches: Iterable[Any] = ((b.image, b.label, b.mask) for b in pipeline.epoch(0))
+        if mesh is not None:
+            state = jax.device_put(state, state_shardings(state, mesh))
+            sharding = batch_sharding(mesh)
+            batches = (jax.device_put(batch, sharding) for batch in batches)
         step = _EVAL_STEPS.get(graphdef)
         if step is None:
 
@@ -117,7 +257,7 @@ def evaluate(model: nnx.Module, pipeline: Pipeline) -> dict[str, float]:
                 return loss, correct, jnp.sum(mask)
 
             step = _EVAL_STEPS[graphdef] = jax.jit(eval_step)
-        sums = [step(state, b.image, b.label, b.mask) for b in pipeline.epoch(0)]
+        sums = [step(state, *batch) for batch in batches]
     finally:
         model.train()
     loss, correct, count = (float(sum(np.asarray(s[i]) for s in sums)) for i in range(3))
@@ -155,6 +295,9 @@ class Trainer:
       nonzero_threshold: see ``ExperimentConfig.nonzero_threshold``.
       num_nonzero: Q shown in the progress bar (``None`` for dense training).
       name: phase name shown in progress bars.
+      mesh: optional mesh (:func:`make_training_mesh`): batches are sharded along
+        ``data``, the model and optimizer state as by :func:`state_shardings`,
+        and the step is jitted with those shardings.  ``None``: one device.
     """
 
     def __init__(
@@ -166,6 +309,7 @@ class Trainer:
         nonzero_threshold: float = 1e-4,
         num_nonzero: int | None = None,
         name: str = "train",
+        mesh: Mesh | None = None,
     ):
         self.model = model
         self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -173,11 +317,32 @@ class Trainer:
         self.nonzero_threshold = float(nonzero_threshold)
         self.num_nonzero = num_nonzero
         self.name = name
+        self.mesh = mesh
+        self.batch_sharding: NamedSharding | None = None
         model.train()
         self._model_def, model_state = nnx.split(model)
         self._opt_def, opt_state = nnx.split(self.optimizer)
-        self.model_state, self.opt_state = _commit(model_state), _commit(opt_state)
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        if mesh is None:
+            self.model_state, self.opt_state = _commit(model_state), _commit(opt_state)
+            self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        else:
+            self.batch_sharding = batch_sharding(mesh)
+            self._model_sh = state_shardings(model_state, mesh)
+            self._opt_sh = state_shardings(opt_state, mesh)
+            self.model_state = jax.device_put(model_state, self._model_sh)
+            self.opt_state = jax.device_put(opt_state, self._opt_sh)
+            # Fixed in and out shardings: every step sees the same layouts (one
+            # compilation), and the donated buffers are reused in place.
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self._train_step = jax.jit(
+                self._step,
+                donate_argnums=(0, 1),
+                in_shardings=(self._model_sh, self._opt_sh, self.batch_sharding, self.batch_sharding),
+                out_shardings=(self._model_sh, self._opt_sh, replicated),
+            )
+            # The model and optimizer objects now read the placed copies.
+            nnx.update(model, self.model_state)
+            nnx.update(self.optimizer, self.opt_state)
         self._stale = False  # whether self.model lags behind the donated state
 
     # ------------------------------------------------------------------ steps
@@ -214,10 +379,19 @@ class Trainer:
         return self.model
 
     def load_state(self, model_state: Any, opt_state: Any | None = None) -> None:
-        """Replaces the training state (used when restoring checkpoints)."""
-        self.model_state = _commit(model_state)
-        if opt_state is not None:
-            self.opt_state = _commit(opt_state)
+        """Replaces the training state (used when restoring checkpoints).
+
+        On a mesh the arrays are placed into the trainer's shardings (a no-op
+        for arrays that orbax already restored there).
+        """
+        if self.mesh is None:
+            self.model_state = _commit(model_state)
+            if opt_state is not None:
+                self.opt_state = _commit(opt_state)
+        else:
+            self.model_state = jax.device_put(model_state, self._model_sh)
+            if opt_state is not None:
+                self.opt_state = jax.device_put(opt_state, self._opt_sh)
         self._stale = True
         self.sync()
 
@@ -232,7 +406,7 @@ class Trainer:
 
     def evaluate(self, pipeline: Pipeline) -> dict[str, float]:
         """Loss and accuracy over a whole evaluation pipeline (BatchNorm in eval mode)."""
-        return evaluate(self.sync(), pipeline)
+        return evaluate(self.sync(), pipeline, mesh=self.mesh)
 
     def nonzero(self) -> tuple[int, int]:
         """``(eligible weights with |w| > nonzero_threshold, eligible count)``."""
@@ -246,6 +420,8 @@ class Trainer:
         untouched.  Both variants are compiled (and warmed up) before timing.
         """
         self.sync()
+        if self.batch_sharding is not None:
+            images, labels = jax.device_put((images, labels), self.batch_sharding)
         model = nnx.clone(self.model)
         optimizer = nnx.clone(self.optimizer)
 
@@ -366,6 +542,8 @@ class Trainer:
             print(f"[{self.name}] resumed from {ckpt_dir / str(latest)} (epoch {start_epoch})", flush=True)
 
         show = progress if progress is not None else sys.stderr.isatty()
+        if self.mesh is not None:
+            check_batch_size(train.batch_size, self.mesh, "training batch size")
         steps = train.steps_per_epoch
         wall_start = time.perf_counter()
         for epoch in range(start_epoch, epochs):
@@ -381,7 +559,8 @@ class Trainer:
             loss_sum, correct_sum, seen = 0.0, 0.0, 0
             stop_at = steps // 2 if stop_after_epoch is not None and epoch == stop_after_epoch else None
             t0 = time.perf_counter()
-            for i, (images, labels) in enumerate(prefetch_to_device(train.epoch(epoch))):
+            batches = prefetch_to_device(train.epoch(epoch), sharding=self.batch_sharding)
+            for i, (images, labels) in enumerate(batches):
                 if stop_at is not None and i == stop_at:
                     _abort(f"[{self.name}] stop_after_epoch={stop_after_epoch}: exiting in epoch {epoch + 1}")
                 pending.append(self.train_step(images, labels))
@@ -493,15 +672,26 @@ class Trainer:
         return dict(restored["meta"])
 
 
-def prefetch_to_device(batches: Iterable[Any], size: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
+def prefetch_to_device(
+    batches: Iterable[Any], size: int = 2, *, sharding: NamedSharding | None = None
+) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Yields ``(images, labels)`` already on the device, ``size`` batches ahead.
 
     ``jax.device_put`` is asynchronous, so the copy of the next batches overlaps
     the running step instead of delaying its start (matters on accelerators).
+
+    Args:
+      batches: an iterable of :class:`experiments.data.Batch`.
+      size: how many batches to keep in flight.
+      sharding: where to put each array (e.g. :func:`batch_sharding`); default the
+        default device.
     """
     queue: collections.deque[tuple[jax.Array, jax.Array]] = collections.deque()
     for batch in batches:
-        queue.append(jax.device_put((batch.image, batch.label)))
+        if sharding is None:
+            queue.append(jax.device_put((batch.image, batch.label)))
+        else:
+            queue.append(jax.device_put((batch.image, batch.label), sharding))
         if len(queue) >= size:
             yield queue.popleft()
     while queue:
@@ -611,9 +801,19 @@ def make_base_tx(schedule: optax.Schedule, *, momentum: float, weight_decay: flo
 
 
 def make_gsm_tx(
-    schedule: optax.Schedule, *, num_nonzero: int, momentum: float, weight_decay: float, **kwargs: Any
+    schedule: optax.Schedule,
+    *,
+    num_nonzero: int | None = None,
+    momentum: float,
+    weight_decay: float,
+    **kwargs: Any,
 ) -> optax.GradientTransformation:
-    """GSM with the paper's rule: ``optax_gsm.gsm(schedule, num_nonzero=Q, ...)``."""
+    """GSM with the paper's rule: ``optax_gsm.gsm(schedule, num_nonzero=Q, ...)``.
+
+    ``kwargs`` go to ``optax_gsm.gsm``; for a budget instead of Q, pass
+    ``num_nonzero=None, budget=B, costs=cost_tree`` (e.g. the FLOPs costs of
+    :func:`experiments.flops.flops_cost_tree`; see :mod:`experiments.budget_gsm`).
+    """
     return optax_gsm.gsm(
         schedule, num_nonzero=num_nonzero, momentum=momentum, weight_decay=weight_decay, **kwargs
     )

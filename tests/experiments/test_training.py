@@ -16,9 +16,11 @@ from experiments import data
 from experiments.models import get_model
 from experiments.training import (
     Trainer,
+    check_batch_size,
     evaluate,
     magnitude_histogram,
     make_gsm_tx,
+    make_training_mesh,
     nonzero_by_magnitude,
     param_dict,
     prefetch_to_device,
@@ -103,3 +105,51 @@ def test_prefetch_to_device_keeps_order() -> None:
         assert isinstance(fx, jax.Array)
         np.testing.assert_array_equal(x, np.asarray(fx))
         np.testing.assert_array_equal(y, np.asarray(fy))
+
+
+def test_trainer_on_a_one_device_mesh_matches_no_mesh(tmp_path: Path) -> None:
+    """The ``--mesh`` code path on this process's one device: state placed by
+    the FSDP rule, a step jitted with fixed shardings, sharded batches, sharded
+    evaluation with a padded last batch, and a resumed fit whose checkpoint is
+    restored into the mesh's shardings.  A 1 x 1 mesh splits nothing, so the
+    results are those without a mesh (tests/experiments/test_mesh.py runs 8
+    devices)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = make_training_mesh("data=1,model=1")
+    train = random_pipeline(64, 16, train=True)
+    test = random_pipeline(50, 16, train=False)  # the last batch is padded
+    schedule = optax.constant_schedule(0.01)
+
+    def trainer(m, seed: int = 0) -> Trainer:
+        tx = make_gsm_tx(schedule, num_nonzero=5000, momentum=0.99, weight_decay=5e-4)
+        return Trainer(get_model("lenet_300_100", rngs=nnx.Rngs(seed)), tx, lr_schedule=schedule,
+                       name="t", mesh=m)
+
+    plain, on_mesh = trainer(None), trainer(mesh)
+    kernel = on_mesh.model_state["fc1"]["kernel"][...]
+    assert kernel.sharding == NamedSharding(mesh, PartitionSpec("model"))
+    for t, name in ((plain, "plain"), (on_mesh, "mesh")):
+        t.fit(train, test, epochs=1, ckpt_dir=tmp_path / name, progress=False)
+    want, got = plain.params(), on_mesh.params()
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert on_mesh.evaluate(test)["count"] == 50
+    np.testing.assert_allclose(on_mesh.evaluate(test)["acc"], plain.evaluate(test)["acc"])
+
+    resumed = trainer(mesh, seed=1)
+    resumed.fit(train, test, epochs=2, ckpt_dir=tmp_path / "mesh", resume=True, progress=False)
+    assert resumed.step == 2 * train.steps_per_epoch
+    kernel = resumed.model_state["fc1"]["kernel"][...]
+    assert kernel.sharding == NamedSharding(mesh, PartitionSpec("model"))
+    if hasattr(resumed._train_step, "_cache_size"):
+        assert resumed._train_step._cache_size() == 1
+
+
+def test_check_batch_size() -> None:
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    check_batch_size(256, mesh)
+    check_batch_size(7, None)
+    with pytest.raises(ValueError, match="batch size 100 is not divisible by the size 8 of mesh axis 'data'"):
+        check_batch_size(100, jax.sharding.AbstractMesh((8,), ("data",)))
+    check_batch_size(3, jax.sharding.AbstractMesh((8,), ("model",)))  # batch replicated
