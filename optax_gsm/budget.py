@@ -42,6 +42,7 @@ are not eligible) come from :func:`cost_tree` and :func:`bytes_cost_tree`;
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -306,12 +307,21 @@ def budget_prune(
     budget,
     *,
     where: eligibility.Where = None,
+    rank: str = "ratio",
 ) -> tuple[PyTree, PyTree]:
-  r"""Keeps the eligible weights of largest :math:`|w| / c` within a budget.
+  r"""Keeps the eligible weights of largest :math:`|w| / c` (or :math:`|w|`) within a budget.
 
   The budgeted counterpart of :func:`optax_gsm.magnitude_prune`: the kept
-  set is the longest prefix of the :math:`|w_i| / c_i` order (ties by lower
-  global index) whose total cost is at most ``budget``.
+  set is the longest prefix of the :math:`|w_i| / c_i` order (``rank=
+  "ratio"``) or of the :math:`|w_i|` order (``rank="magnitude"``), ties by
+  lower global index, whose total cost is at most ``budget``.
+
+  Which order: ``"ratio"`` is the greedy knapsack rule for a one-shot cut of
+  a dense model. After training with ``gsm(budget=..., costs=...)``, whose
+  selection already traded score against cost, use ``"magnitude"``: the
+  weights GSM kept are the large ones, and dividing by the cost again would
+  rank a barely decayed cheap weight above a trained expensive one (for
+  example a dense weight of 1e-3 above a conv weight of 0.3 that costs 576).
 
   Args:
     params: the parameter pytree.
@@ -319,6 +329,7 @@ def budget_prune(
       only its eligible leaves are used.
     budget: the budget; see :func:`budget_top_keys`.
     where: the eligible leaves; see :func:`optax_gsm.global_top_q`.
+    rank: ``"ratio"`` (:math:`|w| / c`) or ``"magnitude"`` (:math:`|w|`).
 
   Returns:
     ``(pruned_params, masks)`` as :func:`optax_gsm.magnitude_prune`.
@@ -331,7 +342,17 @@ def budget_prune(
     >>> pruned, _ = budget_prune(params, costs, 5)  # ratios .75 .25 | 2 .5
     >>> pruned['conv'].tolist(), pruned['fc'].tolist()
     ([[3.0, 0.0]], [[2.0, 0.0]])
+    >>> pruned, _ = budget_prune(params, costs, 5, rank="magnitude")  # 3 2 1
+    >>> pruned['conv'].tolist(), pruned['fc'].tolist()  # 3 (4) + 2 (1) = 5
+    ([[3.0, 0.0]], [[2.0, 0.0]])
+    >>> pruned, _ = budget_prune(params, costs, 4, rank="magnitude")
+    >>> pruned['conv'].tolist(), pruned['fc'].tolist()  # 3 fits, 2 does not
+    ([[3.0, 0.0]], [[0.0, 0.0]])
   """
+  if rank not in ("ratio", "magnitude"):
+    raise ValueError(
+        f"`rank` must be 'ratio' (|w| / cost) or 'magnitude' (|w|), got "
+        f"{rank!r}.")
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   cost_leaves = cost_leaves_like(costs, params)
@@ -340,7 +361,7 @@ def budget_prune(
   cost_eligible = _check_costs([cost_leaves[i] for i in idx],
                                [x.shape for x in eligible])
   sel, pruned_eligible = _prune(eligible, cost_eligible,
-                                _budget_limbs(budget))
+                                _budget_limbs(budget), rank == "magnitude")
   masks = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
   pruned = list(leaves)
   for i, m, p in zip(idx, sel, pruned_eligible):
@@ -560,10 +581,14 @@ def _ratio_select(scores: tuple, costs: tuple, budget: Limbs):
   return _select_impl(keys, costs, budget)
 
 
-@jax.jit
-def _prune(leaves: tuple, costs: tuple, budget: Limbs):
+@functools.partial(jax.jit, static_argnums=3)
+def _prune(leaves: tuple, costs: tuple, budget: Limbs, by_magnitude: bool):
   scores = tuple(jnp.abs(leaf.astype(jnp.float32)) for leaf in leaves)
-  masks, _ = _ratio_select(scores, costs, budget)
+  if by_magnitude:
+    keys = tuple(selection_lib.scores_to_keys(x) for x in scores)
+    masks, _ = _select_impl(keys, costs, budget)
+  else:
+    masks, _ = _ratio_select(scores, costs, budget)
   pruned = tuple(jnp.where(m, leaf, jnp.zeros([], leaf.dtype))
                  for m, leaf in zip(masks, leaves))
   return masks, pruned

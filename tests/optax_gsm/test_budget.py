@@ -288,3 +288,27 @@ def test_budget_prune_against_reference():
   np.testing.assert_array_equal(
       pruned["conv"], np.where(want[0], params["conv"], 0))
   assert budget.total_cost(costs, masks) <= b
+
+
+def test_budget_prune_by_magnitude_against_reference():
+  """``rank="magnitude"``: the longest prefix of the |w| order under the
+  budget (what follows a budgeted GSM run), not the |w| / cost order."""
+  rng = np.random.default_rng(5)
+  params = {"conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)),
+                                jnp.float32),
+            "fc": jnp.asarray(0.1 * rng.standard_normal((8, 5)),
+                              jnp.float32)}
+  costs = budget.cost_tree(params, {"conv": 16, "fc": 1})
+  for b in (0, 15, 16, 300, 10_000):
+    _, masks = budget.budget_prune(params, costs, b, rank="magnitude")
+    keys = [np.asarray(selection.scores_to_keys(jnp.abs(params[n])))
+            for n in ("conv", "fc")]
+    want = reference_budget(keys, [costs["conv"], costs["fc"]], b)
+    np.testing.assert_array_equal(masks["conv"], want[0])
+    np.testing.assert_array_equal(masks["fc"], want[1])
+  # The two orders differ here: by ratio the cheap small fc weights go first.
+  _, by_ratio = budget.budget_prune(params, costs, 300)
+  _, by_size = budget.budget_prune(params, costs, 300, rank="magnitude")
+  assert by_ratio["fc"].sum() > by_size["fc"].sum()
+  with pytest.raises(ValueError, match="`rank` must be 'ratio'"):
+    budget.budget_prune(params, costs, 300, rank="size")
