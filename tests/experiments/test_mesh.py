@@ -36,13 +36,17 @@ OVERRIDES = [
 ]
 # Float32 summation order is all that differs between the two runs (see
 # test_mesh_run_matches_one_device).  Measured after the 6 steps of this run
-# (2 base, 4 GSM; jax 0.10, XLA:CPU): at most 3e-8 absolute, one float32 ulp of
-# the largest weights (|w| ~ 0.45), and 2e-7 relative on those.  The bound
-# ATOL + RTOL * |w| is >= 10x that everywhere, while a real error (a batch
-# shard left out of the mean, a selection that is not global, a wrongly
-# restored checkpoint) moves weights by about lr * |g|, 1e-5 and more.
-ATOL = 3e-7
-RTOL = 1e-6
+# (2 base, 4 GSM; jax 0.10, XLA:CPU): at most 3e-8 absolute with conv2 sharded
+# on its output channels, and 6.4e-7 absolute (on a conv1 bias of 2.9e-4) with
+# conv2 sharded on its input channels, whose contraction then sums partial
+# products across devices.  The bound ATOL + RTOL * |w| is 3x that and more,
+# while a real error (a batch shard left out of the mean, a selection that is
+# not global, a wrongly restored checkpoint) moves weights by about lr * |g|,
+# 1e-5 and more.
+ATOL = 2e-6
+RTOL = 1e-5
+# Weights allowed to differ by more: selection flips at the top-Q edge.
+MAX_FLIPS = 50
 
 
 def run_cli(out: Path, data_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -98,34 +102,49 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tfds_data_dir: Path, mnist_bu
 
 
 def test_mesh_run_matches_one_device(runs: dict[str, Path]) -> None:
-    """Same seed, same batches: the final GSM parameters agree to float32 rounding.
+    """Same seed, same batches: the final GSM parameters agree to float32
+    rounding, except for a handful of weights at the edge of the top-Q set.
 
     Bitwise equality is not expected.  On the mesh each device sums the loss
     gradient over its quarter of the batch and the partial sums are
     all-reduced, and the FSDP-sharded ``fc1`` / ``conv2`` contractions are
     split over the ``model`` axis: other float32 summation orders than one
-    device's, so the gradients differ in the last bits, and the training
-    dynamics carry that into the parameters.  GSM's selection itself is exact
-    and global (its masks are bitwise the one-device masks for a given
-    gradient, tests/optax_gsm/test_distributed.py), so nothing but rounding
-    separates the runs.
+    device's, so the gradients differ in the last bits.  GSM's selection is
+    exact and global (its masks are bitwise the one-device masks for a given
+    gradient, tests/optax_gsm/test_distributed.py), but a weight whose score
+    is within rounding of the Q-th score can then be selected in one run and
+    not in the other, and that weight moves by about lr * |g| (measured: 0 to
+    5 of the 430,500 weights differ by up to 4e-4, all in conv2; every other
+    entry agrees within ATOL + RTOL * |w|).  A real error (a batch shard left
+    out of the mean, a selection that is not global, a wrongly restored
+    checkpoint) moves every weight that gets a gradient, so the test allows
+    at most MAX_FLIPS entries outside the rounding bound.
     """
     plain = load_on_one_device(runs["plain"] / "gsm" / "checkpoints" / "2" / "model")
     mesh = load_on_one_device(runs["mesh"] / "gsm" / "checkpoints" / "2" / "model")
     flat_plain = jax.tree_util.tree_flatten_with_path(plain)[0]
     flat_mesh = jax.tree_util.tree_flatten_with_path(mesh)[0]
     assert [p for p, _ in flat_plain] == [p for p, _ in flat_mesh]
+    outside = {}
     for (path, want), (_, got) in zip(flat_plain, flat_mesh):
-        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
-    # The per-epoch metrics tell the same story (accuracies are counts).
+        want, got = np.asarray(want), np.asarray(got)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        far = np.abs(got - want) > ATOL + RTOL * np.abs(want)
+        if far.any():
+            outside[jax.tree_util.keystr(path)] = int(far.sum())
+    assert sum(outside.values()) <= MAX_FLIPS, outside
+    # Test accuracies are counts; a flipped weight may move a few examples.
     hist = {name: json.loads((out / "results.json").read_text())["phases"]["gsm"]["history"]
             for name, out in runs.items()}
-    assert [h["test_acc"] for h in hist["mesh"]] == [h["test_acc"] for h in hist["plain"]]
+    for h_mesh, h_plain in zip(hist["mesh"], hist["plain"], strict=True):
+        assert abs(h_mesh["test_acc"] - h_plain["test_acc"]) <= 3 / 1000
 
 
 def test_pruned_models_keep_exactly_q(runs: dict[str, Path]) -> None:
     """Both cuts keep exactly Q non-zero eligible weights, the same ones up to
-    weights whose magnitude is within rounding of the cut."""
+    weights whose magnitude is within rounding of the cut, or within the
+    distance a selection flip moved them (see
+    test_mesh_run_matches_one_device)."""
     q = round(430_500 / 125)
     kept = {}
     for name, out in runs.items():
@@ -136,11 +155,14 @@ def test_pruned_models_keep_exactly_q(runs: dict[str, Path]) -> None:
         assert sum(int(np.count_nonzero(k)) for k in kernels.values()) == q, name
         kept[name] = kernels
     gsm = eligible_kernels(load_on_one_device(runs["plain"] / "gsm" / "checkpoints" / "2" / "model"))
+    gsm_mesh = eligible_kernels(load_on_one_device(runs["mesh"] / "gsm" / "checkpoints" / "2" / "model"))
     magnitudes = np.concatenate([np.abs(k).ravel() for k in gsm.values()])
     cut = np.sort(magnitudes)[-q]
     for path, k in kept["plain"].items():
         differ = (k != 0) != (kept["mesh"][path] != 0)
-        assert np.all(np.abs(np.abs(gsm[path][differ]) - cut) <= 2 * ATOL), path
+        # How far the two runs put each weight: rounding, or a flip's step.
+        moved = np.abs(gsm_mesh[path] - gsm[path]) + 2 * ATOL
+        assert np.all(np.abs(np.abs(gsm[path]) - cut)[differ] <= moved[differ]), path
 
 
 def test_results_record_the_mesh(runs: dict[str, Path]) -> None:
