@@ -247,7 +247,7 @@ def train_gsm(
     model, meta = restore_base(config, Path(args.base_from).expanduser().absolute())
     schedule = config.gsm.lr_schedule(train.steps_per_epoch)
     tx = make_gsm_tx(schedule, momentum=config.gsm.momentum, weight_decay=config.gsm.weight_decay,
-                     unselected_decay=config.gsm_unselected_decay,
+                     unselected_decay=config.unselected_decay(train.steps_per_epoch),
                      score_momentum=config.gsm_score_momentum, **gsm_kwargs)
     trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=config.nonzero_threshold,
                       num_nonzero=gsm_kwargs.get("num_nonzero"), name=f"gsm-{name}")

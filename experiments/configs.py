@@ -123,6 +123,13 @@ class ExperimentConfig:
         exact and select the same weights; they differ in speed and compile time).
       gsm_unselected_decay: ``unselected_decay`` of ``optax_gsm.gsm``: extra decay
         on the unselected weights only (None: the paper's rule).
+      gsm_unselected_decay_schedule: ``"constant"`` keeps
+        ``gsm_unselected_decay`` fixed; ``"inverse_lr"`` divides it by the GSM
+        learning-rate ``decay`` at each of ``gsm.boundaries`` (x10 at each x0.1
+        drop), so that the per-step shrink of an unselected weight,
+        ``lr * unselected_decay / (1 - beta)``, stays what it was at the base
+        learning rate instead of slowing tenfold at every drop (the warm-up is
+        left alone).
       gsm_score_momentum: ``score_momentum`` of ``optax_gsm.gsm`` (None: the
         paper's rule).
       seed: seeds model initialisation and every epoch's data order.
@@ -148,6 +155,7 @@ class ExperimentConfig:
     model_kwargs: tuple[tuple[str, Any], ...] = ()
     gsm_selection: str = "auto"
     gsm_unselected_decay: float | None = None
+    gsm_unselected_decay_schedule: str = "constant"
     gsm_score_momentum: float | None = None
     seed: int = 0
     nonzero_threshold: float = 1e-4
@@ -165,6 +173,34 @@ class ExperimentConfig:
             raise ValueError(f"{self.name}: compression must be >= 1")
         if self.nonzero_ratio is not None and not 0 < self.nonzero_ratio <= 1:
             raise ValueError(f"{self.name}: nonzero_ratio must be in (0, 1]")
+        if self.gsm_unselected_decay_schedule not in UNSELECTED_DECAY_SCHEDULES:
+            raise ValueError(
+                f"{self.name}: gsm_unselected_decay_schedule="
+                f"{self.gsm_unselected_decay_schedule!r}; expected one of "
+                f"{', '.join(UNSELECTED_DECAY_SCHEDULES)}"
+            )
+        if (self.gsm_unselected_decay_schedule != "constant"
+                and self.gsm_unselected_decay is None):
+            raise ValueError(
+                f"{self.name}: gsm_unselected_decay_schedule="
+                f"{self.gsm_unselected_decay_schedule!r} needs gsm_unselected_decay"
+            )
+
+    def unselected_decay(self, steps_per_epoch: int) -> float | optax.Schedule | None:
+        """``unselected_decay`` for ``optax_gsm.gsm``: None, a number or a schedule.
+
+        With ``gsm_unselected_decay_schedule="inverse_lr"`` it is
+        ``eta_u / decay**k`` after the k-th boundary of ``gsm.boundaries``, so
+        ``lr(t) * eta_u(t)`` is constant outside the warm-up.
+        """
+        if self.gsm_unselected_decay is None:
+            return None
+        if self.gsm_unselected_decay_schedule == "constant":
+            return self.gsm_unselected_decay
+        return optax.piecewise_constant_schedule(
+            self.gsm_unselected_decay,
+            {int(b * steps_per_epoch): 1.0 / self.gsm.decay for b in self.gsm.boundaries},
+        )
 
     def num_nonzero(self, num_eligible: int) -> int:
         """Q for a model with ``num_eligible`` eligible weights (same rounding as the core)."""
@@ -188,6 +224,8 @@ class ExperimentConfig:
             d[key] = dict(getattr(self, key))
         return json.loads(json.dumps(d))
 
+
+UNSELECTED_DECAY_SCHEDULES = ("constant", "inverse_lr")
 
 # --------------------------------------------------------------------------- rows
 

@@ -161,7 +161,7 @@ def phase_config(config: ExperimentConfig, phase: str) -> dict[str, Any]:
         d.pop(key, None)
     if phase == "train":
         for key in ("gsm", "compression", "nonzero_ratio", "nonzero_threshold", "gsm_selection",
-                    "gsm_unselected_decay", "gsm_score_momentum"):
+                    "gsm_unselected_decay", "gsm_unselected_decay_schedule", "gsm_score_momentum"):
             d.pop(key, None)
     return d
 
@@ -356,7 +356,7 @@ class Run:
         schedule = cfg.gsm.lr_schedule(train.steps_per_epoch)
         tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
                          weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
-                         unselected_decay=cfg.gsm_unselected_decay,
+                         unselected_decay=cfg.unselected_decay(train.steps_per_epoch),
                          score_momentum=cfg.gsm_score_momentum)
         trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold,
                           num_nonzero=q, name="gsm", mesh=self.mesh)

@@ -313,7 +313,7 @@ def selection_run(
     schedule = cfg.gsm.lr_schedule(per_epoch)
     tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
                      weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
-                     unselected_decay=cfg.gsm_unselected_decay,
+                     unselected_decay=cfg.unselected_decay(per_epoch),
                      score_momentum=cfg.gsm_score_momentum)
     trainer = Trainer(model, count_selections(tx), lr_schedule=schedule,
                       nonzero_threshold=cfg.nonzero_threshold, num_nonzero=q, name="selection")
@@ -347,6 +347,7 @@ def selection_run(
         "momentum": cfg.gsm.momentum,
         "weight_decay": cfg.gsm.weight_decay,
         "unselected_decay": cfg.gsm_unselected_decay,
+        "unselected_decay_schedule": cfg.gsm_unselected_decay_schedule,
         "score_momentum": cfg.gsm_score_momentum,
         "train_loss_mean": float(np.mean([float(m["loss"]) for m in got])) if got else None,
         "train_acc_mean": (float(sum(float(m["correct"]) for m in got)) / (len(got) * train.batch_size)

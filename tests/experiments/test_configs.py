@@ -53,6 +53,29 @@ def test_lr_schedule_warmup_and_steps() -> None:
     np.testing.assert_allclose(float(g(250 * spe)), 1e-5, rtol=1e-4)
 
 
+def test_unselected_decay_inverse_lr_keeps_the_decay_rate() -> None:
+    spe = 235
+    base = ["gsm.warmup_epochs=1", "gsm.boundaries=[25,33,37]", "gsm.epochs=40"]
+    assert get_config("lenet5_125x", overrides=base).unselected_decay(spe) is None
+    assert get_config("lenet5_125x", overrides=base + ["gsm_unselected_decay=1e-3"]
+                      ).unselected_decay(spe) == 1e-3
+    c = get_config("lenet5_125x", overrides=base + [
+        "gsm_unselected_decay=1e-3", "gsm_unselected_decay_schedule=inverse_lr"])
+    eta_u, lr = c.unselected_decay(spe), c.gsm.lr_schedule(spe)
+    # Hand-worked: 1e-3 up to epoch 25 (warm-up included), then x10 at 25, 33 and 37.
+    for epoch, want in [(0, 1e-3), (0.5, 1e-3), (24.99, 1e-3), (25, 1e-2), (32.99, 1e-2),
+                        (33, 1e-1), (37, 1.0), (39.99, 1.0)]:
+        np.testing.assert_allclose(float(eta_u(int(epoch * spe))), want, rtol=1e-6)
+    # lr * eta_u is the base rate 1e-2 * 1e-3 everywhere after the warm-up.
+    for step in range(spe, 40 * spe, 97):
+        np.testing.assert_allclose(float(lr(step)) * float(eta_u(step)), 1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="gsm_unselected_decay_schedule='cosine'; expected one of"):
+        get_config("lenet5_125x", overrides=["gsm_unselected_decay=1e-3",
+                                             "gsm_unselected_decay_schedule=cosine"])
+    with pytest.raises(ValueError, match="needs gsm_unselected_decay"):
+        get_config("lenet5_125x", overrides=["gsm_unselected_decay_schedule=inverse_lr"])
+
+
 def test_overrides() -> None:
     c = get_config("lenet300_60x", overrides=["train.epochs=3", "gsm.boundaries=(1, 2)",
                                               "data.train_subset=1024", "nonzero_ratio=0.05"])
