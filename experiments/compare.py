@@ -11,10 +11,14 @@ Usage::
 
 For every model and compression C (default: 10x, 30x, 60x, 125x, and 300x for
 LeNet-5) every method of :mod:`experiments.methods` is run at exactly
-``Q = round(N / C)`` eligible weights (DNS may end with fewer). The dense base of a
+``Q = round(N / C)`` eligible weights (DNS and the structured methods ``taylor``,
+``taylor_gate`` and ``fisher``, which remove whole channels, may end with fewer; the
+table shows the count reached and the actual compression). The dense base of a
 model is trained once from its initial weights and cached in ``<out>/cache``; all
 methods see the same data in the same order (see
-:mod:`experiments.methods.common`).
+:mod:`experiments.methods.common`). A method that cannot run a cell (a model
+without the structure it prunes, a Q below its smallest model) raises
+:class:`NotApplicable`; the cell is recorded with the reason and shown as ``n/a``.
 
 Outputs (``<out>`` defaults to ``experiments/results/compare``; ``--quick`` adds a
 ``_quick`` suffix)::
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.fileio import atomic_write_json, atomic_write_text
+from experiments.methods.common import NotApplicable  # re-exported: compare.NotApplicable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "compare"
@@ -69,6 +74,9 @@ METHOD_NOTES = {
     "imp_ticket": "lottery ticket by iterative magnitude pruning with rewinding to W0 (each round <= 2x more pruning); epochs = all rounds",
     "gsm_ticket": "GSM's final mask applied to W0, trained with the mask fixed (dense recipe)",
     "random_ticket": "random mask with GSM's per-layer counts applied to W0, trained with the mask fixed",
+    "taylor": "structured (Molchanov et al. 2017): from the base, every k updates (lr constant) remove the feature map / neuron with the lowest per-layer-L2-normalised mean |gate gradient| (per example) until <= Q kernel weights remain (the count is reached from above, so non-zeros may be below Q); no FLOPs term; then the channels are cut out and the slim model fine-tunes (lr cosine); pruning takes <= 70% of the updates unless there are more removals than that, fine-tuning the rest",
+    "taylor_gate": "structured (Molchanov et al. 2019): as `taylor` with the gate score, the mean over minibatches of the squared minibatch gate gradient, not normalised",
+    "fisher": "structured (Theis et al. 2018): as `taylor` with the Fisher score, the mean over examples of the squared gate gradient / 2, not normalised",
 }
 
 MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h", "<", ">")
@@ -247,8 +255,13 @@ def run(
                     log=_log)
                 _log(f"[compare] {model} {c:g}x (Q={q}): {method}")
                 t0 = time.perf_counter()
-                res = available[method](ctx)
-                cell = res.to_dict()
+                try:
+                    cell = available[method](ctx).to_dict()
+                except NotApplicable as err:
+                    _log(f"[compare] {method} not applicable: {err}")
+                    cell = {"method": method, "model": model, "dataset": dataset,
+                            "compression": c, "num_nonzero": q, "num_eligible": n,
+                            "not_applicable": str(err)}
                 cell["wall_seconds"] = time.perf_counter() - t0
                 results["cells"].append(cell)
                 save()
@@ -312,15 +325,24 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += [f"## {model}", "",
                   f"Dense base: {100 * base['test_acc']:.2f}% test accuracy, "
                   f"{base['num_eligible']} eligible weights (kernels).", "",
-                  "Test accuracy (%) at exactly Q = round(N / C) non-zero kernel weights:", "",
+                  "Test accuracy (%) at Q = round(N / C) non-zero kernel weights (exactly Q, "
+                  "except DNS and the structured methods: at most Q; see `actual C`):", "",
                   "| method | " + " | ".join(_fmt_c(c) for c in comps) + " |",
                   "| --- | " + " | ".join("---:" for _ in comps) + " |"]
+        not_applicable: list[str] = []
         for m in methods:
             row = []
             for comp in comps:
                 got = [c for c in mc if c["method"] == m and c["compression"] == comp]
-                row.append(f"{100 * got[0]['test_acc']:.2f}" if got else "")
+                if got and "not_applicable" in got[0]:
+                    row.append("n/a")
+                    not_applicable.append(f"{m} at {_fmt_c(comp)}: {got[0]['not_applicable']}")
+                else:
+                    row.append(f"{100 * got[0]['test_acc']:.2f}" if got else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
+        if not_applicable:
+            lines += ["", "n/a: the method cannot run this cell:", ""]
+            lines += [f"- {note}" for note in not_applicable]
         lines += ["", "Per cell:", "",
                   "| method | C | test acc % | non-zeros (Q) | actual C | epochs | from | "
                   "wall s | notes |",
@@ -328,6 +350,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for comp in comps:
             for m in methods:
                 for c in [c for c in mc if c["method"] == m and c["compression"] == comp]:
+                    if "not_applicable" in c:
+                        lines.append(f"| {m} | {_fmt_c(comp)} | n/a | - ({c['num_nonzero']}) | "
+                                     f"- | - | - | - | {c['not_applicable']} |")
+                        continue
                     lines.append(
                         f"| {m} | {_fmt_c(comp)} | {100 * c['test_acc']:.2f} | "
                         f"{c['nonzeros']} ({c['num_nonzero']}) | {c['actual_compression']:.1f} | "
@@ -356,6 +382,16 @@ def _cell_note(c: dict[str, Any]) -> str:
     if "round" in e:
         parts.append(f"round {e['round']}; {c.get('train_seconds', 0):.0f} s training "
                      "over all rounds")
+    if "acc_before_finetune" in e:
+        parts.append(f"before fine-tune {100 * e['acc_before_finetune']:.2f}%")
+    if "widths" in e:
+        parts.append("widths " + "-".join(str(w) for w in e["widths"].values()))
+    if "macs_after" in e and e.get("macs_before"):
+        parts.append(f"MACs {100 * e['macs_after'] / e['macs_before']:.1f}%")
+    if "prune_epochs" in e:
+        parts.append(f"{e['prune_epochs']:.2f} epochs pruning ({e['removals']} removals x "
+                     f"{e['steps_per_removal']} updates) + {e['finetune_epochs']:.2f} "
+                     "fine-tuning")
     return "; ".join(parts)
 
 
@@ -368,7 +404,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cells = results["cells"]
+    cells = [c for c in results["cells"] if "not_applicable" not in c]
     models = [m for m in results.get("bases", {}) if any(c["model"] == m for c in cells)]
     if not models:
         return None

@@ -46,6 +46,13 @@ Params = dict[str, Any]
 Forward = Callable[[Params, Any], Params]
 
 
+
+class NotApplicable(Exception):
+    """Raised by a method runner that cannot run a cell (model or Q out of its reach).
+
+    The comparison records the cell with the message as its reason and shows ``n/a``.
+    """
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """Training budget and hyper-parameters shared by all methods.
