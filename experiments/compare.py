@@ -79,10 +79,11 @@ METHOD_NOTES = {
     "fisher": "structured (Theis et al. 2018): as `taylor` with the Fisher score, the mean over examples of the squared gate gradient / 2, not normalised",
 }
 
-MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h", "<", ">")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h", "<", ">", "X", "d", "p", "1")
 LINESTYLES = ("-", (0, (6, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (12, 3)),
               (0, (3, 3)), (0, (6, 2, 1, 2, 1, 2)), (0, (1, 4)), (0, (10, 2, 2, 2)),
-              (0, (2, 1, 2, 4)), (0, (4, 1)), (0, (8, 4, 1, 4, 1, 4, 1, 4)))
+              (0, (2, 1, 2, 4)), (0, (4, 1)), (0, (8, 4, 1, 4, 1, 4, 1, 4)),
+              (0, (1, 2, 5, 2)), (0, (14, 2, 2, 2, 2, 2)), (0, (3, 1, 1, 1)), (0, (9, 3, 3, 3)))
 
 
 def method_note(name: str, available: dict[str, Any]) -> str:

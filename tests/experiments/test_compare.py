@@ -109,3 +109,14 @@ def test_compare_quick_on_real_mnist(tmp_path: Path, mnist_builder, tfds_data_di
 def test_cli_errors():
     with pytest.raises(SystemExit):
         compare.main(["mnist", "--compressions", "0.5", "--models", "lenet_300_100"])
+
+
+def test_every_method_has_its_own_marker_and_line_style() -> None:
+    """The plot must read in black and white: no two methods may share a style."""
+    from experiments.compare import LINESTYLES, MARKERS
+    from experiments.methods import collect_methods
+
+    n = len(collect_methods())
+    assert n <= len(MARKERS) and n <= len(LINESTYLES)
+    assert len(set(MARKERS[:n])) == n
+    assert len({str(s) for s in LINESTYLES[:n]}) == n
