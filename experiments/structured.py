@@ -604,13 +604,24 @@ def make_tx(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
       optax.sgd(learning_rate, momentum=momentum))
 
 
-def batches(pipeline: Any, start_epoch: int = 0) -> Iterator[Any]:
-  """Endless training batches, epoch after epoch."""
+def batches(pipeline: Any, start_epoch: int = 0, skip: int = 0) -> Iterator[Any]:
+  """Endless training batches, epoch after epoch.
+
+  Args:
+    pipeline: the training pipeline (``pipeline.epoch(e)`` yields epoch e).
+    start_epoch: the first epoch.
+    skip: batches of ``start_epoch`` to leave out, so that
+      ``batches(p, *divmod(step, p.steps_per_epoch))`` resumes at overall
+      update ``step``.
+  """
   epoch = start_epoch
+  for i, b in enumerate(pipeline.epoch(epoch)):
+    if i >= skip:
+      yield b
   while True:
+    epoch += 1
     for b in pipeline.epoch(epoch):
       yield b
-    epoch += 1
 
 
 def _gate_vectors(alive: Mapping[str, Any]) -> dict:
@@ -661,10 +672,17 @@ def max_output_difference(gm: GatedModel, params: PyTree, rest: Any,
 def train_dense(model: nnx.Module, train: Any, *, steps: int,
                 lr: float = 0.01, momentum: float = 0.9,
                 weight_decay: float = 5e-4,
+                tx: optax.GradientTransformation | None = None,
+                first_step: int = 0,
                 log: Callable[[str], None] = print) -> nnx.Module:
-  """Plain momentum-SGD training of ``model`` for ``steps`` updates."""
+  """Plain momentum-SGD training of ``model`` for ``steps`` updates.
+
+  ``tx``, when given, replaces ``make_tx(lr, momentum, weight_decay)``;
+  training reads ``train`` from overall update ``first_step`` on.
+  """
   gm = GatedModel(model)
-  tx = make_tx(lr, momentum=momentum, weight_decay=weight_decay)
+  if tx is None:
+    tx = make_tx(lr, momentum=momentum, weight_decay=weight_decay)
 
   @jax.jit
   def step(params, rest, opt, x, y):
@@ -676,7 +694,7 @@ def train_dense(model: nnx.Module, train: Any, *, steps: int,
     return optax.apply_updates(params, u), rest, opt, loss
 
   params, rest, opt = gm.params, gm.rest, tx.init(gm.params)
-  it = batches(train)
+  it = batches(train, *divmod(int(first_step), int(train.steps_per_epoch)))
   for i in range(steps):
     b = next(it)
     params, rest, opt, loss = step(params, rest, opt, b.image, b.label)

@@ -62,20 +62,16 @@ neuron ``784 + fc2``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import optax_gsm
 from experiments import structured
-from experiments.methods.common import NotApplicable
 from experiments.methods import common
-from experiments.methods.common import Context, MethodResult
+from experiments.methods.common import Context, MethodResult, NotApplicable
 from experiments.models import param_counts
 from experiments.training import param_dict, set_params
 
@@ -123,47 +119,25 @@ def smallest_structure(model: nnx.Module, plan: structured.Plan
   return kernels, param_counts(tiny)["total"] - kernels
 
 
-def stream_from(train: Any, start: int) -> Iterator[Any]:
-  """Training batches in the comparison's order from overall step ``start``."""
-  epoch, skip = divmod(int(start), int(train.steps_per_epoch))
-  for i, b in enumerate(train.epoch(epoch)):
-    if i >= skip:
-      yield b
-  yield from structured.batches(train, epoch + 1)
-
-
 def finetune_slim(ctx: Context, slim: nnx.Module, steps: int, first_step: int
                   ) -> tuple[nnx.Module, float]:
   """``steps`` updates of the sliced model: lr ``budget.lr`` cosine to 0.
 
+  Training reads the comparison's batches from overall update ``first_step``
+  on, where the pruning stopped.
+
   Returns:
     ``(the fine-tuned model, seconds)``.
   """
-  gm = structured.GatedModel(slim)
   if steps <= 0:
-    return gm.to_model(), 0.0
-  tx = common.sgd(common.cosine(ctx.budget.lr, steps), ctx.budget)
-
-  def step(params, rest, opt, x, y):
-    def loss_fn(params):
-      logits, new_rest = gm.apply(params, rest, x, None, train=True)
-      return structured.cross_entropy(logits, y).mean(), new_rest
-    (loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), rest, opt, loss
-
-  step = jax.jit(step)
-  params, rest = gm.params, gm.rest
-  opt = tx.init(params)
+    return structured.GatedModel(slim).to_model(), 0.0
   t0 = time.perf_counter()
-  it = stream_from(ctx.train, first_step)
-  for _ in range(steps):
-    b = next(it)
-    params, rest, opt, loss = step(params, rest, opt, b.image, b.label)
+  tuned = structured.train_dense(
+      slim, ctx.train, steps=steps, first_step=first_step, log=ctx.log,
+      tx=common.sgd(common.cosine(ctx.budget.lr, steps), ctx.budget))
   seconds = time.perf_counter() - t0
-  ctx.log(f"  [fine-tune slim] {steps} steps, {seconds:.1f} s, "
-          f"last loss {float(loss):.4f}")
-  return gm.to_model(params, rest), seconds
+  ctx.log(f"  [fine-tune slim] {steps} steps, {seconds:.1f} s")
+  return tuned, seconds
 
 
 def run_greedy(ctx: Context, criterion: str) -> MethodResult:
