@@ -504,7 +504,7 @@ def test_make_mesh_device_count_errors():
 
 def test_make_mesh():
   n = jax.device_count()
-  mesh = sharding.make_mesh(f"data=-1,model=1")
+  mesh = sharding.make_mesh("data=-1,model=1")
   assert dict(mesh.shape) == {"data": n, "model": 1}
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
   mesh = sharding.make_mesh({"x": 1}, devices=jax.devices()[:1])
