@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.configs import ExperimentConfig, get_config
-from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text
+from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text, run_command
+from experiments.run import _enable_compilation_cache, load_pipelines, new_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "budget"
@@ -84,28 +85,6 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     if config.compression is None:
         raise ValueError(f"{args.config}: the count-based run needs a compression target; pass --compression")
     return config
-
-
-def load_pipelines(config: ExperimentConfig, args: argparse.Namespace) -> tuple[Any, Any]:
-    """(train, test) pipelines of the config's dataset, as ``experiments.run`` builds them."""
-    from experiments import data
-
-    d = config.data
-    builder = data.prepare(d.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                           download=not args.no_download)
-    train = data.load(d.name, "train", batch_size=d.batch_size, seed=config.seed,
-                      subset=d.train_subset, image_size=d.image_size, builder=builder)
-    test = data.load(d.name, "test", batch_size=d.eval_batch_size, seed=config.seed,
-                     subset=d.eval_subset, image_size=d.image_size, builder=builder)
-    return train, test
-
-
-def new_model(config: ExperimentConfig) -> Any:
-    from flax import nnx
-
-    from experiments.models import get_model
-
-    return get_model(config.model, rngs=nnx.Rngs(config.seed), **dict(config.model_kwargs))
 
 
 def restore_base(config: ExperimentConfig, base_from: Path) -> tuple[Any, dict[str, Any]]:
@@ -529,18 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_config(args)
     except ValueError as e:
         parser.error(str(e))
-    from experiments.run import _enable_compilation_cache
-
     _enable_compilation_cache()
     from experiments.data import DatasetError
     from experiments.training import CheckpointMismatchError
 
-    try:
-        run(args)
-    except (FileExistsError, DatasetError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_command(lambda: run(args), FileExistsError, DatasetError, CheckpointMismatchError)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared plumbing of the experiment commands: atomic files and common flags.
+"""Shared plumbing of the experiment commands: atomic files, common flags, exit codes.
 
 Every result file is written to a temporary name, flushed to disk and then
 renamed over the target (``os.replace`` is atomic on POSIX), so a crash never
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,22 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-download", action="store_true", help="never let TFDS download")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bars (default: when stderr is a terminal)")
+
+
+def run_command(command: Callable[[], Any], *expected: type[BaseException]) -> int:
+    """Runs ``command()`` and returns the process exit status.
+
+    The ``expected`` errors are user-fixable conditions (a missing dataset, an
+    existing output, a checkpoint of another configuration): they print
+    ``error: <message>`` to stderr, with no traceback, and give status 2.
+    Anything else propagates.
+
+    Returns:
+      0 on success, 2 after an expected error.
+    """
+    try:
+        command()
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.configs import CONFIGS, ExperimentConfig, config_names, get_config
-from experiments.fileio import add_data_arguments, atomic_write_json
+from experiments.fileio import add_data_arguments, atomic_write_json, run_command
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -120,6 +120,32 @@ def _reserve_host_threads(spec: str) -> None:
     for size in sizes.values():
         devices *= max(size, 1)  # a -1 axis: at least the named axes' devices
     os.environ["NPROC"] = str(max(os.cpu_count() or 1, _THREADS_PER_DEVICE * devices))
+
+
+def new_model(config: ExperimentConfig) -> Any:
+    """A freshly initialised model of ``config`` (its architecture, kwargs and seed)."""
+    from flax import nnx
+
+    from experiments.models import get_model
+
+    return get_model(config.model, rngs=nnx.Rngs(config.seed), **dict(config.model_kwargs))
+
+
+def load_pipelines(config: ExperimentConfig, args: argparse.Namespace) -> tuple[Any, Any]:
+    """(train, test) pipelines of ``config``'s dataset.
+
+    ``args`` carries the data flags of :func:`experiments.fileio.add_data_arguments`.
+    """
+    from experiments import data
+
+    d = config.data
+    builder = data.prepare(d.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                           download=not args.no_download)
+    train = data.load(d.name, "train", batch_size=d.batch_size, seed=config.seed,
+                      subset=d.train_subset, image_size=d.image_size, builder=builder)
+    test = data.load(d.name, "test", batch_size=d.eval_batch_size, seed=config.seed,
+                     subset=d.eval_subset, image_size=d.image_size, builder=builder)
+    return train, test
 
 
 def environment() -> dict[str, Any]:
@@ -211,13 +237,7 @@ class Run:
     # --------------------------------------------------------- building blocks
 
     def new_model(self) -> Any:
-        from flax import nnx
-
-        from experiments.models import get_model
-
-        return get_model(
-            self.config.model, rngs=nnx.Rngs(self.config.seed), **dict(self.config.model_kwargs)
-        )
+        return new_model(self.config)
 
     def num_eligible(self) -> int:
         if self._num_eligible is None:
@@ -243,17 +263,8 @@ class Run:
             from experiments import data
 
             d = self.config.data
-            builder = data.prepare(
-                d.name,
-                data_dir=self.args.data_dir,
-                manual_dir=self.args.manual_dir,
-                download=not self.args.no_download,
-            )
             t0 = time.perf_counter()
-            train = data.load(d.name, "train", batch_size=d.batch_size, seed=self.config.seed,
-                              subset=d.train_subset, image_size=d.image_size, builder=builder)
-            test = data.load(d.name, "test", batch_size=d.eval_batch_size, seed=self.config.seed,
-                             subset=d.eval_subset, image_size=d.image_size, builder=builder)
+            train, test = load_pipelines(self.config, self.args)
             load_s = time.perf_counter() - t0
             stats = data.measure_throughput(train, max_batches=50)
             print(
@@ -675,14 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if "model" in info["shape"] else "parameters replicated")
         print(f"[mesh] {args.mesh}: {info['devices']} {info['platform']} devices, {batches}, {params}",
               flush=True)
-    try:
+
+    def run_phases() -> None:
         for phase in phases:
             getattr(run, f"phase_{phase}")()
-    except (FileExistsError, DatasetError, CheckpointMismatchError) as e:
-        # Expected, user-fixable conditions: a clear message, no traceback.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_command(run_phases, FileExistsError, DatasetError, CheckpointMismatchError)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text
+from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text, run_command
 from experiments.run import REPO_ROOT, Run, environment
 
 DEFAULT_RATIOS = (0.5, 0.7, 0.9)
@@ -716,13 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from experiments.run import _enable_compilation_cache
 
     _enable_compilation_cache()
-    try:
-        sensitivity(args, argv)
-    except (SensitivityError, DatasetError) as e:
-        # Expected, user-fixable conditions: a clear message, no traceback.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_command(lambda: sensitivity(args, argv), SensitivityError, DatasetError)
 
 
 if __name__ == "__main__":
