@@ -42,6 +42,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -173,6 +174,15 @@ class ExperimentConfig:
             raise ValueError(f"{self.name}: compression must be >= 1")
         if self.nonzero_ratio is not None and not 0 < self.nonzero_ratio <= 1:
             raise ValueError(f"{self.name}: nonzero_ratio must be in (0, 1]")
+        decay = self.gsm_unselected_decay
+        if decay is not None and not (
+                isinstance(decay, (int, float)) and not isinstance(decay, bool)
+                and math.isfinite(decay) and decay >= 0):
+            # Checked here too: as a schedule (inverse_lr) it would reach optax_gsm.gsm unchecked.
+            raise ValueError(
+                f"{self.name}: gsm_unselected_decay={self.gsm_unselected_decay!r}; "
+                "expected a finite number >= 0"
+            )
         if self.gsm_unselected_decay_schedule not in UNSELECTED_DECAY_SCHEDULES:
             raise ValueError(
                 f"{self.name}: gsm_unselected_decay_schedule="

@@ -72,6 +72,10 @@ def test_unselected_decay_inverse_lr_keeps_the_decay_rate() -> None:
     with pytest.raises(ValueError, match="gsm_unselected_decay_schedule='cosine'; expected one of"):
         get_config("lenet5_125x", overrides=["gsm_unselected_decay=1e-3",
                                              "gsm_unselected_decay_schedule=cosine"])
+    for bad in ("nan", "inf", "-1e-3"):
+        with pytest.raises(ValueError, match=r"gsm_unselected_decay=.*expected a finite number >= 0"):
+            get_config("lenet5_125x", overrides=[f"gsm_unselected_decay={bad}",
+                                                 "gsm_unselected_decay_schedule=inverse_lr"])
     with pytest.raises(ValueError, match="needs gsm_unselected_decay"):
         get_config("lenet5_125x", overrides=["gsm_unselected_decay_schedule=inverse_lr"])
 
