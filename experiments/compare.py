@@ -478,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ticket-epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None,
                    help="peak lr of retraining / fine-tuning phases (not GSM, not tickets)")
+    p.add_argument("--gsm-weight-decay", type=float, default=None,
+                   help="GSM's weight decay eta (default 5e-3, chosen for 10 epochs of 234 "
+                        "steps); GSM prunes by decay, so a shorter budget needs a larger eta")
     p.add_argument("--tag", default="", help="appended to the output file names")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None)
@@ -495,8 +498,16 @@ def make_budget(args: argparse.Namespace) -> Any:
     budget = QUICK_BUDGET if args.quick else Budget()
     changes = {k: v for k, v in (("base_epochs", args.base_epochs), ("epochs", args.epochs),
                                  ("ticket_epochs", args.ticket_epochs), ("seed", args.seed),
-                                 ("train_subset", args.train_subset), ("lr", args.lr))
+                                 ("train_subset", args.train_subset), ("lr", args.lr),
+                                 ("gsm_weight_decay", args.gsm_weight_decay))
                if v is not None}
+    for name in ("base_epochs", "epochs", "ticket_epochs", "train_subset"):
+        if changes.get(name, 1) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {changes[name]}")
+    for name in ("lr", "gsm_weight_decay"):
+        v = changes.get(name, 0.0)
+        if not (math.isfinite(v) and v >= 0):
+            raise SystemExit(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
     return dataclasses.replace(budget, **changes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,6 +110,21 @@ def test_compare_quick_on_real_mnist(tmp_path: Path, mnist_builder, tfds_data_di
 def test_cli_errors():
     with pytest.raises(SystemExit):
         compare.main(["mnist", "--compressions", "0.5", "--models", "lenet_300_100"])
+    for bad in (["--epochs", "0"], ["--train-subset", "-5"], ["--gsm-weight-decay", "-0.001"],
+                ["--gsm-weight-decay", "nan"], ["--lr", "inf"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            compare.main(["mnist", "--models", "lenet_300_100", *bad])
+
+
+def test_budget_flags_override_only_their_field():
+    from experiments.methods.common import QUICK_BUDGET, Budget
+
+    args = compare.build_parser().parse_args(["mnist", "--gsm-weight-decay", "0.05",
+                                              "--epochs", "5", "--train-subset", "12000"])
+    expected = dataclasses.replace(Budget(), gsm_weight_decay=0.05, epochs=5, train_subset=12000)
+    assert compare.make_budget(args) == expected
+    quick = compare.make_budget(compare.build_parser().parse_args(["mnist", "--quick"]))
+    assert quick == QUICK_BUDGET
 
 
 def test_every_method_has_its_own_marker_and_line_style() -> None:
