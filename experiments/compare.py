@@ -7,6 +7,7 @@ Usage::
         [--base-epochs N] [--epochs N] [--ticket-epochs N] [--lr LR] [--tag TAG]
         [--out DIR] [--resume]
         [--data-dir DIR] [--manual-dir DIR]
+    python -m experiments.compare --merge A/mnist.json B/mnist.json [--out DIR] [--tag TAG]
     python -m experiments.compare --list
 
 For every model and compression C (default: 10x, 30x, 60x, 125x, and 300x for
@@ -29,7 +30,9 @@ Outputs (``<out>`` defaults to ``experiments/results/compare``; ``--quick`` adds
     <dataset>.png    accuracy vs compression, one line per method (black and white)
 
 Results are saved after every cell; ``--resume`` skips the cells already in the
-JSON that were run with the same budget.
+JSON that were run with the same budget. To use several cores or machines, run
+one process per group of ``--methods``, each with its own ``--out``, and join
+their JSONs with ``--merge`` (:func:`merge`).
 """
 
 from __future__ import annotations
@@ -271,6 +274,63 @@ def run(
     return results
 
 
+def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
+    """One results dict from comparisons run as separate processes.
+
+    Split a long comparison by ``--methods`` (one process per core or machine,
+    each with its own ``--out``), then merge: the cells of one method do not
+    depend on the others', so the merged table is the one a single process
+    would write. Every file must have the same dataset and budget, and the same
+    dense base per model.
+
+    Args:
+      paths: ``<dataset>.json`` files written by :func:`run`.
+      available: method names in table order (``collect_methods()``).
+
+    Returns:
+      The merged results (``command`` lists every file's command).
+
+    Raises:
+      SystemExit: the files do not belong to one comparison, or two of them
+        ran the same cell to different accuracies.
+    """
+    if len(paths) < 2:
+        raise SystemExit(f"--merge needs at least two result files, got {len(paths)}")
+    parts = []
+    for path in paths:
+        try:
+            parts.append((Path(path), json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--merge: cannot read {path}: {err}") from None
+    (first_path, first), rest = parts[0], parts[1:]
+    merged = {k: v for k, v in first.items() if k not in ("cells", "command")}
+    merged["bases"] = dict(first.get("bases", {}))
+    cells = {(c["model"], c["method"], c["compression"]): c for c in first.get("cells", [])}
+    for path, other in rest:
+        for key in ("dataset", "budget"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} has {key} {other.get(key)!r}, "
+                                 f"{first_path} has {first.get(key)!r}")
+        for model, base in other.get("bases", {}).items():
+            mine = merged["bases"].setdefault(model, base)
+            if (mine["test_acc"], mine["num_eligible"]) != (base["test_acc"], base["num_eligible"]):
+                raise SystemExit(f"--merge: the {model} bases differ ({first_path}: "
+                                 f"{mine['test_acc']}, {path}: {base['test_acc']})")
+        for c in other.get("cells", []):
+            key = (c["model"], c["method"], c["compression"])
+            if key in cells and cells[key].get("test_acc") != c.get("test_acc"):
+                raise SystemExit(f"--merge: {path} and an earlier file both ran {key} "
+                                 f"with different accuracies")
+            cells.setdefault(key, c)
+    names = {c["method"] for c in cells.values()}
+    merged["methods"] = [m for m in available if m in names] + sorted(names - set(available))
+    merged["cells"] = list(cells.values())
+    merged["command"] = [r.get("command", "") for _, r in parts]
+    merged["merged_from"] = [str(p) for p, _ in parts]
+    merged["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return merged
+
+
 # ------------------------------------------------------------------ reports
 
 
@@ -283,8 +343,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     b = results["budget"]
     cells = results["cells"]
     lines = [f"# Pruning baselines vs GSM: {results['dataset']}", ""]
-    if results.get("command"):
-        lines += ["Command:", "", f"    {results['command']}", ""]
+    commands = results.get("command")
+    if isinstance(commands, list):  # merged from separate processes
+        lines += ["Commands (separate processes, one per core; then `--merge` of their JSONs):",
+                  "", *(f"    {c}" for c in commands), ""]
+    elif commands:
+        lines += ["Command:", "", f"    {commands}", ""]
     env = results.get("environment", {})
     d = results.get("data", {})
     ticket = b["ticket_epochs"] if b["ticket_epochs"] is not None else b["base_epochs"]
@@ -301,6 +365,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"- Every method then trains {b['epochs']} epochs (`epochs` column): fine-tuning/"
         f"retraining at lr {b['lr']:g} cosine, momentum {b['momentum']}; GSM at lr "
         f"{b['gsm_lr']:g} cosine, beta {b['gsm_momentum']}, weight decay {b['gsm_weight_decay']:g}.",
+        *_gsm_decay_note(b, d),
         "- Two hyper-parameters were chosen for this short budget by test accuracy on "
         "LeNet-300-100 (so those numbers are slightly optimistic): GSM's weight decay among "
         "5e-4 (the paper's, meant for 280 epochs: 43.6% at 60x here), 5e-3 (the default), 1e-2, "
@@ -369,6 +434,18 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append(f"- {who}: {what}")
     lines.append("")
     atomic_write_text(path, "\n".join(lines))
+
+
+def _gsm_decay_note(b: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    """GSM's total decay eta * sum_t lr_t, which sets how far unselected weights shrink."""
+    steps = d.get("steps_per_epoch")
+    if not steps:
+        return []
+    total = b["gsm_weight_decay"] * b["gsm_lr"] * b["epochs"] * steps / 2  # cosine: mean lr/2
+    ref = 5e-3 * 1e-2 * 10 * 234 / 2  # the default budget on full MNIST
+    return [f"- GSM prunes by decay: an unselected weight shrinks by about exp(-eta * sum of lr "
+            f"/ (1 - beta)); here eta * sum of lr = {total:.3g} over {b['epochs'] * steps} updates "
+            f"(the default budget on full MNIST, 10 epochs of 234 updates at eta 5e-3: {ref:.3g})."]
 
 
 def _cell_note(c: dict[str, Any]) -> str:
@@ -489,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--manual-dir", default=None)
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="merge the result files of one comparison run as separate processes "
+                        "(split by --methods) into <out>/<dataset>[_tag].{json,md,png}")
     return p
 
 
@@ -519,6 +599,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         available = collect_methods()
         for name in available:
             print(f"{name}: {method_note(name, available)}")
+        return 0
+    if args.merge:
+        merged = merge(args.merge, list(collect_methods()))
+        if args.dataset and args.dataset != merged["dataset"]:
+            raise SystemExit(f"--merge: the files are {merged['dataset']}, not {args.dataset}")
+        stem = merged["dataset"] + (f"_{args.tag}" if args.tag else "")
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / f"{stem}.json", merged)
+        write_markdown(merged, args.out / f"{stem}.md")
+        plot(merged, args.out / f"{stem}.png")
+        _log(f"[compare] merged {len(merged['cells'])} cells into {args.out / stem}.json")
         return 0
     if not args.dataset:
         raise SystemExit("give a dataset (mnist or fashion_mnist), or --list")

@@ -70,6 +70,56 @@ def test_markdown_and_plot_from_results(tmp_path: Path):
     assert len({str(s) for s in compare.LINESTYLES}) == len(compare.LINESTYLES)
 
 
+def _split(results: dict, methods: tuple[str, ...], command: str) -> dict:
+    return {**results, "command": command, "methods": list(methods),
+            "cells": [c for c in results["cells"] if c["method"] in methods]}
+
+
+def test_merge_joins_processes_split_by_method(tmp_path: Path):
+    """Two processes, split by --methods, merge into the single-process table."""
+    whole = _fake_results()
+    a = _split(whole, ("dns",), "cmd A")
+    b = _split(whole, ("gsm", "magnitude_retrain"), "cmd B")
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (a, b)):
+        path.write_text(json.dumps(part))
+
+    assert compare.main(["--merge", *map(str, paths), "--out", str(tmp_path / "m"),
+                         "--tag", "both"]) == 0
+    merged = json.loads((tmp_path / "m" / "mnist_both.json").read_text())
+    assert merged["methods"] == ["gsm", "magnitude_retrain", "dns"]  # table order, not file order
+    key = lambda c: (c["method"], c["compression"])  # noqa: E731
+    assert sorted(merged["cells"], key=key) == sorted(whole["cells"], key=key)
+    assert merged["command"] == ["cmd A", "cmd B"]
+    text = (tmp_path / "m" / "mnist_both.md").read_text()
+    assert "    cmd A\n    cmd B" in text
+    assert "| gsm | 96.90 | 96.40 |" in text and "| dns |" in text
+    assert (tmp_path / "m" / "mnist_both.png").exists()
+
+
+def test_merge_refuses_files_of_different_comparisons(tmp_path: Path):
+    whole = _fake_results()
+    a = _split(whole, ("dns",), "a")
+    cases = {
+        "budget": {**_split(whole, ("gsm",), "b"),
+                   "budget": {**whole["budget"], "epochs": 3}},
+        "bases differ": {**_split(whole, ("gsm",), "b"),
+                         "bases": {"lenet_300_100": {"test_acc": 0.5, "num_eligible": 1000}}},
+        "different accuracies": {**_split(whole, ("dns",), "b"),
+                                 "cells": [{**c, "test_acc": 0.1} for c in a["cells"]]},
+    }
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    for match, other in cases.items():
+        (tmp_path / "b.json").write_text(json.dumps(other))
+        with pytest.raises(SystemExit, match=match):
+            compare.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                          "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="at least two"):
+        compare.main(["--merge", str(tmp_path / "a.json")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        compare.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+
+
 def test_compare_quick_on_real_mnist(tmp_path: Path, mnist_builder, tfds_data_dir: Path,
                                      shared_datasets: Path):
     """Every method end to end at a tiny budget: accuracy well above chance, exact Q."""
