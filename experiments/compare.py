@@ -325,6 +325,8 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
     names = {c["method"] for c in cells.values()}
     merged["methods"] = [m for m in available if m in names] + sorted(names - set(available))
     merged["cells"] = list(cells.values())
+    notes = {k: v for _, r in parts for k, v in r.get("method_notes", {}).items()}
+    merged["method_notes"] = {m: notes.get(m, "") for m in merged["methods"]}
     merged["command"] = [r.get("command", "") for _, r in parts]
     merged["merged_from"] = [str(p) for p, _ in parts]
     merged["updated"] = _dt.datetime.now().isoformat(timespec="seconds")

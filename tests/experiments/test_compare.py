@@ -80,6 +80,7 @@ def test_merge_joins_processes_split_by_method(tmp_path: Path):
     whole = _fake_results()
     a = _split(whole, ("dns",), "cmd A")
     b = _split(whole, ("gsm", "magnitude_retrain"), "cmd B")
+    a["method_notes"], b["method_notes"] = {"dns": "note A"}, {"gsm": "note B"}
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for path, part in zip(paths, (a, b)):
         path.write_text(json.dumps(part))
@@ -91,6 +92,7 @@ def test_merge_joins_processes_split_by_method(tmp_path: Path):
     key = lambda c: (c["method"], c["compression"])  # noqa: E731
     assert sorted(merged["cells"], key=key) == sorted(whole["cells"], key=key)
     assert merged["command"] == ["cmd A", "cmd B"]
+    assert merged["method_notes"] == {"gsm": "note B", "magnitude_retrain": "", "dns": "note A"}
     text = (tmp_path / "m" / "mnist_both.md").read_text()
     assert "    cmd A\n    cmd B" in text
     assert "| gsm | 96.90 | 96.40 |" in text and "| dns |" in text
