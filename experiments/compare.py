@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.fileio import atomic_write_json, atomic_write_text
-from experiments.methods.common import NotApplicable  # re-exported: compare.NotApplicable
+from experiments.methods.common import Budget, NotApplicable  # NotApplicable: re-exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "compare"
@@ -232,10 +232,8 @@ def run(
 
     def save(with_plot: bool = False) -> None:
         results["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
-        atomic_write_json(json_path, results)
-        write_markdown(results, out_dir / f"{dataset}{suffix}.md")
-        if with_plot:  # ~1 s of matplotlib: once per model, not after every cell
-            plot(results, out_dir / f"{dataset}{suffix}.png")
+        # ~1 s of matplotlib: the plot once per model, not after every cell
+        write_results(results, out_dir / f"{dataset}{suffix}", with_plot=with_plot)
 
     for model in models:
         base = prepare_base(model, dataset, budget, train, test, cache_dir, spec.num_classes)
@@ -299,18 +297,30 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
     parts = []
     for path in paths:
         try:
-            parts.append((Path(path), json.loads(Path(path).read_text())))
-        except (OSError, json.JSONDecodeError) as err:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, or not JSON
             raise SystemExit(f"--merge: cannot read {path}: {err}") from None
+        missing = [k for k in ("dataset", "budget", "bases", "cells")
+                   if not isinstance(part, dict) or k not in part]
+        if missing:
+            raise SystemExit(f"--merge: {path} is not a comparison's results JSON "
+                             f"(no {', '.join(missing)})")
+        parts.append((Path(path), part))
     (first_path, first), rest = parts[0], parts[1:]
     merged = {k: v for k, v in first.items() if k not in ("cells", "command")}
     merged["bases"] = dict(first.get("bases", {}))
     cells = {(c["model"], c["method"], c["compression"]): c for c in first.get("cells", [])}
     for path, other in rest:
-        for key in ("dataset", "budget"):
-            if other.get(key) != first.get(key):
-                raise SystemExit(f"--merge: {path} has {key} {other.get(key)!r}, "
-                                 f"{first_path} has {first.get(key)!r}")
+        if other["dataset"] != first["dataset"]:
+            raise SystemExit(f"--merge: {path} has dataset {other['dataset']!r}, "
+                             f"{first_path} has {first['dataset']!r}")
+        differ = {k: (first["budget"].get(k), v) for k, v in other["budget"].items()
+                  if first["budget"].get(k) != v}
+        differ.update({k: (v, None) for k, v in first["budget"].items()
+                       if k not in other["budget"]})
+        if differ:
+            raise SystemExit(f"--merge: the budgets of {first_path} and {path} differ: "
+                             + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
         for model, base in other.get("bases", {}).items():
             mine = merged["bases"].setdefault(model, base)
             if (mine["test_acc"], mine["num_eligible"]) != (base["test_acc"], base["num_eligible"]):
@@ -334,6 +344,15 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ reports
+
+
+def write_results(results: dict[str, Any], stem: Path, *, with_plot: bool = True) -> None:
+    """Writes ``<stem>.json`` (atomically), ``<stem>.md`` and, if asked, ``<stem>.png``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stem.with_name(stem.name + ".json"), results)
+    write_markdown(results, stem.with_name(stem.name + ".md"))
+    if with_plot:
+        plot(results, stem.with_name(stem.name + ".png"))
 
 
 def _fmt_c(c: float) -> str:
@@ -444,10 +463,13 @@ def _gsm_decay_note(b: dict[str, Any], d: dict[str, Any]) -> list[str]:
     if not steps:
         return []
     total = b["gsm_weight_decay"] * b["gsm_lr"] * b["epochs"] * steps / 2  # cosine: mean lr/2
-    ref = 5e-3 * 1e-2 * 10 * 234 / 2  # the default budget on full MNIST
+    default = Budget()
+    default_steps = 60000 // default.batch_size  # full MNIST or Fashion-MNIST
+    ref = default.gsm_weight_decay * default.gsm_lr * default.epochs * default_steps / 2
     return [f"- GSM prunes by decay: an unselected weight shrinks by about exp(-eta * sum of lr "
             f"/ (1 - beta)); here eta * sum of lr = {total:.3g} over {b['epochs'] * steps} updates "
-            f"(the default budget on full MNIST, 10 epochs of 234 updates at eta 5e-3: {ref:.3g})."]
+            f"(the default budget on full MNIST, {default.epochs} epochs of {default_steps} "
+            f"updates at eta {default.gsm_weight_decay:g}: {ref:.3g})."]
 
 
 def _cell_note(c: dict[str, Any]) -> str:
@@ -575,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_budget(args: argparse.Namespace) -> Any:
-    from experiments.methods.common import QUICK_BUDGET, Budget
+    from experiments.methods.common import QUICK_BUDGET
 
     budget = QUICK_BUDGET if args.quick else Budget()
     changes = {k: v for k, v in (("base_epochs", args.base_epochs), ("epochs", args.epochs),
@@ -602,16 +624,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in available:
             print(f"{name}: {method_note(name, available)}")
         return 0
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     if args.merge:
         merged = merge(args.merge, list(collect_methods()))
         if args.dataset and args.dataset != merged["dataset"]:
             raise SystemExit(f"--merge: the files are {merged['dataset']}, not {args.dataset}")
-        stem = merged["dataset"] + (f"_{args.tag}" if args.tag else "")
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.out / f"{stem}.json", merged)
-        write_markdown(merged, args.out / f"{stem}.md")
-        plot(merged, args.out / f"{stem}.png")
-        _log(f"[compare] merged {len(merged['cells'])} cells into {args.out / stem}.json")
+        stem = args.out / (merged["dataset"] + suffix)
+        write_results(merged, stem)
+        _log(f"[compare] merged {len(merged['cells'])} cells into {stem}.json")
         return 0
     if not args.dataset:
         raise SystemExit("give a dataset (mnist or fashion_mnist), or --list")
@@ -631,9 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.compare " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     run(args.dataset, models=models, compressions=comps, methods=args.methods, budget=budget,
-        out_dir=args.out,
-        suffix=("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""),
-        data_dir=args.data_dir,
+        out_dir=args.out, suffix=suffix, data_dir=args.data_dir,
         manual_dir=args.manual_dir, resume=args.resume, command=command)
     return 0
 

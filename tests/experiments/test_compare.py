@@ -103,7 +103,7 @@ def test_merge_refuses_files_of_different_comparisons(tmp_path: Path):
     whole = _fake_results()
     a = _split(whole, ("dns",), "a")
     cases = {
-        "budget": {**_split(whole, ("gsm",), "b"),
+        "budgets of .* differ: epochs 10 vs 3": {**_split(whole, ("gsm",), "b"),
                    "budget": {**whole["budget"], "epochs": 3}},
         "bases differ": {**_split(whole, ("gsm",), "b"),
                          "bases": {"lenet_300_100": {"test_acc": 0.5, "num_eligible": 1000}}},
@@ -120,6 +120,12 @@ def test_merge_refuses_files_of_different_comparisons(tmp_path: Path):
         compare.main(["--merge", str(tmp_path / "a.json")])
     with pytest.raises(SystemExit, match="cannot read"):
         compare.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(SystemExit, match="cannot read .*binary.json"):
+        compare.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "binary.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"dataset": "mnist", "cells": []}))
+    with pytest.raises(SystemExit, match="other.json is not a comparison.*no budget, bases"):
+        compare.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "other.json")])
 
 
 def test_compare_quick_on_real_mnist(tmp_path: Path, mnist_builder, tfds_data_dir: Path,
