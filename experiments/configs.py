@@ -131,6 +131,12 @@ class ExperimentConfig:
         ``lr * unselected_decay / (1 - beta)``, stays what it was at the base
         learning rate instead of slowing tenfold at every drop (the warm-up is
         left alone).
+      gsm_unselected_decay_drops: with ``"inverse_lr"``, how many of the
+        learning-rate drops ``gsm_unselected_decay`` follows (the first k of
+        ``gsm.boundaries``; None: all).  After the k-th it stays fixed, so in
+        the later low-lr phases the unselected weights shrink slower and the
+        weights near the top-Q edge are not decayed faster than the small
+        learning rate lets the loss gradient restore them.
       gsm_score_momentum: ``score_momentum`` of ``optax_gsm.gsm`` (None: the
         paper's rule).
       seed: seeds model initialisation and every epoch's data order.
@@ -157,6 +163,7 @@ class ExperimentConfig:
     gsm_selection: str = "auto"
     gsm_unselected_decay: float | None = None
     gsm_unselected_decay_schedule: str = "constant"
+    gsm_unselected_decay_drops: int | None = None
     gsm_score_momentum: float | None = None
     seed: int = 0
     nonzero_threshold: float = 1e-4
@@ -195,13 +202,27 @@ class ExperimentConfig:
                 f"{self.name}: gsm_unselected_decay_schedule="
                 f"{self.gsm_unselected_decay_schedule!r} needs gsm_unselected_decay"
             )
+        drops = self.gsm_unselected_decay_drops
+        if drops is not None:
+            if isinstance(drops, bool) or not isinstance(drops, int) or drops < 1:
+                raise ValueError(
+                    f"{self.name}: gsm_unselected_decay_drops={drops!r}; expected an integer >= 1 "
+                    "(or None: follow every learning-rate drop)"
+                )
+            if self.gsm_unselected_decay_schedule != "inverse_lr":
+                raise ValueError(
+                    f"{self.name}: gsm_unselected_decay_drops={drops!r} needs "
+                    f"gsm_unselected_decay_schedule='inverse_lr', not "
+                    f"{self.gsm_unselected_decay_schedule!r}"
+                )
 
     def unselected_decay(self, steps_per_epoch: int) -> float | optax.Schedule | None:
         """``unselected_decay`` for ``optax_gsm.gsm``: None, a number or a schedule.
 
         With ``gsm_unselected_decay_schedule="inverse_lr"`` it is
         ``eta_u / decay**k`` after the k-th boundary of ``gsm.boundaries``, so
-        ``lr(t) * eta_u(t)`` is constant outside the warm-up.
+        ``lr(t) * eta_u(t)`` is constant outside the warm-up; with
+        ``gsm_unselected_decay_drops=m`` only the first m boundaries count.
         """
         if self.gsm_unselected_decay is None:
             return None
@@ -209,7 +230,8 @@ class ExperimentConfig:
             return self.gsm_unselected_decay
         return optax.piecewise_constant_schedule(
             self.gsm_unselected_decay,
-            {int(b * steps_per_epoch): 1.0 / self.gsm.decay for b in self.gsm.boundaries},
+            {int(b * steps_per_epoch): 1.0 / self.gsm.decay
+             for b in self.gsm.boundaries[:self.gsm_unselected_decay_drops]},
         )
 
     def num_nonzero(self, num_eligible: int) -> int:

@@ -4,7 +4,8 @@ Each figure must read in black and white: series differ by marker and line style
 (and bars by hatch), not only by colour.
 
 * ``curves.png`` -- accuracy, loss and non-zero ratio per epoch, base training
-  followed by GSM training on one epoch axis.
+  followed by GSM training on one epoch axis; GSM epochs also show the test
+  accuracy after a magnitude cut to Q at that epoch.
 * ``layer_nonzero.png`` -- per-layer non-zero ratio after the final magnitude
   cut: GSM vs magnitude pruning of the base model at the same Q.
 * ``weight_hist.png`` -- histogram of |w| (log scale) of the eligible weights
@@ -26,6 +27,7 @@ _STYLES = {
     "train": {"marker": "o", "linestyle": "-", "color": "black"},
     "test": {"marker": "s", "linestyle": "--", "color": "0.35"},
     "nonzero": {"marker": "^", "linestyle": "-.", "color": "black"},
+    "cut": {"marker": "x", "linestyle": ":", "color": "black"},
 }
 
 
@@ -65,6 +67,12 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
             x, y = np.concatenate(xs), np.concatenate(ys)
             if x.size:
                 ax.plot(x, y, label=name, markevery=_markevery(x.size), markersize=4, **_STYLES[style_name])
+        if key_test == "test_acc":
+            # What the prune phase would give if GSM stopped at that epoch.
+            x, y = _series(gsm_h, "test_acc_after_cut", offset)
+            if x.size:
+                ax.plot(x, y * scale, label="test, cut to Q", markevery=_markevery(x.size), markersize=4,
+                        **_STYLES["cut"])
         ax.set_xlabel("epoch (base, then GSM)")
         ax.set_ylabel(label)
         if key_train == "train_loss":

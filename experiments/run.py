@@ -370,7 +370,7 @@ class Run:
                          unselected_decay=cfg.unselected_decay(train.steps_per_epoch),
                          score_momentum=cfg.gsm_score_momentum)
         trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold,
-                          num_nonzero=q, name="gsm", mesh=self.mesh)
+                          num_nonzero=q, eval_cut=True, name="gsm", mesh=self.mesh)
         if self.args.benchmark_step:
             self._benchmark(trainer, train)
         print(f"[gsm] base model: {base_ckpt} (epoch {meta['epoch']}); N={self.num_eligible():,} "

@@ -279,6 +279,7 @@ class EpochStats:
     train_seconds: float
     eval_seconds: float
     images_per_s: float
+    test_acc_after_cut: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,6 +295,11 @@ class Trainer:
       lr_schedule: the learning-rate schedule inside ``tx``, for display only.
       nonzero_threshold: see ``ExperimentConfig.nonzero_threshold``.
       num_nonzero: Q shown in the progress bar (``None`` for dense training).
+      eval_cut: with ``num_nonzero``, also evaluate the test set after a global
+        magnitude cut to Q at every evaluation (``test_acc_after_cut`` in the
+        history): the accuracy the prune phase would report if training ended
+        there.  It costs one more test pass per epoch and leaves the training
+        state untouched.
       name: phase name shown in progress bars.
       mesh: optional mesh (:func:`make_training_mesh`): batches are sharded along
         ``data``, the model and optimizer state as by :func:`state_shardings`,
@@ -308,10 +314,14 @@ class Trainer:
         lr_schedule: Callable[[int], Any],
         nonzero_threshold: float = 1e-4,
         num_nonzero: int | None = None,
+        eval_cut: bool = False,
         name: str = "train",
         mesh: Mesh | None = None,
     ):
+        if eval_cut and num_nonzero is None:
+            raise ValueError("eval_cut=True needs num_nonzero (the Q to cut to); got num_nonzero=None")
         self.model = model
+        self.eval_cut = eval_cut
         self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self.lr_schedule = lr_schedule
         self.nonzero_threshold = float(nonzero_threshold)
@@ -407,6 +417,15 @@ class Trainer:
     def evaluate(self, pipeline: Pipeline) -> dict[str, float]:
         """Loss and accuracy over a whole evaluation pipeline (BatchNorm in eval mode)."""
         return evaluate(self.sync(), pipeline, mesh=self.mesh)
+
+    def evaluate_cut(self, pipeline: Pipeline) -> dict[str, float]:
+        """Like :meth:`evaluate`, for a copy of the model cut to the ``num_nonzero`` largest |w|."""
+        if self.num_nonzero is None:
+            raise ValueError("evaluate_cut needs the trainer's num_nonzero; got None")
+        model = nnx.clone(self.sync())
+        pruned, _ = optax_gsm.magnitude_prune(param_dict(model), num_nonzero=self.num_nonzero)
+        set_params(model, pruned)
+        return evaluate(model, pipeline, mesh=self.mesh)
 
     def nonzero(self) -> tuple[int, int]:
         """``(eligible weights with |w| > nonzero_threshold, eligible count)``."""
@@ -576,9 +595,11 @@ class Trainer:
             bar.close()
             train_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            test_metrics = None
+            test_metrics = cut_metrics = None
             if test is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 test_metrics = self.evaluate(test)
+                if self.eval_cut:
+                    cut_metrics = self.evaluate_cut(test)
             eval_seconds = time.perf_counter() - t1
             nz, n = self.nonzero()
             stats = EpochStats(
@@ -593,6 +614,7 @@ class Trainer:
                 train_seconds=train_seconds,
                 eval_seconds=eval_seconds,
                 images_per_s=seen / train_seconds if train_seconds > 0 else float("nan"),
+                test_acc_after_cut=None if cut_metrics is None else cut_metrics["acc"],
             )
             history.append(stats.to_dict())
             print(self._summary(stats, epochs), flush=True)
@@ -641,6 +663,8 @@ class Trainer:
     def _summary(self, s: EpochStats, epochs: int) -> str:
         test = "" if s.test_acc is None else f" test_loss={s.test_loss:.4f} test_acc={100 * s.test_acc:.2f}%"
         q = "" if self.num_nonzero is None else f" Q={self.num_nonzero}"
+        if s.test_acc_after_cut is not None:
+            test += f" after_cut={100 * s.test_acc_after_cut:.2f}%"
         return (
             f"[{self.name}] epoch {s.epoch}/{epochs} loss={s.train_loss:.4f} "
             f"acc={100 * s.train_acc:.2f}%{test} lr={s.lr:.2e} "

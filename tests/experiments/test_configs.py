@@ -80,6 +80,34 @@ def test_unselected_decay_inverse_lr_keeps_the_decay_rate() -> None:
         get_config("lenet5_125x", overrides=["gsm_unselected_decay_schedule=inverse_lr"])
 
 
+def test_unselected_decay_drops_caps_the_inverse_lr_schedule() -> None:
+    spe = 235
+    base = ["gsm.warmup_epochs=1", "gsm.boundaries=[40,50,56]", "gsm.epochs=60",
+            "gsm_unselected_decay=1e-3", "gsm_unselected_decay_schedule=inverse_lr"]
+    c = get_config("lenet5_300x", overrides=base + ["gsm_unselected_decay_drops=1"])
+    assert c.gsm_unselected_decay_drops == 1
+    eta_u, lr = c.unselected_decay(spe), c.gsm.lr_schedule(spe)
+    # Hand-worked: x10 at epoch 40 only; lr keeps dropping at 50 and 56.
+    for epoch, want in [(0, 1e-3), (39.99, 1e-3), (40, 1e-2), (50, 1e-2), (56, 1e-2), (59.99, 1e-2)]:
+        np.testing.assert_allclose(float(eta_u(int(epoch * spe))), want, rtol=1e-6)
+    for epoch, want in [(45, 1e-5), (53, 1e-6), (58, 1e-7)]:  # lr * eta_u after each drop
+        step = int(epoch * spe)
+        np.testing.assert_allclose(float(lr(step)) * float(eta_u(step)), want, rtol=1e-5)
+    two = get_config("lenet5_300x", overrides=base + ["gsm_unselected_decay_drops=2"]).unselected_decay(spe)
+    for epoch, want in [(45, 1e-2), (50, 1e-1), (58, 1e-1)]:
+        np.testing.assert_allclose(float(two(int(epoch * spe))), want, rtol=1e-6)
+    # As many drops as boundaries is the uncapped schedule.
+    full = get_config("lenet5_300x", overrides=base).unselected_decay(spe)
+    three = get_config("lenet5_300x", overrides=base + ["gsm_unselected_decay_drops=3"]).unselected_decay(spe)
+    for step in range(0, 60 * spe, 401):
+        assert float(three(step)) == float(full(step))
+    for bad in ("0", "-1", "1.5", "true"):
+        with pytest.raises(ValueError, match=r"gsm_unselected_decay_drops=.*expected an integer >= 1"):
+            get_config("lenet5_300x", overrides=base + [f"gsm_unselected_decay_drops={bad}"])
+    with pytest.raises(ValueError, match="needs gsm_unselected_decay_schedule='inverse_lr', not 'constant'"):
+        get_config("lenet5_300x", overrides=["gsm_unselected_decay=1e-3", "gsm_unselected_decay_drops=1"])
+
+
 def test_overrides() -> None:
     c = get_config("lenet300_60x", overrides=["train.epochs=3", "gsm.boundaries=(1, 2)",
                                               "data.train_subset=1024", "nonzero_ratio=0.05"])

@@ -37,6 +37,9 @@ def test_results_json(mnist_run: Path) -> None:
     assert prune["gsm"]["test_after"]["acc"] > 0.8
     assert prune["base"]["test_after"]["acc"] > 0.5
     assert prune["gsm"]["test_after"]["count"] == 10_000
+    # The GSM phase's per-epoch cut at its last epoch is the prune phase's cut.
+    assert gsm["history"][-1]["test_acc_after_cut"] == prune["gsm"]["test_after"]["acc"]
+    assert train["history"][0]["test_acc_after_cut"] is None
     assert 0 < prune["kept_overlap_with_base"] <= 1
     hist = prune["gsm"]["histogram"]
     assert sum(hist["counts"]) + hist["zeros"] == n

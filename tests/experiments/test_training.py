@@ -74,6 +74,37 @@ def test_evaluate_ignores_padding() -> None:
     np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
 
 
+def test_eval_cut_reports_the_accuracy_of_the_cut_model(tmp_path: Path) -> None:
+    q = 3000
+    model = get_model("lenet_300_100", rngs=nnx.Rngs(0))
+    trainer = Trainer(model, make_gsm_tx(optax.constant_schedule(0.01), num_nonzero=q,
+                                         momentum=0.99, weight_decay=5e-4),
+                      lr_schedule=optax.constant_schedule(0.01), num_nonzero=q, eval_cut=True, name="t")
+    train, test = random_pipeline(64, 16, train=True), random_pipeline(50, 16, train=False, seed=1)
+    result = trainer.fit(train, test, epochs=2, ckpt_dir=tmp_path / "ckpt", progress=False)
+    params = trainer.params()
+    # Independent check: cut a copy by hand (numpy top-Q over the kernels) and evaluate it.
+    kernels = np.concatenate([np.abs(np.asarray(params[k]["kernel"])).ravel() for k in params])
+    threshold = np.sort(kernels)[-q]
+    cut = {k: {"kernel": np.where(np.abs(np.asarray(v["kernel"])) >= threshold, np.asarray(v["kernel"]), 0.0),
+               "bias": np.asarray(v["bias"])} for k, v in params.items()}
+    assert sum(int(np.count_nonzero(v["kernel"])) for v in cut.values()) == q
+    other = get_model("lenet_300_100", rngs=nnx.Rngs(5))
+    set_params(other, cut)
+    assert result["final"]["test_acc_after_cut"] == evaluate(other, test)["acc"]
+    assert all(h["test_acc_after_cut"] is not None for h in result["history"])
+    # The trainer's own state is not cut.
+    assert nonzero_by_magnitude(trainer.params(), 0.0)[0] > q
+    # Dense phases do not report it, and asking without Q is an error.
+    dense = Trainer(get_model("lenet_300_100", rngs=nnx.Rngs(0)), optax.sgd(0.01),
+                    lr_schedule=optax.constant_schedule(0.01))
+    hist = dense.fit(train, test, epochs=1, ckpt_dir=tmp_path / "dense", progress=False)["history"]
+    assert hist[0]["test_acc_after_cut"] is None
+    with pytest.raises(ValueError, match="eval_cut=True needs num_nonzero"):
+        Trainer(get_model("lenet_300_100", rngs=nnx.Rngs(0)), optax.sgd(0.01),
+                lr_schedule=optax.constant_schedule(0.01), eval_cut=True)
+
+
 def test_magnitude_helpers() -> None:
     params = {"w": jnp.array([[0.0, 1e-5], [3.0, -2.0]]), "b": jnp.array([5.0, 0.0]),
               "k": jnp.array([[[1e-3, -4.0]]])}
