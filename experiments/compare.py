@@ -308,8 +308,8 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
         parts.append((Path(path), part))
     (first_path, first), rest = parts[0], parts[1:]
     merged = {k: v for k, v in first.items() if k not in ("cells", "command")}
-    merged["bases"] = dict(first.get("bases", {}))
-    cells = {(c["model"], c["method"], c["compression"]): c for c in first.get("cells", [])}
+    merged["bases"] = dict(first["bases"])
+    cells = {(c["model"], c["method"], c["compression"]): c for c in first["cells"]}
     for path, other in rest:
         if other["dataset"] != first["dataset"]:
             raise SystemExit(f"--merge: {path} has dataset {other['dataset']!r}, "
@@ -321,12 +321,12 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
         if differ:
             raise SystemExit(f"--merge: the budgets of {first_path} and {path} differ: "
                              + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-        for model, base in other.get("bases", {}).items():
+        for model, base in other["bases"].items():
             mine = merged["bases"].setdefault(model, base)
             if (mine["test_acc"], mine["num_eligible"]) != (base["test_acc"], base["num_eligible"]):
                 raise SystemExit(f"--merge: the {model} bases differ ({first_path}: "
                                  f"{mine['test_acc']}, {path}: {base['test_acc']})")
-        for c in other.get("cells", []):
+        for c in other["cells"]:
             key = (c["model"], c["method"], c["compression"])
             if key in cells and cells[key].get("test_acc") != c.get("test_acc"):
                 raise SystemExit(f"--merge: {path} and an earlier file both ran {key} "
