@@ -139,6 +139,13 @@ class ExperimentConfig:
         learning rate lets the loss gradient restore them.
       gsm_score_momentum: ``score_momentum`` of ``optax_gsm.gsm`` (None: the
         paper's rule).
+      gsm_score_momentum_from_epoch: with ``gsm_score_momentum``, the GSM epoch
+        from which the ranking uses the running average of the scores; before
+        it the momentum is 0, so the ranking uses each step's raw scores and the
+        selection follows the loss freely while the learning rate is high
+        (None: the running average from the first step).  Because the average
+        is updated at every step, it holds the last raw scores when it switches
+        on and needs no warm-up.
       seed: seeds model initialisation and every epoch's data order.
       nonzero_threshold: |w| above which a weight counts as "non-zero by
         magnitude" in progress bars and histories.  GSM only decays unselected
@@ -165,6 +172,7 @@ class ExperimentConfig:
     gsm_unselected_decay_schedule: str = "constant"
     gsm_unselected_decay_drops: int | None = None
     gsm_score_momentum: float | None = None
+    gsm_score_momentum_from_epoch: int | None = None
     seed: int = 0
     nonzero_threshold: float = 1e-4
     keep_checkpoints: int = 3
@@ -215,6 +223,40 @@ class ExperimentConfig:
                     f"gsm_unselected_decay_schedule='inverse_lr', not "
                     f"{self.gsm_unselected_decay_schedule!r}"
                 )
+
+        momentum = self.gsm_score_momentum
+        if momentum is not None and not (
+                isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+                and 0 <= momentum < 1):
+            raise ValueError(
+                f"{self.name}: gsm_score_momentum={momentum!r}; expected a number in [0, 1)"
+            )
+        start = self.gsm_score_momentum_from_epoch
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(
+                    f"{self.name}: gsm_score_momentum_from_epoch={start!r}; expected an integer "
+                    ">= 0 (or None: from the first step)"
+                )
+            if momentum is None:
+                raise ValueError(
+                    f"{self.name}: gsm_score_momentum_from_epoch={start!r} needs gsm_score_momentum"
+                )
+
+    def score_momentum(self, steps_per_epoch: int) -> float | optax.Schedule | None:
+        """``score_momentum`` for ``optax_gsm.gsm``: None, a number or a schedule.
+
+        With ``gsm_score_momentum_from_epoch=e`` it is the step schedule that is
+        0 for the first ``e * steps_per_epoch`` steps and ``gsm_score_momentum``
+        from then on.
+        """
+        m, start = self.gsm_score_momentum, self.gsm_score_momentum_from_epoch
+        if m is None or start is None:
+            return m
+        return optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(float(m))],
+            [int(start * steps_per_epoch)],
+        )
 
     def unselected_decay(self, steps_per_epoch: int) -> float | optax.Schedule | None:
         """``unselected_decay`` for ``optax_gsm.gsm``: None, a number or a schedule.

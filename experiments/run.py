@@ -186,8 +186,10 @@ def phase_config(config: ExperimentConfig, phase: str) -> dict[str, Any]:
     for key in ("name", "description", "log_every", "keep_checkpoints", "paper", "quick"):
         d.pop(key, None)
     if phase == "train":
-        for key in ("gsm", "compression", "nonzero_ratio", "nonzero_threshold", "gsm_selection",
-                    "gsm_unselected_decay", "gsm_unselected_decay_schedule", "gsm_score_momentum"):
+        # Every gsm_* field, so that a new GSM option cannot make a finished base
+        # run look changed.
+        for key in [k for k in d if k == "gsm" or k.startswith("gsm_")] + [
+                "compression", "nonzero_ratio", "nonzero_threshold"]:
             d.pop(key, None)
     return d
 
@@ -368,7 +370,7 @@ class Run:
         tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
                          weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
                          unselected_decay=cfg.unselected_decay(train.steps_per_epoch),
-                         score_momentum=cfg.gsm_score_momentum)
+                         score_momentum=cfg.score_momentum(train.steps_per_epoch))
         trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold,
                           num_nonzero=q, eval_cut=True, name="gsm", mesh=self.mesh)
         if self.args.benchmark_step:

@@ -314,7 +314,7 @@ def selection_run(
     tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
                      weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
                      unselected_decay=cfg.unselected_decay(per_epoch),
-                     score_momentum=cfg.gsm_score_momentum)
+                     score_momentum=cfg.score_momentum(per_epoch))
     trainer = Trainer(model, count_selections(tx), lr_schedule=schedule,
                       nonzero_threshold=cfg.nonzero_threshold, num_nonzero=q, name="selection")
     bar = tqdm(total=total, desc="top-Q selection run", disable=not progress, leave=False,
@@ -349,6 +349,8 @@ def selection_run(
         "unselected_decay": cfg.gsm_unselected_decay,
         "unselected_decay_schedule": cfg.gsm_unselected_decay_schedule,
         "score_momentum": cfg.gsm_score_momentum,
+        "score_momentum_from_epoch": cfg.gsm_score_momentum_from_epoch,
+        "unselected_decay_drops": cfg.gsm_unselected_decay_drops,
         "train_loss_mean": float(np.mean([float(m["loss"]) for m in got])) if got else None,
         "train_acc_mean": (float(sum(float(m["correct"]) for m in got)) / (len(got) * train.batch_size)
                            if got else None),

@@ -205,3 +205,51 @@ def test_base_tx_is_pytorch_sgd_with_kernel_only_decay() -> None:
     np.testing.assert_allclose(updates["b"], -0.1 * 1.0)
     updates, _ = tx.update(grads, state, params)
     np.testing.assert_allclose(updates["w"], -0.1 * (0.9 * 2.0 + 2.0))
+
+
+def test_score_momentum_from_epoch_is_a_step_schedule() -> None:
+    c = get_config("lenet5_300x", overrides=["gsm_score_momentum=0.99", "gsm_score_momentum_from_epoch=40"])
+    m = c.score_momentum(235)
+    for step, want in [(0, 0.0), (40 * 235 - 1, 0.0), (40 * 235, 0.99), (60 * 235, 0.99)]:
+        np.testing.assert_allclose(float(m(step)), want, rtol=1e-7)
+    # Without the epoch it stays the plain number; without momentum, None.
+    assert get_config("lenet5_300x", overrides=["gsm_score_momentum=0.9"]).score_momentum(235) == 0.9
+    assert get_config("lenet5_300x").score_momentum(235) is None
+    for bad in ("-1", "1.5", "true", "2.0"):
+        with pytest.raises(ValueError, match=r"gsm_score_momentum_from_epoch=.*expected an integer >= 0"):
+            get_config("lenet5_300x", overrides=["gsm_score_momentum=0.99", f"gsm_score_momentum_from_epoch={bad}"])
+    with pytest.raises(ValueError, match="gsm_score_momentum_from_epoch=3 needs gsm_score_momentum"):
+        get_config("lenet5_300x", overrides=["gsm_score_momentum_from_epoch=3"])
+    for bad in ("1.0", "-0.1", "nan", "'high'"):
+        with pytest.raises(ValueError, match=r"gsm_score_momentum=.*expected a number in \[0, 1\)"):
+            get_config("lenet5_300x", overrides=[f"gsm_score_momentum={bad}"])
+
+
+def test_score_momentum_from_epoch_ranks_raw_scores_then_the_average() -> None:
+    """Hand-worked: Q = 1 of four weights, lr small enough that w stays ~1.
+
+    Steps 0 and 1 push weight 0 (score 1 against 0.1); step 2 pushes weight 1.
+    Raw scores pick weight 1 at step 2; the average switched on at step 2,
+    0.99 * 1 + 0.01 * 0.1 against 0.99 * 0.1 + 0.01 * 1, keeps weight 0.
+    """
+    import optax_gsm
+
+    c = get_config("lenet5_300x", overrides=["gsm_score_momentum=0.99", "gsm_score_momentum_from_epoch=2"])
+    grads = [np.array([[1.0, 0.1, 0.1, 0.1]])] * 2 + [np.array([[0.1, 1.0, 0.1, 0.1]])]
+
+    def selected(score_momentum):
+        tx = optax_gsm.gsm(1e-3, num_nonzero=1, momentum=0.0, weight_decay=0.0,
+                           score_momentum=score_momentum)
+        params = {"w": jnp.ones((1, 4))}
+        state, picks = tx.init(params), []
+        for g in grads:
+            updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+            params = optax.apply_updates(params, updates)
+            picks.append(np.flatnonzero(np.asarray(updates["w"])).tolist())
+        return picks
+
+    assert selected(None) == [[0], [0], [1]]
+    assert selected(c.score_momentum(1)) == [[0], [0], [0]]
+    # Before the switch the schedule ranks exactly as no momentum at all.
+    assert selected(get_config("lenet5_300x", overrides=[
+        "gsm_score_momentum=0.99", "gsm_score_momentum_from_epoch=3"]).score_momentum(1)) == [[0], [0], [1]]

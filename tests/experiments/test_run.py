@@ -89,3 +89,19 @@ def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
     assert run.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "lenet300_60x" in out and "resnet56_10pct" in out
+
+
+def test_train_phase_config_leaves_out_every_gsm_setting() -> None:
+    """A finished base run must not look changed when only GSM options change."""
+    from experiments.configs import get_config
+
+    plain = get_config("lenet5_300x")
+    tuned = get_config("lenet5_300x", overrides=[
+        "gsm.epochs=7", "compression=125", "gsm_unselected_decay=1e-3",
+        "gsm_unselected_decay_schedule=inverse_lr", "gsm_unselected_decay_drops=1",
+        "gsm_score_momentum=0.99", "gsm_score_momentum_from_epoch=3", "gsm_selection=top_k"])
+    assert run.phase_config(plain, "train") == run.phase_config(tuned, "train")
+    assert not [k for k in run.phase_config(tuned, "train") if k.startswith("gsm")]
+    gsm = run.phase_config(tuned, "gsm")
+    assert gsm["gsm_unselected_decay_drops"] == 1 and gsm["gsm_score_momentum_from_epoch"] == 3
+    assert run.phase_config(plain, "gsm") != gsm
