@@ -210,13 +210,9 @@ class ExperimentConfig:
                 f"{self.name}: gsm_unselected_decay_schedule="
                 f"{self.gsm_unselected_decay_schedule!r} needs gsm_unselected_decay"
             )
-        drops = self.gsm_unselected_decay_drops
+        drops = self._optional_int("gsm_unselected_decay_drops", 1,
+                                   "follow every learning-rate drop")
         if drops is not None:
-            if isinstance(drops, bool) or not isinstance(drops, int) or drops < 1:
-                raise ValueError(
-                    f"{self.name}: gsm_unselected_decay_drops={drops!r}; expected an integer >= 1 "
-                    "(or None: follow every learning-rate drop)"
-                )
             if self.gsm_unselected_decay_schedule != "inverse_lr":
                 raise ValueError(
                     f"{self.name}: gsm_unselected_decay_drops={drops!r} needs "
@@ -231,17 +227,22 @@ class ExperimentConfig:
             raise ValueError(
                 f"{self.name}: gsm_score_momentum={momentum!r}; expected a number in [0, 1)"
             )
-        start = self.gsm_score_momentum_from_epoch
-        if start is not None:
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise ValueError(
-                    f"{self.name}: gsm_score_momentum_from_epoch={start!r}; expected an integer "
-                    ">= 0 (or None: from the first step)"
-                )
-            if momentum is None:
-                raise ValueError(
-                    f"{self.name}: gsm_score_momentum_from_epoch={start!r} needs gsm_score_momentum"
-                )
+        start = self._optional_int("gsm_score_momentum_from_epoch", 0, "from the first step")
+        if start is not None and momentum is None:
+            raise ValueError(
+                f"{self.name}: gsm_score_momentum_from_epoch={start!r} needs gsm_score_momentum"
+            )
+
+    def _optional_int(self, field: str, minimum: int, none_means: str) -> int | None:
+        """The value of ``field``: None or an int >= ``minimum`` (bools rejected)."""
+        value = getattr(self, field)
+        if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(
+                f"{self.name}: {field}={value!r}; expected an integer >= {minimum} "
+                f"(or None: {none_means})"
+            )
+        return value
 
     def score_momentum(self, steps_per_epoch: int) -> float | optax.Schedule | None:
         """``score_momentum`` for ``optax_gsm.gsm``: None, a number or a schedule.
