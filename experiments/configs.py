@@ -43,7 +43,7 @@ import ast
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import optax
@@ -189,15 +189,10 @@ class ExperimentConfig:
             raise ValueError(f"{self.name}: compression must be >= 1")
         if self.nonzero_ratio is not None and not 0 < self.nonzero_ratio <= 1:
             raise ValueError(f"{self.name}: nonzero_ratio must be in (0, 1]")
-        decay = self.gsm_unselected_decay
-        if decay is not None and not (
-                isinstance(decay, (int, float)) and not isinstance(decay, bool)
-                and math.isfinite(decay) and decay >= 0):
-            # Checked here too: as a schedule (inverse_lr) it would reach optax_gsm.gsm unchecked.
-            raise ValueError(
-                f"{self.name}: gsm_unselected_decay={self.gsm_unselected_decay!r}; "
-                "expected a finite number >= 0"
-            )
+        # Checked here too: as schedules (inverse_lr, from_epoch) these two would
+        # reach optax_gsm.gsm unchecked.
+        self._optional_number("gsm_unselected_decay", lambda x: math.isfinite(x) and x >= 0,
+                              "a finite number >= 0")
         if self.gsm_unselected_decay_schedule not in UNSELECTED_DECAY_SCHEDULES:
             raise ValueError(
                 f"{self.name}: gsm_unselected_decay_schedule="
@@ -212,26 +207,29 @@ class ExperimentConfig:
             )
         drops = self._optional_int("gsm_unselected_decay_drops", 1,
                                    "follow every learning-rate drop")
-        if drops is not None:
-            if self.gsm_unselected_decay_schedule != "inverse_lr":
-                raise ValueError(
-                    f"{self.name}: gsm_unselected_decay_drops={drops!r} needs "
-                    f"gsm_unselected_decay_schedule='inverse_lr', not "
-                    f"{self.gsm_unselected_decay_schedule!r}"
-                )
-
-        momentum = self.gsm_score_momentum
-        if momentum is not None and not (
-                isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
-                and 0 <= momentum < 1):
+        if drops is not None and self.gsm_unselected_decay_schedule != "inverse_lr":
             raise ValueError(
-                f"{self.name}: gsm_score_momentum={momentum!r}; expected a number in [0, 1)"
+                f"{self.name}: gsm_unselected_decay_drops={drops!r} needs "
+                f"gsm_unselected_decay_schedule='inverse_lr', not "
+                f"{self.gsm_unselected_decay_schedule!r}"
             )
+
+        momentum = self._optional_number("gsm_score_momentum", lambda x: 0 <= x < 1,
+                                         "a number in [0, 1)")
         start = self._optional_int("gsm_score_momentum_from_epoch", 0, "from the first step")
         if start is not None and momentum is None:
             raise ValueError(
                 f"{self.name}: gsm_score_momentum_from_epoch={start!r} needs gsm_score_momentum"
             )
+
+    def _optional_number(self, field: str, valid: Callable[[float], bool],
+                         expected: str) -> float | None:
+        """The value of ``field``: None or a number (not a bool) for which ``valid`` holds."""
+        value = getattr(self, field)
+        if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and valid(value)):
+            raise ValueError(f"{self.name}: {field}={value!r}; expected {expected}")
+        return value
 
     def _optional_int(self, field: str, minimum: int, none_means: str) -> int | None:
         """The value of ``field``: None or an int >= ``minimum`` (bools rejected)."""
