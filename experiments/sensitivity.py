@@ -262,8 +262,9 @@ def count_selections(tx: Any, *, where: Any = None) -> Any:
         grad_leaves = treedef.flatten_up_to(updates)
         flags = eligibility.resolve_where(where, params)
         eligible = [i for i, f in enumerate(flags) if f]
-        if top_q.score_ema:
-            scores = list(top_q.score_ema)
+        if jax.tree.leaves(top_q.score_ema):
+            ema_leaves = treedef.flatten_up_to(top_q.score_ema)
+            scores = [ema_leaves[i] for i in eligible]
         else:
             # optax_gsm's "taylor" metric, widened to float32 as it does.
             scores = [jnp.abs(grad_leaves[i].astype(jnp.float32) * param_leaves[i].astype(jnp.float32))

@@ -30,6 +30,7 @@ from optax_gsm.sparse_io import load_sparse
 from optax_gsm.sparse_io import save_sparse
 from optax_gsm.sparse_io import sparse_file_report
 from optax_gsm.selection import top_q_keys
+from optax_gsm.transform import DEFAULT_UNSELECTED_SHRINK
 from optax_gsm.transform import GlobalTopQState
 from optax_gsm.transform import global_top_q
 from optax_gsm.transform import gsm
@@ -37,6 +38,7 @@ from optax_gsm.transform import gsm
 __version__ = "0.1.0"
 
 __all__ = (
+    "DEFAULT_UNSELECTED_SHRINK",
     "GlobalTopQState",
     "LeafSparsity",
     "SensitivityResult",

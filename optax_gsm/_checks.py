@@ -63,6 +63,10 @@ def check_target(num_nonzero: Any, compression: Any, *,
         "Give exactly one of `num_nonzero` (Q, the number of weights kept) and "
         f"`compression` (C, with Q = round(N_eligible / C)); got "
         f"num_nonzero={num_nonzero!r}, compression={compression!r}.")
+  for name, value in (("num_nonzero", num_nonzero),
+                      ("compression", compression)):
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"`{name}` must be a number, got the bool {value!r}.")
   if num_nonzero is not None and not callable(num_nonzero):
     q = concrete(num_nonzero)
     if q is None and not isinstance(num_nonzero, jax.core.Tracer):
@@ -143,8 +147,8 @@ def static_q(num_nonzero: Any, compression: Any, n_eligible: int) -> int:
 
 
 def check_range(name: str, value: Any, lo: float, hi: float,
-                *, allow_schedule: bool = False) -> None:
-  """Checks ``lo <= value <= hi`` for a concrete scalar hyperparameter."""
+                *, allow_schedule: bool = False, open_hi: bool = False) -> None:
+  """Checks ``lo <= value <= hi`` (``< hi`` with ``open_hi``) for a scalar."""
   if value is None:
     return
   if callable(value):
@@ -156,8 +160,12 @@ def check_range(name: str, value: Any, lo: float, hi: float,
     if isinstance(value, jax.core.Tracer):
       return
     raise TypeError(f"`{name}` must be a scalar number, got {value!r}.")
-  if not (lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
-    raise ValueError(f"`{name}` must be in [{lo}, {hi}], got {v!r}.")
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a number, got the bool {value!r}.")
+  in_range = lo <= v < hi if open_hi else lo <= v <= hi
+  if not in_range or (isinstance(v, float) and math.isnan(v)):
+    closing = ")" if open_hi else "]"
+    raise ValueError(f"`{name}` must be in [{lo}, {hi}{closing}, got {v!r}.")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -23,6 +24,10 @@ Costs = Union[PyTree, Callable[[PyTree], PyTree]]
 
 METRICS = ("taylor", "magnitude")
 
+# The default per-step shrink of the unselected weights in :func:`gsm`; see
+# its docstring for the measurements behind the value.
+DEFAULT_UNSELECTED_SHRINK = None
+
 
 class GlobalTopQState(NamedTuple):
   """State of :func:`global_top_q`.
@@ -39,7 +44,8 @@ class GlobalTopQState(NamedTuple):
       while the budget lasted); the largest ratio when nothing fit. With
       unit costs it equals the count target's threshold.
     score_ema: when ``score_momentum`` is set, the running average of the
-      scores of each eligible leaf (float32, leaf order); else ``()``.
+      scores, a float32 pytree shaped like params (the leaves that are not
+      eligible stay 0); else ``()``.
     threshold_drift: running mean of the step-to-step change of
       ``threshold``, counted in float32 values (ulps) between the two (float32).
       Stays 0 with a ``budget``.
@@ -51,7 +57,7 @@ class GlobalTopQState(NamedTuple):
   count: jax.Array
   num_nonzero: jax.Array
   threshold: jax.Array
-  score_ema: tuple
+  score_ema: Any
   threshold_drift: jax.Array
   threshold_spread: jax.Array
 
@@ -80,19 +86,40 @@ def _num_eligible(leaves, flags) -> int:
   return sum(int(leaf.size) for leaf, f in zip(leaves, flags) if f)
 
 
-def _target_q(num_nonzero, compression, count, n_eligible: int):
-  """Q for this step, as a Python int when it is static, else an int32."""
+def _target_q(num_nonzero, compression, count, n_eligible: int, last_q):
+  """Q for this step, as a Python int when it is static, else an int32.
+
+  A concrete target out of range (Q < 1, C < 1, NaN) raises, naming the
+  step. Under ``jit`` nothing can raise: a traced target that is not finite
+  or below 1 keeps ``last_q``, the previous step's Q, and Q is clipped to
+  ``[1, N_eligible]``.
+  """
   if num_nonzero is not None:
     q = _checks.resolve_schedule(num_nonzero, count)
     qc = _checks.concrete(q)
     if qc is not None:
+      if not math.isfinite(qc) or qc < 1:
+        raise ValueError(
+            f"num_nonzero={num_nonzero!r} gives Q={qc!r} at step "
+            f"{_checks.concrete(count)}; Q must be a number >= 1 of weights "
+            "to keep.")
       return int(round(qc))
-    return jnp.round(jnp.asarray(q)).astype(jnp.int32)
+    q = jnp.asarray(q, jnp.float32)
+    ok = jnp.isfinite(q) & (q >= 1)
+    q = jnp.round(jnp.where(ok, q, 1.0)).astype(jnp.int32)
+    return jnp.clip(jnp.where(ok, q, last_q), 1, max(n_eligible, 1))
   c = _checks.resolve_schedule(compression, count)
   cc = _checks.concrete(c)
   if cc is not None:
+    if not math.isfinite(cc) or cc < 1:
+      raise ValueError(
+          f"compression={compression!r} gives C={cc!r} at step "
+          f"{_checks.concrete(count)}; C must be a finite ratio >= 1.")
     return int(round(n_eligible / cc))
-  return jnp.round(n_eligible / jnp.asarray(c, jnp.float32)).astype(jnp.int32)
+  c = jnp.asarray(c, jnp.float32)
+  ok = jnp.isfinite(c) & (c >= 1)
+  q = jnp.round(n_eligible / jnp.where(ok, c, 1.0)).astype(jnp.int32)
+  return jnp.clip(jnp.where(ok, q, last_q), 1, max(n_eligible, 1))
 
 
 def _resolve_costs(costs: Costs, params: PyTree) -> PyTree:
@@ -237,6 +264,27 @@ def global_top_q(
     >>> int(state.num_nonzero), float(state.threshold)  # 2 kept; ratio >= 2
     (2, 2.0)
   """
+  init_fn, select_fn = _top_q_parts(
+      num_nonzero, compression=compression, where=where, metric=metric,
+      selection=selection, unselected_decay=unselected_decay,
+      score_momentum=score_momentum, budget=budget, costs=costs)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    out, new_state, _ = select_fn(updates, state, params)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
+                 unselected_decay, score_momentum, budget, costs):
+  """``(init_fn, select_fn)`` of :func:`global_top_q`, after its checks.
+
+  ``select_fn(updates, state, params)`` returns ``(updates, state, masks)``:
+  ``masks`` holds one bool array per eligible leaf (leaf order), the ``B``
+  of this step, for :func:`gsm`'s shrink of the unselected weights.
+  """
   _checks.check_target(num_nonzero, compression, budget=budget, costs=costs,
                        accepts_budget=True)
   if budget is not None and selection != "auto":
@@ -247,44 +295,52 @@ def global_top_q(
   _checks.check_choice("metric", metric, METRICS, allow_callable=True)
   _checks.check_choice("selection", selection, selection_lib.SELECTIONS)
   _checks.check_range("unselected_decay", unselected_decay, 0.0, float("inf"),
-                      allow_schedule=True)
+                      allow_schedule=True, open_hi=True)
   _checks.check_range("score_momentum", score_momentum, 0.0, 1.0,
-                      allow_schedule=True)
+                      allow_schedule=True, open_hi=True)
   score = _score_fn(metric)
   method = resolve_selection(selection)
 
   def init_fn(params):
-    leaves = jax.tree.leaves(params)
-    flags = eligibility.resolve_where(where, params)
-    n = _num_eligible(leaves, flags)
-    if budget is not None:
-      _checks.check_budget(_checks.resolve_schedule(budget, 0),
-                           name="`budget` (at step 0)")
-      budget_lib.eligible_costs(_resolve_costs(costs, params), params, flags)
-    elif num_nonzero is not None:
-      q0 = _checks.resolve_schedule(num_nonzero, 0)
-      _checks.check_q_against(q0, n, source=f"num_nonzero={num_nonzero!r}")
-    else:
-      c0 = _checks.concrete(_checks.resolve_schedule(compression, 0))
-      if c0 is not None:
-        _checks.check_q_against(
-            round(n / c0), n,
-            source=f"compression={c0!r} over {n} eligible weights")
     if score_momentum is None:
       ema = ()
     else:
-      ema = tuple(jnp.zeros(leaf.shape, jnp.float32)
-                  for leaf, f in zip(leaves, flags) if f)
-    return GlobalTopQState(
+      # Shaped like params (every leaf, so that
+      # optax.tree_utils.tree_map_params maps it like a momentum buffer);
+      # only the eligible leaves are ever updated.
+      ema = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
+                         params)
+    state = GlobalTopQState(
         count=jnp.zeros([], jnp.int32),
         num_nonzero=jnp.zeros([], jnp.int32),
         threshold=jnp.zeros([], jnp.float32),
         score_ema=ema,
         threshold_drift=jnp.zeros([], jnp.float32),
         threshold_spread=jnp.zeros([], jnp.float32))
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+      # optax.tree_utils.tree_map_params calls init on a placeholder with
+      # no leaves to find where the params-shaped trees are; there is
+      # nothing to check, and update() still refuses empty params.
+      return state
+    flags = eligibility.resolve_where(where, params)
+    n = _num_eligible(leaves, flags)
+    if budget is not None:
+      _checks.check_budget(_checks.resolve_schedule(budget, 0),
+                           name="`budget` (at step 0)")
+      budget_lib.eligible_costs(_resolve_costs(costs, params), params, flags)
+    else:
+      q0 = _target_q(num_nonzero, compression, 0, n, 0)
+      if num_nonzero is not None:
+        source = f"num_nonzero={num_nonzero!r}"
+      else:
+        c0 = _checks.concrete(_checks.resolve_schedule(compression, 0))
+        source = f"compression={c0!r} over {n} eligible weights"
+      _checks.check_q_against(q0, n, source=source)
+    return state
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def select_fn(updates, state, params):
+    """The update, the new state and the masks (one per eligible leaf)."""
     if params is None:
       raise ValueError(
           "global_top_q scores weights by their values, so update() needs "
@@ -298,7 +354,8 @@ def global_top_q(
     flags = eligibility.resolve_where(where, params)
     n = _num_eligible(param_leaves, flags)
     if budget is None:
-      q = _target_q(num_nonzero, compression, state.count, n)
+      q = _target_q(num_nonzero, compression, state.count, n,
+                    state.num_nonzero)
 
     eligible = [i for i, f in enumerate(flags) if f]
     scores = []
@@ -314,9 +371,14 @@ def global_top_q(
     if score_momentum is not None:
       m = jnp.asarray(
           _checks.resolve_schedule(score_momentum, state.count), jnp.float32)
-      new_ema = tuple(m * e + (1 - m) * s
-                      for e, s in zip(state.score_ema, scores))
-      scores = list(new_ema)
+      ema_leaves = treedef.flatten_up_to(state.score_ema)
+      for j, i in enumerate(eligible):
+        e, s = ema_leaves[i], scores[j]
+        # A non-finite score (one bad step) would stay in the average for
+        # good: that entry keeps its average instead.
+        ema_leaves[i] = jnp.where(jnp.isfinite(s), m * e + (1 - m) * s, e)
+        scores[j] = ema_leaves[i]
+      new_ema = jax.tree.unflatten(treedef, ema_leaves)
 
     if budget is not None:
       cost_leaves = budget_lib.eligible_costs(
@@ -336,7 +398,7 @@ def global_top_q(
           score_ema=new_ema,
           threshold_drift=state.threshold_drift,
           threshold_spread=state.threshold_spread)
-      return jax.tree.unflatten(treedef, out), new_state
+      return jax.tree.unflatten(treedef, out), new_state, masks
 
     keys = [selection_lib.scores_to_keys(s) for s in scores]
     last_key = selection_lib.scores_to_keys(state.threshold)
@@ -354,7 +416,7 @@ def global_top_q(
           return selection_lib.scores_to_keys(
               jnp.asarray(score(ops[0][j], ops[1][j]), jnp.float32))
       else:
-        operands = list(new_ema)
+        operands = list(scores)
         def key_fn(ops, j):
           return selection_lib.scores_to_keys(ops[j])
       warm = fast_select.warm_start(
@@ -379,9 +441,9 @@ def global_top_q(
         score_ema=new_ema,
         threshold_drift=drift,
         threshold_spread=spread)
-    return jax.tree.unflatten(treedef, out), new_state
+    return jax.tree.unflatten(treedef, out), new_state, masks
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init_fn, select_fn
 
 
 def gsm(
@@ -399,6 +461,7 @@ def gsm(
     score_momentum: Optional[ScalarOrSchedule] = None,
     budget: Optional[ScalarOrSchedule] = None,
     costs: Optional[Costs] = None,
+    unselected_shrink: Optional[ScalarOrSchedule] = DEFAULT_UNSELECTED_SHRINK,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
 
@@ -455,6 +518,13 @@ def gsm(
       :func:`global_top_q`.
     costs: with ``budget``, the per-entry integer costs (a pytree like
       params or a callable ``params -> pytree``); see :func:`global_top_q`.
+    unselected_shrink: :math:`\rho` in [0, 1) (a number or a schedule), a
+      shrink of the unselected eligible weights that is decoupled from the
+      learning rate and the momentum: after the step above,
+      :math:`W \leftarrow W - \rho (1 - B) \odot W`, so an unselected
+      weight loses the fraction :math:`\rho` of its value at every step,
+      whatever the learning-rate schedule does. ``None`` is the paper's
+      rule (no shrink).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -499,15 +569,51 @@ def gsm(
   if not callable(learning_rate):
     _checks.check_range("learning_rate", learning_rate, 0.0, float("inf"))
 
+  _checks.check_range("unselected_shrink", unselected_shrink, 0.0, 1.0,
+                      allow_schedule=True, open_hi=True)
+
   def decay_mask(params):
     return eligibility.where_tree(where, params)
 
-  return optax.chain(
-      global_top_q(num_nonzero, compression=compression, where=where,
-                   metric=metric, selection=selection,
-                   unselected_decay=unselected_decay,
-                   score_momentum=score_momentum, budget=budget, costs=costs),
-      optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  rest = optax.chain(*_rest_parts(weight_decay, decay_mask, momentum,
+                                 nesterov, learning_rate))
+  top_q_args = dict(compression=compression, where=where, metric=metric,
+                    selection=selection, unselected_decay=unselected_decay,
+                    score_momentum=score_momentum, budget=budget, costs=costs)
+  if unselected_shrink is None:
+    # The paper's rule: exactly the chain the docstring names.
+    return optax.chain(global_top_q(num_nonzero, **top_q_args), *_rest_parts(
+        weight_decay, decay_mask, momentum, nesterov, learning_rate))
+
+  top_q_init, top_q_select = _top_q_parts(num_nonzero, **top_q_args)
+
+  def init_fn(params):
+    # The same flat tuple of states as the paper rule's optax.chain, so
+    # checkpoints and code reading ``state[0]`` work with either rule.
+    return (top_q_init(params),) + tuple(rest.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    masked, top_q_state, masks = top_q_select(updates, state[0], params)
+    out, rest_state = rest.update(masked, tuple(state[1:]), params)
+    rho = _checks.resolve_schedule(unselected_shrink, state[0].count)
+    param_leaves, treedef = jax.tree.flatten(params)
+    out_leaves = treedef.flatten_up_to(out)
+    flags = eligibility.resolve_where(where, params)
+    for i, mask in zip([i for i, f in enumerate(flags) if f], masks):
+      w = param_leaves[i]
+      # Decoupled from the learning rate and the momentum: an unselected
+      # weight loses the fraction rho of its value at every step.
+      shrink = jnp.where(mask, jnp.zeros([], w.dtype), rho * w)
+      out_leaves[i] = out_leaves[i] - shrink.astype(out_leaves[i].dtype)
+    return jax.tree.unflatten(treedef, out_leaves), (top_q_state,) + tuple(
+        rest_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _rest_parts(weight_decay, decay_mask, momentum, nesterov, learning_rate):
+  """The transformations after the selection: decay, momentum, step size."""
+  return (optax.add_decayed_weights(weight_decay, mask=decay_mask),
+          optax.trace(decay=momentum, nesterov=nesterov),
+          optax.scale_by_learning_rate(learning_rate))

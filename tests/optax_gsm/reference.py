@@ -29,8 +29,12 @@ def ranked_selection(scores_list, q):
 
 
 def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
-              unselected_decay=0.0):
-  """Runs Z <- beta Z + eta W + B g (+ eta_u (1-B) W); W <- W - lr Z in numpy.
+              unselected_decay=0.0, unselected_shrink=0.0):
+  """Runs GSM's update in numpy, in float64.
+
+  ``Z <- beta Z + eta W + B g (+ eta_u (1-B) W)``, then
+  ``W <- W - lr Z - rho (1-B) W`` with ``rho = unselected_shrink`` (0 for
+  the paper's rule), the shrink using W from before the step.
 
   ``params`` is a list of float64 arrays, ``eligible`` a list of bools and
   ``grads_seq`` a list (over steps) of lists of gradient arrays.
@@ -47,12 +51,14 @@ def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
     mask_of = dict(zip(elig_idx, masks))
     for i, g in enumerate(grads):
       g = np.asarray(g, np.float64)
+      shrink = 0.0
       if eligible[i]:
         b = mask_of[i]
         u = np.where(b, g, 0.0) + weight_decay * w[i]
         u = u + unselected_decay * np.where(b, 0.0, w[i])
+        shrink = unselected_shrink * np.where(b, 0.0, w[i])
       else:
         u = g
       z[i] = momentum * z[i] + u
-      w[i] = w[i] - lr * z[i]
+      w[i] = w[i] - lr * z[i] - shrink
   return w, masks_seq

@@ -90,11 +90,15 @@ def test_where_tree_and_callable():
     assert int(jnp.sum(updates["dense"][0] != 0)) == 5
 
 
-def test_gsm_multi_step_matches_numpy_update_rule():
+@pytest.mark.parametrize("shrink", [None, optax_gsm.DEFAULT_UNSELECTED_SHRINK,
+                                    0.3])
+def test_gsm_multi_step_matches_numpy_update_rule(shrink):
+  """The default rule, the paper's (shrink None) and a strong shrink."""
   params = make_problem()
   grads_seq = [grads_like(params, s) for s in range(5)]
   lr, q, beta, eta = 0.05, 30, 0.9, 1e-2
-  tx = optax_gsm.gsm(lr, num_nonzero=q, momentum=beta, weight_decay=eta)
+  tx = optax_gsm.gsm(lr, num_nonzero=q, momentum=beta, weight_decay=eta,
+                     unselected_shrink=shrink)
   state = tx.init(params)
   p = params
   step = jax.jit(tx.update)
@@ -108,7 +112,8 @@ def test_gsm_multi_step_matches_numpy_update_rule():
   want, _ = reference.gsm_steps(
       [np.asarray(x) for x in jax.tree.leaves(params)],
       [[np.asarray(x) for x in jax.tree.leaves(g)] for g in grads_seq],
-      lr=lr, q=q, momentum=beta, weight_decay=eta, eligible=flags)
+      lr=lr, q=q, momentum=beta, weight_decay=eta, eligible=flags,
+      unselected_shrink=shrink or 0.0)
   # Only eligible leaves get decay; others are plain momentum SGD.
   for got, w in zip(jax.tree.leaves(p), want):
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
@@ -118,7 +123,7 @@ def test_unselected_decay_matches_reference():
   params = make_problem()
   grads_seq = [grads_like(params, s) for s in range(3)]
   tx = optax_gsm.gsm(0.1, num_nonzero=20, momentum=0.5, weight_decay=1e-3,
-                     unselected_decay=0.05)
+                     unselected_decay=0.05, unselected_shrink=None)
   state, p = tx.init(params), params
   for g in grads_seq:
     updates, state = tx.update(g, state, p)
@@ -143,7 +148,7 @@ def test_score_momentum_ranks_by_running_average():
   np.testing.assert_array_equal(u["w"], [[4.0, 0.0, 0.0]])
   u, state = tx.update({"w": jnp.array([[0.0, 2.0, 5.0]])}, state, w)
   np.testing.assert_array_equal(u["w"], [[0.0, 0.0, 5.0]])
-  np.testing.assert_allclose(state.score_ema[0], [[1.0, 1.75, 2.5]])
+  np.testing.assert_allclose(state.score_ema["w"], [[1.0, 1.75, 2.5]])
   # With m = 0.9 the averages after scores [4, 3, 0] then [0, 2, 3] are
   # [0.36, 0.47, 0.3]: entry 1 wins, where the raw step-2 scores pick entry 2.
   tx = optax_gsm.global_top_q(1, score_momentum=0.9)
@@ -275,3 +280,43 @@ def test_state_is_namedtuple_of_arrays_and_jittable_init():
 
 def test_auto_never_picks_top_k():
   assert transform.resolve_selection("auto") != "top_k"
+
+
+def test_non_finite_score_never_enters_the_score_average():
+  w = {"w": jnp.array([[1.0, 1.0, 1.0]])}
+  tx = optax_gsm.global_top_q(1, score_momentum=0.5)
+  state = tx.init(w)
+  # Step 1 scores [4, 2, 0]: averages [2, 1, 0]. Step 2 has a NaN and an
+  # inf: those entries keep 2 and 1, entry 2 averages to 3 and wins.
+  _, state = tx.update({"w": jnp.array([[4.0, 2.0, 0.0]])}, state, w)
+  u, state = tx.update({"w": jnp.array([[jnp.nan, jnp.inf, 6.0]])}, state, w)
+  np.testing.assert_array_equal(state.score_ema["w"], [[2.0, 1.0, 3.0]])
+  np.testing.assert_array_equal(u["w"], [[0.0, 0.0, 6.0]])
+  # Finite again: [0, 4, 0] gives [1, 2.5, 1.5]; the average recovered.
+  u, state = tx.update({"w": jnp.array([[0.0, 4.0, 0.0]])}, state, w)
+  np.testing.assert_array_equal(state.score_ema["w"], [[1.0, 2.5, 1.5]])
+  np.testing.assert_array_equal(u["w"], [[0.0, 4.0, 0.0]])
+
+
+@pytest.mark.parametrize("score_momentum", [None, 0.9])
+@pytest.mark.parametrize("shrink", [None, optax_gsm.DEFAULT_UNSELECTED_SHRINK])
+def test_tree_map_params_maps_the_params_shaped_state(score_momentum, shrink):
+  params = make_problem()
+  tx = optax_gsm.gsm(0.1, compression=4, score_momentum=score_momentum,
+                     unselected_shrink=shrink)
+  state = tx.init(params)
+  mapped = optax.tree_utils.tree_map_params(
+      tx, lambda p: jnp.full(p.shape, 7.0), state,
+      transform_non_params=lambda v: v)
+  # The momentum buffer and (with score momentum) the score average.
+  trace_state = mapped[2]
+  for leaf in jax.tree.leaves(trace_state.trace):
+    np.testing.assert_array_equal(leaf, 7.0)
+  ema = mapped[0].score_ema
+  if score_momentum is None:
+    assert ema == ()
+  else:
+    assert jax.tree.structure(ema) == jax.tree.structure(params)
+    for leaf in jax.tree.leaves(ema):
+      np.testing.assert_array_equal(leaf, 7.0)
+  assert int(mapped[0].count) == 0
