@@ -14,7 +14,16 @@ GSM selection state) and ``meta`` (JSON: epochs done, per-epoch history, config,
 accumulated wall time, and the data RNG state).  orbax writes into a temporary
 directory and renames it when complete, so a process killed at any moment leaves
 either the previous or the new checkpoint, never a torn one; only the last few are
-kept.  The data order of epoch ``e`` is a pure function of ``(seed, e)``
+kept.  A fourth item, ``integrity`` (JSON), holds the sha256 of the ``model``
+and ``optimizer`` arrays (computed from the host numpy copies of exactly what
+is saved) and of ``meta``, with the epoch and step: every restore recomputes
+and compares them, and checks that the epoch stored in ``meta`` is the
+checkpoint's step.  A corrupt or unverifiable latest checkpoint (flipped bytes,
+a missing item, truncated metadata, a hand-edited epoch) is reported in one
+line and the run falls back to the newest intact one (the newer, corrupt steps
+are moved aside into ``<ckpt_dir>.corrupt/``, not deleted); with none intact
+it stops with :class:`CheckpointCorruptError`.  It never trains on a
+checkpoint that does not verify.  The data order of epoch ``e`` is a pure function of ``(seed, e)``
 (:mod:`experiments.data`), so resuming from the checkpoint of epoch ``e`` replays
 exactly the batches an uninterrupted run would have used and, with a
 deterministic backend (XLA:CPU), the final parameters are bitwise identical.
@@ -35,7 +44,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import math
+import shutil
 import os
 import sys
 import time
@@ -53,6 +65,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_gsm
 from experiments.data import Pipeline, epoch_rng
+from experiments.fileio import UsageError
 from optax_gsm import sharding as gsm_sharding
 
 # Exit status of a process stopped by ``stop_after_epoch`` (see :meth:`Trainer.fit`).
@@ -61,6 +74,18 @@ STOP_EXIT_CODE = 75
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint on disk was written by a different configuration."""
+
+
+class CheckpointCorruptError(UsageError):
+    """No checkpoint that verifies (or the requested one does not verify)."""
+
+
+class _StepUnusable(Exception):
+    """One checkpoint step failed verification; ``str()`` says what failed."""
+
+
+# ``meta["integrity"]`` of checkpoints with an ``integrity`` item.
+INTEGRITY_FORMAT = "sha256-v1"
 
 
 # ------------------------------------------------------------------ meshes
@@ -547,18 +572,26 @@ class Trainer:
                     f"{ckpt_dir} already holds checkpoints (epoch {latest}); pass --resume "
                     f"to continue that run, or choose another --out / delete the folder"
                 )
-            meta = self._restore(manager, latest)
-            _check_same_config(meta.get("config", {}), config, ckpt_dir)
-            if meta.get("rng", {}).get("data_seed") != seed:
-                raise CheckpointMismatchError(
-                    f"{ckpt_dir} was written with data seed {meta.get('rng', {}).get('data_seed')}, "
-                    f"not {seed}"
-                )
+
+            def check_meta(meta: dict[str, Any]) -> None:
+                _check_same_config(meta.get("config", {}), config, ckpt_dir)
+                if meta.get("rng", {}).get("data_seed") != seed:
+                    raise CheckpointMismatchError(
+                        f"{ckpt_dir} was written with data seed {meta.get('rng', {}).get('data_seed')}, "
+                        f"not {seed}"
+                    )
+
+            try:
+                restored_step, meta = self._restore(manager, ckpt_dir, check_meta)
+            except BaseException:
+                manager.close()
+                raise
             history = list(meta["history"])
             start_epoch = int(meta["epoch"])
             wall_before = float(meta.get("wall_seconds", 0.0))
             resumed_from = start_epoch
-            print(f"[{self.name}] resumed from {ckpt_dir / str(latest)} (epoch {start_epoch})", flush=True)
+            print(f"[{self.name}] resumed from {ckpt_dir / str(restored_step)} (epoch {start_epoch})",
+                  flush=True)
 
         show = progress if progress is not None else sys.stderr.isatty()
         if self.mesh is not None:
@@ -673,27 +706,76 @@ class Trainer:
         )
 
     def _save(self, manager: ocp.CheckpointManager, step: int, meta: dict[str, Any]) -> None:
+        meta = {**meta, "integrity": INTEGRITY_FORMAT}
+        integrity = {
+            "format": INTEGRITY_FORMAT,
+            "epoch": int(step),
+            "step": int(meta["step"]),
+            "sha256": {"model": tree_sha256(self.model_state), "optimizer": tree_sha256(self.opt_state),
+                       "meta": meta_sha256(meta)},
+        }
         manager.save(
             step,
             args=ocp.args.Composite(
                 model=ocp.args.StandardSave(self.model_state),
                 optimizer=ocp.args.StandardSave(self.opt_state),
                 meta=ocp.args.JsonSave(meta),
+                integrity=ocp.args.JsonSave(integrity),
             ),
         )
         manager.wait_until_finished()
 
-    def _restore(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(self.model_state)),
-                optimizer=ocp.args.StandardRestore(_abstract(self.opt_state)),
-                meta=ocp.args.JsonRestore(),
-            ),
+    def _restore(
+        self,
+        manager: ocp.CheckpointManager,
+        ckpt_dir: Path,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Restores the newest checkpoint that verifies; moves newer, corrupt ones aside.
+
+        Args:
+          manager: the phase's checkpoint manager.
+          ckpt_dir: its directory.
+          check_meta: called with each candidate's verified meta before its
+            arrays are read (configuration checks; its errors propagate).
+
+        Returns:
+          ``(step, meta)`` of the restored checkpoint.
+
+        Raises:
+          CheckpointCorruptError: no checkpoint verifies.
+        """
+        failures: list[str] = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = _verified_meta(manager, ckpt_dir, step, self.name)
+                if check_meta is not None:
+                    check_meta(meta)
+                restored = _verified_arrays(
+                    manager, ckpt_dir, step, meta,
+                    {"model": _abstract(self.model_state), "optimizer": _abstract(self.opt_state)},
+                )
+                if "step" in meta and int(
+                        np.asarray(nnx.merge(self._opt_def, restored["optimizer"]).step[...])) != int(meta["step"]):
+                    raise _StepUnusable(f"its optimizer step count differs from the step {meta['step']} "
+                                        f"recorded in its meta")
+            except _StepUnusable as e:
+                failures.append(f"step {step}: {e}")
+                print(f"[{self.name}] warning: checkpoint {ckpt_dir / str(step)} is unusable: {e}", flush=True)
+                continue
+            self.load_state(restored["model"], restored["optimizer"])
+            newer = [s for s in manager.all_steps() if s > step]
+            if newer:
+                for s in sorted(newer):
+                    where = _move_aside(ckpt_dir, s)
+                    print(f"[{self.name}] moved the unusable checkpoint {ckpt_dir / str(s)} to {where}; "
+                          f"continuing from step {step}", flush=True)
+                manager.reload()
+            return step, meta
+        raise CheckpointCorruptError(
+            f"no intact checkpoint in {ckpt_dir}: " + "; ".join(failures)
+            + ". Nothing was changed; move the folder away to start this phase over"
         )
-        self.load_state(restored["model"], restored["optimizer"])
-        return dict(restored["meta"])
 
 
 def prefetch_to_device(
@@ -767,48 +849,198 @@ def _abort(message: str) -> None:
     os._exit(STOP_EXIT_CODE)
 
 
+def tree_sha256(tree: Any) -> str:
+    """sha256 of a pytree's arrays: dtype, shape and bytes of every leaf, in leaf order.
+
+    Computed from host numpy copies (``jax.device_get``), so a sharded global
+    array and its restored copy on another mesh hash alike.
+    """
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def meta_sha256(meta: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's meta dict as JSON (keys sorted; tuples as lists)."""
+    canonical = json.loads(json.dumps(meta))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _verified_meta(manager: ocp.CheckpointManager, ckpt_dir: Path, step: int, name: str) -> dict[str, Any]:
+    """The ``meta`` of checkpoint ``step`` after its JSON checks.
+
+    Checks that ``meta`` (and ``integrity``) can be read, that the epoch stored
+    in ``meta`` (and in ``integrity``) is ``step``, and that ``meta`` matches its
+    sha256.  A checkpoint written before checksums existed (no ``integrity``
+    item and no ``meta["integrity"]``) passes with a note.
+
+    Raises:
+      _StepUnusable: what failed.
+    """
+    step_dir = ckpt_dir / str(step)
+    has_integrity = (step_dir / "integrity").exists()
+    items = {"meta": ocp.args.JsonRestore()}
+    if has_integrity:
+        items["integrity"] = ocp.args.JsonRestore()
+    try:
+        got = manager.restore(step, args=ocp.args.Composite(**items))
+        meta = dict(got["meta"])
+    except Exception as e:  # orbax raises many types for a missing or torn item
+        raise _StepUnusable(f"its meta data cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    if meta.get("epoch") != step:
+        raise _StepUnusable(f"its meta records epoch {meta.get('epoch')!r}, not its step {step}")
+    if not has_integrity:
+        if meta.get("integrity"):
+            raise _StepUnusable("its 'integrity' item (the checksums) is missing")
+        print(f"[{name}] note: checkpoint {step_dir} predates checksums; its arrays are not verified",
+              flush=True)
+        return meta
+    integrity = got["integrity"]
+    try:
+        if integrity["format"] != INTEGRITY_FORMAT:
+            raise _StepUnusable(f"its checksums have the unknown format {integrity['format']!r}")
+        if integrity["epoch"] != step or integrity["step"] != meta.get("step"):
+            raise _StepUnusable(
+                f"its checksums are of epoch {integrity['epoch']} / step {integrity['step']}, but it is "
+                f"step {step} and its meta records step {meta.get('step')!r}"
+            )
+        want = integrity["sha256"]["meta"]
+    except (KeyError, TypeError) as e:
+        raise _StepUnusable(f"its 'integrity' item is malformed ({type(e).__name__}: {e})") from None
+    got_sha = meta_sha256(meta)
+    if got_sha != want:
+        raise _StepUnusable(f"its meta does not match its sha256 (stored {want[:12]}, read {got_sha[:12]})")
+    return meta
+
+
+def _verified_arrays(
+    manager: ocp.CheckpointManager, ckpt_dir: Path, step: int, meta: Mapping[str, Any],
+    targets: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Restores the array items ``targets`` (name -> abstract tree) of ``step`` and verifies them.
+
+    Raises:
+      _StepUnusable: an item cannot be read or does not match its sha256.
+    """
+    step_dir = ckpt_dir / str(step)
+    for item in targets:
+        if not (step_dir / item).is_dir():
+            raise _StepUnusable(f"its {item!r} item is missing")
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(t) for item, t in targets.items()}))
+    except Exception as e:  # corrupt data, metadata or a missing file inside an item
+        raise _StepUnusable(
+            f"its {'/'.join(targets)} data cannot be read ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    if meta.get("integrity"):
+        integrity = manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+        for item in targets:
+            want = integrity.get("sha256", {}).get(item)
+            got = tree_sha256(restored[item])
+            if want != got:
+                raise _StepUnusable(
+                    f"its {item!r} arrays do not match their sha256 (stored {str(want)[:12]}, read {got[:12]})"
+                )
+    return dict(restored)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _move_aside(ckpt_dir: Path, step: int) -> Path:
+    """Moves checkpoint ``step`` out of ``ckpt_dir`` into ``<ckpt_dir>.corrupt/`` (never deletes)."""
+    graveyard = ckpt_dir.parent / f"{ckpt_dir.name}.corrupt"
+    graveyard.mkdir(parents=True, exist_ok=True)
+    target, n = graveyard / str(step), 1
+    while target.exists():
+        n += 1
+        target = graveyard / f"{step}-{n}"
+    shutil.move(str(ckpt_dir / str(step)), str(target))
+    return target
+
+
 def restore_model_state(
     ckpt_dir: str | os.PathLike[str], model: nnx.Module, *, step: int | None = None
 ) -> dict[str, Any]:
-    """Loads the ``model`` item of a phase checkpoint into ``model``.
+    """Loads the ``model`` item of a phase checkpoint into ``model``, verified.
+
+    The model arrays and the meta are checked against the checkpoint's
+    checksums (see the module docstring).  Without ``step``, a latest
+    checkpoint that does not verify is reported and the newest one that does
+    is loaded (its ``meta["epoch"]`` says which).
 
     Args:
       ckpt_dir: a phase checkpoint directory written by :meth:`Trainer.fit`.
       model: a model of the same architecture; updated in place.
-      step: which checkpoint (epochs done); default the latest.
+      step: which checkpoint (epochs done); default the newest intact one.
 
     Returns:
       The checkpoint's ``meta`` dict.
 
     Raises:
       FileNotFoundError: no checkpoint in ``ckpt_dir``.
+      CheckpointCorruptError: no checkpoint verifies, or ``step`` does not.
     """
     ckpt_dir = Path(ckpt_dir).absolute()
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {ckpt_dir}")
     with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps or (step is not None and step not in manager.all_steps()):
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} in {ckpt_dir}")
         _, state = nnx.split(model)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(state)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-    nnx.update(model, restored["model"])
-    return dict(restored["meta"])
+        failures = []
+        for s in steps:
+            try:
+                meta = _verified_meta(manager, ckpt_dir, s, "restore")
+                restored = _verified_arrays(manager, ckpt_dir, s, meta, {"model": _abstract(state)})
+            except _StepUnusable as e:
+                failures.append(f"step {s}: {e}")
+                print(f"[restore] warning: checkpoint {ckpt_dir / str(s)} is unusable: {e}", flush=True)
+                continue
+            nnx.update(model, restored["model"])
+            return meta
+    raise CheckpointCorruptError(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(failures))
 
 
 def checkpoint_epoch(ckpt_dir: str | os.PathLike[str]) -> int | None:
-    """Epochs done by the latest checkpoint in ``ckpt_dir`` (``None`` if there is none)."""
+    """Epochs done by the newest checkpoint in ``ckpt_dir`` whose meta verifies.
+
+    A newer checkpoint whose meta cannot be read, records another epoch than its
+    step or does not match its checksum is reported and skipped (its arrays are
+    verified when they are restored, by :func:`restore_model_state`).
+
+    Returns:
+      The epoch, or ``None`` when there is no checkpoint at all.
+
+    Raises:
+      CheckpointCorruptError: there are checkpoints but none verifies.
+    """
     ckpt_dir = Path(ckpt_dir).absolute()
     if not ckpt_dir.is_dir():
         return None
     with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        return manager.latest_step()
+        failures = []
+        steps = sorted(manager.all_steps(), reverse=True)
+        for s in steps:
+            try:
+                _verified_meta(manager, ckpt_dir, s, "restore")
+            except _StepUnusable as e:
+                failures.append(f"step {s}: {e}")
+                print(f"[restore] warning: checkpoint {ckpt_dir / str(s)} is unusable: {e}", flush=True)
+                continue
+            return s
+    if not steps:
+        return None
+    raise CheckpointCorruptError(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(failures))
 
 
 def make_base_tx(schedule: optax.Schedule, *, momentum: float, weight_decay: float) -> optax.GradientTransformation:
