@@ -174,14 +174,14 @@ def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
   total = jnp.zeros((m,), jnp.int32)
   if mains[0] is not None:
     pred = pred_fn(*[a[..., None] for a in mains])      # (..., W, m)
-    per_row = jnp.sum(pred.astype(jnp.int32), axis=-2)   # (..., m), <= W
+    per_row = jnp.sum(pred, axis=-2, dtype=jnp.int32)    # (..., m), <= W
     # Four per-row counts (<= 32) are packed into the bytes of one int32,
     # which quarters what the pass writes. The barrier keeps XLA from
     # merging this sum with the next into one that it would run
     # single-threaded through a full-size temporary.
     shifts = np.arange(4, dtype=np.int32) * 8
     packed = jnp.sum(per_row.reshape(per_row.shape[:-1] + (m // 4, 4))
-                     << shifts, axis=-1)                    # (..., m / 4)
+                     << shifts, axis=-1, dtype=jnp.int32)   # (..., m / 4)
     packed = lax.optimization_barrier(packed)
     fields = (packed[..., None] >> shifts) & 255            # (..., m/4, 4)
     axes = tuple(range(fields.ndim - 2))
@@ -290,7 +290,7 @@ def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center,
   def body(s):
     ts = _to_u(s.ts)
     per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)   # (L, M)
-    counts = jnp.sum(per_leaf, axis=0)             # nonincreasing in ts
+    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)   # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)   # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
@@ -364,6 +364,18 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
   """
   shapes = [tuple(int(d) for d in s) for s in shapes]
   sizes = [math.prod(s) for s in shapes]
+  if 0 in sizes and any(sizes):
+    # A zero-size leaf holds no key: it selects nothing and shifts no global
+    # index, so the search runs over the other leaves only (a reduction
+    # such as the masked min has no identity over an empty leaf).
+    full = [i for i, size in enumerate(sizes) if size]
+    out = select(lambda ops, j: key_fn(ops, full[j]), operands,
+                 [shapes[i] for i in full], q, hint=hint, sigma=sigma,
+                 return_info=return_info)
+    it = iter(out[0])
+    masks = [next(it) if size else jnp.zeros(s, bool)
+             for s, size in zip(shapes, sizes)]
+    return (masks,) + tuple(out[1:])
   n = sum(sizes)
   q = jnp.clip(jnp.asarray(q, jnp.int32), 0, n)
   if n == 0:
@@ -442,7 +454,7 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
   # (1 or 2 masked-min passes, or a 9-way search over its flat index).
   ties = s.leaf_lo - s.leaf_hi                    # per leaf, keys == kth
   take = q1 - s.c_hi
-  cum = jnp.cumsum(ties)
+  cum = jnp.cumsum(ties, dtype=jnp.int32)
   need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
   cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32),
                        jnp.int32(num_leaves))

@@ -172,7 +172,8 @@ def kth_largest_key(keys: Sequence[Array], q: Array) -> Array:
     ok = _count_ge(keys, cand) >= q
     return jnp.where(ok, cand_u, prefix_u)
 
-  prefix_u = lax.fori_loop(0, 32, body, jnp.int32(0))
+  # int32 bounds: with jax_enable_x64 Python ints would make an int64 counter.
+  prefix_u = lax.fori_loop(jnp.int32(0), jnp.int32(32), body, jnp.int32(0))
   return jnp.where(q > 0, prefix_u ^ sign, NAN_KEY)
 
 
@@ -208,7 +209,7 @@ def _threshold_select(keys, q):
         count = count + jnp.sum((k == kth) & (idx < cand), dtype=jnp.int32)
       return jnp.where(count < take, cand, last)
 
-    last = lax.fori_loop(0, nbits, body, jnp.int32(0))
+    last = lax.fori_loop(jnp.int32(0), jnp.int32(nbits), body, jnp.int32(0))
     return [(k > kth) | ((k == kth) & (idx <= last))
             for k, idx in zip(keys, index)]
 
