@@ -20,9 +20,13 @@ Preparation (:func:`prepare`)
     the wrong dataset is rejected with an error that names the dataset the files
     actually belong to.
 
-  After loading a full MNIST/Fashion-MNIST training split its mean pixel value is
-  compared with the dataset's known mean, which also catches a ``data_dir``
-  poisoned by the pitfall above before these safeguards existed.
+  Every MNIST/Fashion-MNIST split that is loaded, whole or a subset of any
+  size, train or test, is checked against the dataset's fingerprint: the
+  sha256 of its first examples in TFDS's (deterministic) order
+  (:func:`check_identity`), and a full training split's mean pixel value is
+  compared with the dataset's known mean.  This also catches a ``data_dir``
+  poisoned by the pitfall above before these safeguards existed, and names
+  the dataset it really holds.
 
 Input pipelines (:func:`load`)
   MNIST, Fashion-MNIST and CIFAR-10 are small, so a split is decoded into a numpy
@@ -44,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
@@ -85,6 +88,9 @@ class DatasetSpec:
       expected_train_mean: mean pixel value ([0, 1] scale) of the full training
         split, checked after loading it; ``None`` disables the check.
       augment: training augmentation: ``"none"``, ``"cifar"`` or ``"imagenet"``.
+      fingerprints: ``(TFDS split, digests)`` pairs: :func:`example_digest` of
+        the split's first examples in TFDS's order (tensorflow-datasets 4.9,
+        dataset version 3.0.1); empty disables the identity check.
     """
 
     name: str
@@ -99,6 +105,7 @@ class DatasetSpec:
     in_memory: bool
     expected_train_mean: float | None
     augment: str
+    fingerprints: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -124,6 +131,12 @@ DATASETS: dict[str, DatasetSpec] = {
         in_memory=True,
         expected_train_mean=0.1307,
         augment="none",
+        fingerprints=(
+            ("train", ("28336adf60f788cc", "fa75f360f6eb34f3", "a06c28094037ed0e", "17c97bca985b367c",
+                       "a305584f267b53a2", "8eea46ee3d63f638", "8bc86212ac3ca1d3", "e27c6883e6af4a01")),
+            ("test", ("262a40b69bc3a2ee", "60194f34c28d94b3", "002dd660c6a3da16", "6502e3950731a238",
+                      "ac88df7e249689d9", "e96cc2b0832bf4d4", "e41dbb5206effcfe", "33e4b2bb43d459d8")),
+        ),
     ),
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
@@ -147,6 +160,12 @@ DATASETS: dict[str, DatasetSpec] = {
         in_memory=True,
         expected_train_mean=0.2860,
         augment="none",
+        fingerprints=(
+            ("train", ("abcd5dd88dd01993", "ff10e9f89b823fa8", "938ee13c43fed329", "dc84fe5ebcca35d9",
+                       "47354d98c6a8826b", "04b2d9815e332b0e", "bf33fc5387cbe99b", "3c8bb661b22a96d6")),
+            ("test", ("55cf201bdba8d350", "f3f03b176de91cc0", "de92eae5731e6c61", "b42d6dcfefc964ba",
+                      "fdf6f83f9001da64", "e089ffbfd11d591b", "9a8cbacaeb752537", "1d70861d5dcbf8ab")),
+        ),
     ),
     "cifar10": DatasetSpec(
         name="cifar10",
@@ -210,6 +229,44 @@ def get_spec(name: str) -> DatasetSpec:
         ) from None
 
 
+def example_digest(image: np.ndarray, label: Any) -> str:
+    """First 16 hex digits of the sha256 of one example: uint8 image bytes + int64 label."""
+    data = np.ascontiguousarray(image, np.uint8).tobytes() + np.int64(label).tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def check_identity(name: str, split: str, images: np.ndarray, labels: np.ndarray, where: Any) -> None:
+    """Checks that a loaded split (or its first examples) is dataset ``name``'s.
+
+    Compares :func:`example_digest` of the first ``min(len(images), k)``
+    examples with the ``k`` registered in ``DATASETS[name].fingerprints`` for
+    the TFDS split ``split``; a subset ``split[:n]`` starts with the same
+    examples, so this works for every subset size.  Nothing is checked for a
+    split without a fingerprint.
+
+    Raises:
+      DatasetError: the examples differ; the message names the dataset they
+        belong to when it is another known one.
+    """
+    spec = get_spec(name)
+    want = dict(spec.fingerprints).get(split)
+    if not want or not len(images):
+        return
+    k = min(len(images), len(want))
+    got = tuple(example_digest(images[i], labels[i]) for i in range(k))
+    if got == want[:k]:
+        return
+    owner = next((other.name for other in DATASETS.values() if other.name != name
+                  and dict(other.fingerprints).get(split, ())[:k] == got), None)
+    hint = (f"they are the first examples of {owner!r}: it was built from {owner}'s files"
+            if owner else "they are not (it was built from other files, or by another TFDS version)")
+    raise DatasetError(
+        f"the prepared {name!r} in {where} does not look like {name}: the first {k} examples of "
+        f"its split {split!r} should have the digests {', '.join(want[:k])}, but {hint}. "
+        f"Delete {where} and prepare it again."
+    )
+
+
 def default_data_dir() -> Path:
     """``$OPTAX_GSM_DATA_DIR`` or ``~/.cache/optax_gsm/tensorflow_datasets``."""
     env = os.environ.get(DATA_DIR_ENV)
@@ -257,8 +314,13 @@ def verify_manual_dir(name: str, manual_dir: str | os.PathLike[str]) -> dict[str
     """
     spec = get_spec(name)
     manual_dir = Path(manual_dir).expanduser()
-    if not manual_dir.is_dir():
+    if not manual_dir.exists():
         raise ManualDirError(f"manual directory {manual_dir} for {name!r} does not exist")
+    if not manual_dir.is_dir():
+        raise ManualDirError(
+            f"manual directory {manual_dir} for {name!r} is a file, not a folder: it must be the "
+            f"folder that holds {', '.join(f.name for f in spec.manual_files)}"
+        )
     verified: dict[str, str] = {}
     for expected in spec.manual_files:
         path = manual_dir / expected.name
@@ -364,11 +426,15 @@ def prepare(
     tfds = import_tfds()
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
+    # A manual directory that was given is checked even when the data is
+    # already prepared: a wrong one is an error, not silently ignored.
+    verified = verify_manual_dir(name, manual_dir) if manual_dir else None
     if builder.is_prepared():
         return builder
 
     manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(name)
-    verified = verify_manual_dir(name, manual) if manual is not None else None
+    if verified is None and manual is not None:
+        verified = verify_manual_dir(name, manual)
     if manual is None and not download:
         raise DatasetError(
             f"dataset {name!r} is not prepared in {data_dir} and downloading is "
@@ -392,9 +458,10 @@ def prepare(
         ) from e
     if verified is not None and builder.is_prepared():
         # Provenance record next to the prepared data, for audits.
+        from experiments.fileio import atomic_write_json
+
         record = {"manual_dir": str(manual), "files": verified}
-        with open(Path(builder.data_dir) / "optax_gsm_source.json", "w") as f:
-            json.dump(record, f, indent=1)
+        atomic_write_json(Path(builder.data_dir) / "optax_gsm_source.json", record)
     return builder
 
 
@@ -720,6 +787,8 @@ def load(
     tfds_split = _split_name(spec, split, subset)
     if spec.in_memory:
         images, labels = load_arrays(builder, tfds_split)
+        # Every split and every subset size: the fingerprint of its first examples.
+        check_identity(name, _split_name(spec, split, None), images, labels, builder.data_dir)
         if spec.expected_train_mean is not None and split == "train" and not subset:
             mean = float(images.mean()) / 255.0
             if abs(mean - spec.expected_train_mean) > 0.005:
@@ -789,11 +858,13 @@ def _main(argv: list[str] | None = None) -> int:
     """``python -m experiments.data {prepare,throughput} NAME [...]``."""
     import argparse
 
+    from experiments.fileio import manual_dir_arg
+
     parser = argparse.ArgumentParser(prog="python -m experiments.data", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["prepare", "throughput", "verify"])
     parser.add_argument("name", choices=sorted(DATASETS))
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--manual-dir", default=None)
+    parser.add_argument("--manual-dir", default=None, type=manual_dir_arg)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--split", default="train")
     args = parser.parse_args(argv)

@@ -223,3 +223,46 @@ def test_imagenet_pipeline_under_mock_data(tmp_path: Path) -> None:
     assert [float(x.mask.sum()) for x in evals] == [10.0, 10.0, 4.0]
     assert evals[0].image.shape == (10, 64, 64, 3)
     assert stats["images_per_s"] > 0
+
+
+# ------------------------------------------------------------------ identity on every split
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("subset", [None, 2048, 5, 1])
+def test_identity_is_checked_on_every_split_and_subset(
+    mnist_builder, fashion_mnist_builder, split: str, subset: int | None
+) -> None:
+    """A prepared 'mnist' that really holds Fashion-MNIST (and the reverse) is refused,
+    whatever the split and subset size; the real datasets load."""
+    for name, builder in (("mnist", mnist_builder), ("fashion_mnist", fashion_mnist_builder)):
+        pipe = data.load(name, split, batch_size=1, subset=subset, builder=builder)
+        assert pipe.num_examples == (subset or {"train": 60000, "test": 10000}[split])
+    k = min(subset or 8, 8)
+    for name, builder, other in (("mnist", fashion_mnist_builder, "fashion_mnist"),
+                                 ("fashion_mnist", mnist_builder, "mnist")):
+        with pytest.raises(data.DatasetError) as info:
+            data.load(name, split, batch_size=1, subset=subset, builder=builder)
+        want = dict(data.DATASETS[name].fingerprints)[split][:k]
+        assert str(info.value) == (
+            f"the prepared {name!r} in {builder.data_dir} does not look like {name}: the first {k} "
+            f"examples of its split {split!r} should have the digests {', '.join(want)}, but they are "
+            f"the first examples of {other!r}: it was built from {other}'s files. Delete "
+            f"{builder.data_dir} and prepare it again.")
+
+
+def test_a_given_manual_dir_is_checked_even_when_the_data_is_prepared(
+    mnist_builder, tfds_data_dir: Path, shared_datasets: Path, tmp_path: Path
+) -> None:
+    assert mnist_builder.is_prepared()
+    with pytest.raises(data.ManualDirError, match="'fashion_mnist/train-images-idx3-ubyte.gz'"):
+        data.prepare("mnist", data_dir=tfds_data_dir, manual_dir=shared_datasets / "fashion_mnist")
+    with pytest.raises(data.ManualDirError) as missing:
+        data.prepare("mnist", data_dir=tfds_data_dir, manual_dir=tmp_path / "nope")
+    assert str(missing.value) == f"manual directory {tmp_path / 'nope'} for 'mnist' does not exist"
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(data.ManualDirError) as is_file:
+        data.prepare("mnist", data_dir=tfds_data_dir, manual_dir=tmp_path / "file")
+    assert str(is_file.value).startswith(f"manual directory {tmp_path / 'file'} for 'mnist' is a file, not a folder")
+    # The right folder (or none) still loads the cached data.
+    assert data.prepare("mnist", data_dir=tfds_data_dir, manual_dir=shared_datasets / "mnist").is_prepared()
