@@ -408,10 +408,16 @@ def cost_leaves_like(costs: PyTree, params: PyTree) -> list:
     return [c for _, c in cost_paths]
   text = repr(costs)
   text = text if len(text) <= 200 else text[:200] + "..."
+  diff = eligibility.structure_difference(params, costs, "costs")
+  hint = ""
+  if isinstance(costs, (jax.Array, np.ndarray)) and len(path_leaves) != 1:
+    # What a callable `costs` gives when optax.inject_hyperparams calls it
+    # as a schedule on the step count.
+    hint = " " + eligibility.static_args_hint("costs")
   raise ValueError(
       "`costs` must be a pytree with the structure of params (one integer "
-      f"array per leaf, shaped like it); params have structure {treedef}, "
-      f"got costs={text}. Details: {detail}")
+      f"array per leaf, shaped like it); got costs={text}: "
+      f"{diff or detail[:300]}.{hint}")
 
 
 def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
