@@ -21,8 +21,10 @@ methods see the same data in the same order (see
 without the structure it prunes, a Q below its smallest model) raises
 :class:`NotApplicable`; the cell is recorded with the reason and shown as ``n/a``.
 
-Outputs (``<out>`` defaults to ``experiments/results/compare``; ``--quick`` adds a
-``_quick`` suffix)::
+Outputs (``<out>`` defaults to ``runs/compare``, git-ignored, so the committed
+tables in ``experiments/results/compare`` are never overwritten; ``--quick`` adds a
+``_quick`` suffix; ``<out>`` is locked while the command runs, see
+:func:`experiments.fileio.lock_output`)::
 
     <dataset>.md     the tables: accuracy per method x compression, and per cell the
                      non-zeros, epochs used and wall time; the budget
@@ -48,11 +50,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.fileio import atomic_write_json, atomic_write_text
+from experiments.fileio import (
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    lock_output,
+    manual_dir_arg,
+    run_command,
+)
 from experiments.methods.common import Budget, NotApplicable  # NotApplicable: re-exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "compare"
+DEFAULT_OUT = REPO_ROOT / "runs" / "compare"
+# The datasets of the LeNets compared here (28x28 grey images).
+DATASETS = ("mnist", "fashion_mnist")
 DEFAULT_MODELS = ("lenet_300_100", "lenet5")
 DEFAULT_COMPRESSIONS = {
     "lenet_300_100": (10.0, 30.0, 60.0, 125.0),
@@ -554,8 +565,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8,
                frameon=False, handlelength=4.0)
     fig.tight_layout(rect=(0, 0, 1 - 2.2 / (6.0 * len(models) + 2.2), 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    atomic_save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
 
@@ -563,11 +573,22 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
 # ------------------------------------------------------------------ CLI
 
 
+def _model_name(value: str) -> str:
+    """argparse ``type=`` for ``--models``: a name of the model registry."""
+    from experiments.models import get_spec
+
+    try:
+        get_spec(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", nargs="?", help="mnist or fashion_mnist")
-    p.add_argument("--models", nargs="+", default=None,
+    p.add_argument("dataset", nargs="?", choices=DATASETS, help=" or ".join(DATASETS))
+    p.add_argument("--models", nargs="+", default=None, type=_model_name,
                    help=f"default: {' '.join(DEFAULT_MODELS)}")
     p.add_argument("--compressions", nargs="+", type=float, default=None,
                    help="compression ratios C (default per model: 10 30 60 125, +300 for lenet5)")
@@ -585,10 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="appended to the output file names")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)})")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--manual-dir", default=None)
+    p.add_argument("--manual-dir", default=None, type=manual_dir_arg)
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="merge the result files of one comparison run as separate processes "
@@ -630,11 +652,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset and args.dataset != merged["dataset"]:
             raise SystemExit(f"--merge: the files are {merged['dataset']}, not {args.dataset}")
         stem = args.out / (merged["dataset"] + suffix)
-        write_results(merged, stem)
-        _log(f"[compare] merged {len(merged['cells'])} cells into {stem}.json")
-        return 0
+
+        def write_merged() -> None:
+            with lock_output(args.out):
+                write_results(merged, stem)
+
+        status = run_command(write_merged)
+        if status == 0:
+            _log(f"[compare] merged {len(merged['cells'])} cells into {stem}.json")
+        return status
     if not args.dataset:
-        raise SystemExit("give a dataset (mnist or fashion_mnist), or --list")
+        raise SystemExit(f"give a dataset ({' or '.join(DATASETS)}), or --list")
     from experiments.run import _enable_compilation_cache
 
     _enable_compilation_cache()
@@ -650,10 +678,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = make_budget(args)
     command = "python -m experiments.compare " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
-    run(args.dataset, models=models, compressions=comps, methods=args.methods, budget=budget,
-        out_dir=args.out, suffix=suffix, data_dir=args.data_dir,
-        manual_dir=args.manual_dir, resume=args.resume, command=command)
-    return 0
+    available = collect_methods()
+    unknown = [m for m in args.methods or () if m not in available]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(available)}")
+    from experiments.data import DatasetError
+
+    def compare() -> None:
+        # --out is locked for the whole comparison: a second process on it refuses.
+        with lock_output(args.out):
+            run(args.dataset, models=models, compressions=comps, methods=args.methods,
+                budget=budget, out_dir=args.out, suffix=suffix, data_dir=args.data_dir,
+                manual_dir=args.manual_dir, resume=args.resume, command=command)
+
+    return run_command(compare, DatasetError)
 
 
 if __name__ == "__main__":

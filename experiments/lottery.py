@@ -32,8 +32,9 @@ and ``gsm`` phases are complete.  The command
 5. checks after every epoch that exactly Q eligible weights are non-zero, all
    inside the mask, and records the test accuracy.
 
-Outputs (``--out``, default ``experiments/results/lottery/<RUN_DIR name>/``),
-written atomically after every ticket::
+Outputs (``--out``, default ``runs/lottery/<RUN_DIR name>/``, git-ignored; the
+committed tables stay in ``experiments/results/lottery``), written atomically
+after every ticket, the folder locked while the command runs::
 
     lottery.json   masks, W0 check, per-epoch history of every ticket, timings
     lottery.md     the table next to the paper's numbers
@@ -50,10 +51,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text
+from experiments.fileio import (
+    add_data_arguments,
+    atomic_write_json,
+    atomic_write_text,
+    lock_output,
+    run_command,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "lottery"
+DEFAULT_OUT = REPO_ROOT / "runs" / "lottery"
 TICKETS = ("gsm", "magnitude", "random")
 TICKET_LABELS = {
     "gsm": "GSM mask",
@@ -380,6 +387,30 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
 
 def lottery(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Runs the tickets of ``args.run_dir`` and writes the outputs; returns the record."""
+    t_start = time.perf_counter()
+    run_dir = Path(args.run_dir).expanduser().absolute()
+    run, results = load_run(run_dir, args)
+    config = run.config
+    out_dir = output_dir(args)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+
+    gsm_model, gsm_meta = restore_phase(run, "gsm", run.out / "gsm" / "checkpoints")
+    base_model, base_meta = restore_phase(run, "train", run.base_dir / "train" / "checkpoints")
+    # The inputs are there: hold the output folder for the rest of the command.
+    with lock_output(out_dir):
+        return _tickets(args, command, t_start, run_dir, run, results, out_dir, show,
+                        gsm_model, gsm_meta, base_model, base_meta)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or ``<repo>/runs/lottery/<RUN_DIR name>`` (git-ignored) by default."""
+    run_dir = Path(args.run_dir).expanduser().absolute()
+    return Path(args.out).expanduser().absolute() if args.out else DEFAULT_OUT / run_dir.name
+
+
+def _tickets(args: argparse.Namespace, command: str, t_start: float, run_dir: Path, run: Any,
+             results: dict[str, Any], out_dir: Path, show: bool, gsm_model: Any,
+             gsm_meta: dict[str, Any], base_model: Any, base_meta: dict[str, Any]) -> dict[str, Any]:
     import optax_gsm
 
     from experiments.methods import common
@@ -387,15 +418,7 @@ def lottery(args: argparse.Namespace, command: str) -> dict[str, Any]:
     from experiments.run import environment
     from experiments.training import param_dict
 
-    t_start = time.perf_counter()
-    run_dir = Path(args.run_dir).expanduser().absolute()
-    run, results = load_run(run_dir, args)
     config = run.config
-    out_dir = Path(args.out).expanduser() if args.out else DEFAULT_OUT / run_dir.name
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-
-    gsm_model, gsm_meta = restore_phase(run, "gsm", run.out / "gsm" / "checkpoints")
-    base_model, base_meta = restore_phase(run, "train", run.base_dir / "train" / "checkpoints")
     # W0: the run's constructor with the run's seed (Run.new_model), untrained.
     init_params = common.to_numpy(param_dict(run.new_model()))
     gsm_params = common.to_numpy(param_dict(gsm_model))
@@ -512,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tickets", nargs="+", choices=TICKETS, default=list(TICKETS),
                    help="which masks to train from W0 (default: all)")
     p.add_argument("--out", default=None,
-                   help="output folder (default experiments/results/lottery/<run name>)")
+                   help="output folder (default runs/lottery/<run name>)")
     p.add_argument("--base-from", default=None, metavar="DIR",
                    help="run folder holding the dense base GSM started from (default: the "
                         "run's --base-from as recorded in its results.json)")
@@ -533,8 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from experiments.run import _enable_compilation_cache
 
     _enable_compilation_cache()
-    lottery(args, command)
-    return 0
+    from experiments.data import DatasetError
+
+    return run_command(lambda: lottery(args, command), DatasetError)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.fileio import atomic_save_figure  # noqa: E402
+
 _STYLES = {
     "train": {"marker": "o", "linestyle": "-", "color": "black"},
     "test": {"marker": "s", "linestyle": "--", "color": "0.35"},
@@ -102,7 +104,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
             a.axvline(offset + 0.5, color="0.5", linestyle=":", linewidth=1)
             a.annotate("GSM starts", (offset + 0.5, 0.02), xycoords=("data", "axes fraction"), fontsize=8, rotation=90, va="bottom", ha="right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -144,7 +146,7 @@ def plot_layer_nonzero(results: dict[str, Any], path: Path) -> Path | None:
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -181,7 +183,7 @@ def plot_weight_histogram(results: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -32,6 +32,12 @@ Outputs under ``--out`` (default ``<repo>/runs/<CONFIG>``)::
     gsm/checkpoints/<epoch>/
     prune/pruned_model/         the pruned GSM model (orbax)
 
+While a run works on ``--out`` it holds an exclusive lock on the folder
+(:func:`experiments.fileio.lock_output`): a second run on the same folder exits
+with status 2, naming the holder's PID and host.  Checkpoints carry checksums;
+a corrupt latest one is reported and the run resumes from the newest intact one
+(see :mod:`experiments.training`).
+
 ``--resume`` continues every phase from its latest checkpoint; the final
 parameters equal those of an uninterrupted run bitwise (see
 :mod:`experiments.training`).  Without ``--resume`` an existing checkpoint is an
@@ -62,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.configs import CONFIGS, ExperimentConfig, config_names, get_config
-from experiments.fileio import add_data_arguments, atomic_write_json, run_command
+from experiments.fileio import add_data_arguments, atomic_write_json, lock_output, run_command
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -148,6 +154,11 @@ def load_pipelines(config: ExperimentConfig, args: argparse.Namespace) -> tuple[
     return train, test
 
 
+def output_dir(config: ExperimentConfig, args: argparse.Namespace) -> Path:
+    """``--out``, or ``<repo>/runs/<config name>`` (git-ignored) by default."""
+    return Path(args.out).expanduser().absolute() if args.out else REPO_ROOT / "runs" / config.name
+
+
 def environment() -> dict[str, Any]:
     """Versions of the software stack and a description of the devices."""
     import importlib.metadata as md
@@ -224,7 +235,7 @@ class Run:
         self.args = args
         self.mesh = mesh
         self._mesh_info: dict[str, Any] | None = None
-        self.out = Path(args.out).expanduser().absolute() if args.out else REPO_ROOT / "runs" / config.name
+        self.out = output_dir(config, args)
         self.out.mkdir(parents=True, exist_ok=True)
         self.base_dir = Path(args.base_from).expanduser().absolute() if args.base_from else self.out
         self.results_path = self.out / "results.json"
@@ -678,20 +689,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr, flush=True)
             return 2
-    run = Run(config, args, mesh=mesh)
-    print(f"[run] {config.name}: {config.description}; phases {', '.join(phases)}; output {run.out}",
-          flush=True)
-    if mesh is not None:
-        info = run.mesh_info()
-        batches = "batches split along 'data'" if "data" in info["shape"] else "batches replicated"
-        params = (f"{len(info['sharded_leaves'])} parameter leaves sharded along 'model'"
-                  if "model" in info["shape"] else "parameters replicated")
-        print(f"[mesh] {args.mesh}: {info['devices']} {info['platform']} devices, {batches}, {params}",
-              flush=True)
 
     def run_phases() -> None:
-        for phase in phases:
-            getattr(run, f"phase_{phase}")()
+        # The output folder is locked for the whole run: a second process on
+        # the same --out refuses to start instead of replacing this one's files.
+        with lock_output(output_dir(config, args)):
+            run = Run(config, args, mesh=mesh)
+            print(f"[run] {config.name}: {config.description}; phases {', '.join(phases)}; "
+                  f"output {run.out}", flush=True)
+            if mesh is not None:
+                info = run.mesh_info()
+                batches = "batches split along 'data'" if "data" in info["shape"] else "batches replicated"
+                params = (f"{len(info['sharded_leaves'])} parameter leaves sharded along 'model'"
+                          if "model" in info["shape"] else "parameters replicated")
+                print(f"[mesh] {args.mesh}: {info['devices']} {info['platform']} devices, {batches}, "
+                      f"{params}", flush=True)
+            for phase in phases:
+                getattr(run, f"phase_{phase}")()
 
     return run_command(run_phases, FileExistsError, DatasetError, CheckpointMismatchError)
 

@@ -21,7 +21,8 @@ measures the three parts of :func:`optax_gsm.layer_sensitivity` for its model:
 (c) Spearman's rho between the mean drop per layer and each signal, and
     between the drop at each ratio and each signal.
 
-Outputs (default ``experiments/results/sensitivity/<config name>/``):
+Outputs (default ``runs/sensitivity/<config name>/``, git-ignored; the folder is
+locked while the command runs):
 ``sensitivity.json`` (``SensitivityResult.to_dict()`` plus metadata),
 ``sensitivity.md`` (the table) and ``sensitivity.png`` (the figure of
 :func:`experiments.sensitivity_plot.plot_sensitivity`).  Nothing is written into
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import shlex
 import sys
 import time
@@ -41,7 +41,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text, run_command
+from experiments.fileio import (
+    add_data_arguments,
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    lock_output,
+    run_command,
+)
 from experiments.run import REPO_ROOT, Run, environment
 
 DEFAULT_RATIOS = (0.5, 0.7, 0.9)
@@ -538,13 +545,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_save_figure(fig: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    # The suffix of the temporary name is not an image format: say it.
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------ CLI
 
 
@@ -567,12 +567,19 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--selection-steps", type=int, default=None, metavar="S",
                         help="or its length in steps")
     parser.add_argument("--out", default=None,
-                        help="output folder (default experiments/results/sensitivity/<config name>)")
+                        help="output folder (default runs/sensitivity/<config name>)")
     parser.add_argument("--base-from", default=None, metavar="DIR",
                         help="take the base model from DIR/train/checkpoints (default: the run's own "
                              "base, as recorded in its results.json)")
     add_data_arguments(parser)
     return parser
+
+
+def output_dir(args: argparse.Namespace, config: Any) -> Path:
+    """``--out``, or ``<repo>/runs/sensitivity/<config name>`` (git-ignored) by default."""
+    if args.out:
+        return Path(args.out).expanduser().absolute()
+    return REPO_ROOT / "runs" / "sensitivity" / config.name
 
 
 def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
@@ -589,13 +596,6 @@ def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
       SensitivityError: a missing or unfinished run folder (the message names the
         command that creates or finishes it).
     """
-    import jax
-    from tqdm.auto import tqdm
-
-    import optax_gsm
-
-    from experiments.training import param_dict
-
     t_start = time.perf_counter()
     run_dir = Path(args.run_dir).expanduser().absolute()
     results = load_run_results(run_dir)
@@ -607,10 +607,8 @@ def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     run = Run(config, argparse.Namespace(
         out=str(run_dir), base_from=base_from, data_dir=args.data_dir, manual_dir=args.manual_dir,
         no_download=args.no_download))
-    out = (Path(args.out).expanduser().absolute() if args.out
-           else REPO_ROOT / "experiments" / "results" / "sensitivity" / config.name)
+    out = output_dir(args, config)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    q, n = run.num_nonzero(), run.num_eligible()
 
     # Checkpoints first: a missing base model should fail before the data loads.
     base_model = run.new_model()
@@ -619,6 +617,25 @@ def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     gsm_meta, gsm_note = restore_gsm(run, gsm_model)
     if gsm_note:
         print(f"[sensitivity] note: {gsm_note}", flush=True)
+    # The inputs are there: hold the output folder until its files are written.
+    with lock_output(out):
+        return _measure(args, argv, t_start, run_dir, results, config, run, out, show,
+                        base_model, base_meta, gsm_model, gsm_meta, gsm_note)
+
+
+def _measure(args: argparse.Namespace, argv: Sequence[str], t_start: float, run_dir: Path,
+             results: dict[str, Any], config: Any, run: Run, out: Path, show: bool, base_model: Any,
+             base_meta: dict[str, Any], gsm_model: Any, gsm_meta: dict[str, Any] | None,
+             gsm_note: str | None) -> Path:
+    """The measurement of :func:`sensitivity` once its inputs are checked and ``out`` is locked."""
+    import jax
+    from tqdm.auto import tqdm
+
+    import optax_gsm
+
+    from experiments.training import param_dict
+
+    q, n = run.num_nonzero(), run.num_eligible()
     train, test = run.pipelines()
     base_params = param_dict(base_model)
     gsm_params = param_dict(gsm_model) if gsm_meta is not None else None
@@ -698,7 +715,7 @@ def sensitivity(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sensitivity.json", doc)
     atomic_write_text(out / "sensitivity.md", text)
-    _atomic_save_figure(fig, out / "sensitivity.png")
+    atomic_save_figure(fig, out / "sensitivity.png", dpi=150)
     plt.close(fig)
     print(result.table(), flush=True)
     for name in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):

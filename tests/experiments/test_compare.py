@@ -194,3 +194,20 @@ def test_every_method_has_its_own_marker_and_line_style() -> None:
     assert n <= len(MARKERS) and n <= len(LINESTYLES)
     assert len(set(MARKERS[:n])) == n
     assert len({str(s) for s in LINESTYLES[:n]}) == n
+
+
+def test_unsupported_dataset_or_model_is_refused_while_parsing(capsys, tmp_path: Path):
+    """`compare cifar10` offline used to retry the download for minutes."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        compare.main(["cifar10", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: argument dataset: invalid choice: 'cifar10' (choose from 'mnist', 'fashion_mnist')\n")
+    with pytest.raises(SystemExit) as info:
+        compare.main(["mnist", "--models", "lenet7", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "argument --models: unknown model 'lenet7'; choose one of " in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "out").exists()

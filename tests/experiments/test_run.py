@@ -105,3 +105,164 @@ def test_train_phase_config_leaves_out_every_gsm_setting() -> None:
     gsm = run.phase_config(tuned, "gsm")
     assert gsm["gsm_unselected_decay_drops"] == 1 and gsm["gsm_score_momentum_from_epoch"] == 3
     assert run.phase_config(plain, "gsm") != gsm
+
+
+# ------------------------------------------------------------------ every program's --out
+
+
+def hold_lock(folder: Path, name: str = ".optax_gsm.lock"):
+    """Holds ``folder/name`` as another process would; returns the open file (close to release)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / name, "a+")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": 4242, "host": "elsewhere", "started": "2024-01-01T00:00:00+00:00",
+                        "command": "fake holder"}))
+    f.flush()
+    return f
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+PROGRAMS = ("run", "compare", "budget_gsm", "lottery", "sensitivity", "structured")
+
+
+def program_argv(program: str, out: Path, mnist_run: Path, data_dir: Path, tmp: Path) -> tuple:
+    """``(main, argv, locked folder, lock file name)`` of a program writing into ``out``."""
+    from experiments import budget_gsm, compare, lottery, sensitivity, structured
+
+    common = ["--data-dir", str(data_dir), "--no-download"]
+    if program == "run":
+        return run.main, ["lenet300_60x", "--quick", "--out", str(out), *common], out, ".optax_gsm.lock"
+    if program == "compare":
+        return compare.main, ["mnist", "--quick", "--out", str(out), "--data-dir", str(data_dir)], out, \
+            ".optax_gsm.lock"
+    if program == "budget_gsm":
+        base = tmp / "base"
+        (base / "train" / "checkpoints" / "1").mkdir(parents=True)  # only looked at before the lock
+        return budget_gsm.main, ["--base-from", str(base), "--out", str(out), "--work-dir",
+                                 str(tmp / "work"), *common], out, ".optax_gsm.lock"
+    if program == "lottery":
+        return lottery.main, [str(mnist_run), "--out", str(out), *common], out, ".optax_gsm.lock"
+    if program == "sensitivity":
+        return sensitivity.main, [str(mnist_run), "--out", str(out), *common], out, ".optax_gsm.lock"
+    return structured.main, ["pretrain", "--out", str(out / "r.json"), "--data-dir", str(data_dir)], out, \
+        ".r.json.lock"
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_a_locked_out_folder_is_refused_and_left_untouched(
+    program: str, mnist_run: Path, tfds_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    main, argv, folder, lock_name = program_argv(program, out, mnist_run, tfds_data_dir, tmp_path)
+    held = hold_lock(folder, lock_name)
+    try:
+        (out / "results.json").write_text('{"precious": true}')
+        before, run_before = snapshot(out), snapshot(mnist_run)
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: output folder {folder} is in use by process 4242 on host elsewhere "
+                       f"(started 2024-01-01T00:00:00+00:00: fake holder): its lock {folder / lock_name} "
+                       f"is held. Wait for that run to finish, or choose another --out\n")
+        assert snapshot(out) == before and snapshot(mnist_run) == run_before
+        assert not (tmp_path / "work").exists()
+    finally:
+        held.close()
+
+
+def test_two_runs_on_one_out_folder(tmp_path: Path, tfds_data_dir: Path, mnist_builder) -> None:
+    """A real second process: `python -m experiments.run` while another holds --out."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    del mnist_builder
+    repo = Path(run.__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom experiments.fileio import lock_output\n"
+         "with lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+        cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(out)
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        second = subprocess.run(
+            [sys.executable, "-m", "experiments.run", "lenet300_60x", "--quick", "--out", str(out),
+             "--data-dir", str(tfds_data_dir), "--no-download"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert (f"error: output folder {out} is in use by process {holder.pid} on host "
+                f"{socket.gethostname()} (started ") in second.stderr
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_default_output_folders_are_git_ignored_runs_folders(tmp_path: Path) -> None:
+    import argparse
+    import subprocess
+
+    from experiments import budget_gsm, compare, lottery, sensitivity, structured
+    from experiments.configs import get_config
+
+    repo = Path(run.__file__).resolve().parents[1]
+    config = get_config("lenet5_125x")
+    budget_args = budget_gsm.build_parser().parse_args(["--base-from", str(tmp_path)])
+    defaults = {
+        "run": run.output_dir(config, run.build_parser().parse_args(["lenet5_125x"])),
+        "compare": compare.build_parser().parse_args(["mnist"]).out,
+        "budget_gsm out": budget_gsm.output_dirs(budget_gsm.build_config(budget_args), budget_args)[0],
+        "budget_gsm work": budget_gsm.output_dirs(budget_gsm.build_config(budget_args), budget_args)[1],
+        "lottery": lottery.output_dir(lottery.build_parser().parse_args(["some/lenet300_60x"])),
+        "sensitivity": sensitivity.output_dir(argparse.Namespace(out=None), config),
+        "structured": structured.output_path(structured.build_parser().parse_args(["taylor"])),
+    }
+    assert defaults == {
+        "run": repo / "runs" / "lenet5_125x",
+        "compare": repo / "runs" / "compare",
+        "budget_gsm out": repo / "runs" / "budget",
+        "budget_gsm work": repo / "runs" / "budget_gsm_125x",
+        "lottery": repo / "runs" / "lottery" / "lenet300_60x",
+        "sensitivity": repo / "runs" / "sensitivity" / "lenet5_125x",
+        "structured": repo / "runs" / "structured" / "lenet5_taylor.json",
+    }
+    for what, path in defaults.items():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=repo)
+        assert ignored.returncode == 0, f"{what}: {path} is not git-ignored"
+        tracked = subprocess.run(["git", "ls-files", str(path)], cwd=repo, capture_output=True, text=True)
+        assert tracked.stdout == "", f"{what}: {path} holds tracked files"
+    # The committed results stay where they are.
+    assert (repo / "experiments" / "results" / "compare" / "mnist.json").is_file()
+
+
+@pytest.mark.parametrize("program", ("run", "compare", "budget_gsm", "lottery", "sensitivity", "data"))
+def test_manual_dir_is_checked_up_front(program: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    from experiments import budget_gsm, compare, data, lottery, sensitivity
+
+    mains = {"run": (run.main, ["lenet300_60x"]), "compare": (compare.main, ["mnist"]),
+             "budget_gsm": (budget_gsm.main, ["--base-from", str(tmp_path)]),
+             "lottery": (lottery.main, [str(tmp_path)]), "sensitivity": (sensitivity.main, [str(tmp_path)]),
+             "data": (data._main, ["prepare", "mnist"])}
+    main, argv = mains[program]
+    missing, a_file = tmp_path / "nope", tmp_path / "train-images-idx3-ubyte.gz"
+    a_file.write_bytes(b"x")
+    for path, says in ((missing, f"no such folder ({missing} does not exist)"),
+                       (a_file, f"{a_file} is a file, not a folder; --manual-dir must be the folder that "
+                                f"holds the dataset's original files")):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--manual-dir", str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: argument --manual-dir: --manual-dir {str(path)!r}: {says}\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-images-idx3-ubyte.gz"]
