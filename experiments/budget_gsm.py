@@ -25,9 +25,12 @@ Both are evaluated before and after the cut; the report has test accuracy,
 non-zeros, achieved MACs per image (and the dense model's), the size of the
 sparse file (``optax_gsm.save_sparse``) and the wall time of each training, as
 ``budget_gsm.json`` and ``budget_gsm.md`` under ``--out`` (default
+``runs/budget``, git-ignored; the committed report stays in
 ``experiments/results/budget``).  Checkpoints and the sparse files go under
 ``--work-dir`` (default ``runs/budget_gsm_<C>x``); ``--resume`` continues both
-trainings from their latest checkpoints.
+trainings from their latest checkpoints.  Both folders are locked while the
+command runs (:func:`experiments.fileio.lock_outputs`), and ``--base-from``
+(and ``--count-from``) must hold checkpoints before anything is created.
 
 ``--count-from RUN_DIR`` takes run (i) from the finished ``gsm`` phase of an
 ``experiments.run`` folder instead of training it again (its GSM settings must
@@ -52,12 +55,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.configs import ExperimentConfig, get_config
-from experiments.fileio import add_data_arguments, atomic_write_json, atomic_write_text, run_command
+from experiments.configs import ExperimentConfig, config_names, get_config
+from experiments.fileio import (
+    UsageError,
+    add_data_arguments,
+    atomic_write_json,
+    atomic_write_text,
+    lock_outputs,
+    run_command,
+)
 from experiments.run import _enable_compilation_cache, load_pipelines, new_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "budget"
+DEFAULT_OUT = REPO_ROOT / "runs" / "budget"
 DEFAULT_OVERRIDES = (
     "gsm.epochs=40",
     "gsm.warmup_epochs=1",
@@ -294,7 +304,49 @@ def finish(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Both trainings, the cuts and the report; returns the results dict."""
+    """Both trainings, the cuts and the report, with ``--out`` and ``--work-dir`` locked;
+    returns the results dict."""
+    config = build_config(args)
+    base_from = Path(args.base_from).expanduser().absolute()
+    out, work = output_dirs(config, args)
+    with lock_outputs(out, work):
+        return _run(args, config, base_from, out, work)
+
+
+def output_dirs(config: ExperimentConfig, args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(--out, --work-dir)``, absolute, with their defaults under ``<repo>/runs``."""
+    work = (Path(args.work_dir).expanduser().absolute() if args.work_dir
+            else REPO_ROOT / "runs" / f"budget_gsm_{config.compression:g}x")
+    return Path(args.out).expanduser().absolute(), work
+
+
+def check_inputs(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Checks, before any work, that ``--base-from`` (and ``--count-from``) hold checkpoints.
+
+    Only the folders are looked at (no checkpoint is read): a missing base is
+    reported at once, and no output folder is created.
+
+    Raises:
+      UsageError: the flag, the folder and what is missing in it.
+    """
+    for flag, value, phase in (("--base-from", args.base_from, "train"),
+                               ("--count-from", args.count_from, "gsm")):
+        if value is None:
+            continue
+        folder = Path(value).expanduser().absolute()
+        ckpt = folder / phase / "checkpoints"
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {value!r}: {folder} is not a folder (expected an "
+                             f"`experiments.run` output folder with {phase}/checkpoints)")
+        steps = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+        if not steps:
+            hint = (f"train one with `python -m experiments.run {config.name} --phase train --out {folder}`"
+                    if phase == "train" else f"run `python -m experiments.run ... --phase gsm --out {folder}`")
+            raise UsageError(f"{flag} {value!r}: no {phase} checkpoint in {ckpt}; {hint}")
+
+
+def _run(args: argparse.Namespace, config: ExperimentConfig, base_from: Path, out: Path,
+         work: Path) -> dict[str, Any]:
     from flax import nnx
 
     import optax_gsm
@@ -303,11 +355,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from experiments.run import environment
     from experiments.training import evaluate, param_dict, set_params
 
-    config = build_config(args)
-    base_from = Path(args.base_from).expanduser().absolute()
-    work = (Path(args.work_dir).expanduser().absolute() if args.work_dir
-            else REPO_ROOT / "runs" / f"budget_gsm_{config.compression:g}x")
-    out = Path(args.out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -479,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--base-from", required=True, metavar="DIR",
                         help="run folder whose train/checkpoints holds the base model")
-    parser.add_argument("--config", default="lenet5_125x",
-                        help="experiment configuration (default lenet5_125x)")
+    parser.add_argument("--config", default="lenet5_125x", choices=config_names(), metavar="CONFIG",
+                        help="experiment configuration (default lenet5_125x; one of "
+                             + ", ".join(config_names()) + ")")
     parser.add_argument("--compression", type=float, default=None,
                         help="C of the count-based run (default: the config's, 125 for lenet5_125x)")
     parser.add_argument("--epochs", type=int, default=None, help="GSM epochs of each run (default 40)")
@@ -488,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config overrides after the defaults, e.g. gsm.base_lr=0.02")
     parser.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--eval-subset", type=int, default=None, help="evaluate on the first N images only")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"report folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help=f"report folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)})")
     parser.add_argument("--work-dir", default=None,
                         help="checkpoints and sparse files (default <repo>/runs/budget_gsm_<C>x)")
     parser.add_argument("--count-from", default=None, metavar="DIR",
@@ -505,9 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        build_config(args)
+        config = build_config(args)
     except ValueError as e:
         parser.error(str(e))
+    # Before any work, and before an output folder exists.
+    status = run_command(lambda: check_inputs(config, args))
+    if status:
+        return status
     _enable_compilation_cache()
     from experiments.data import DatasetError
     from experiments.training import CheckpointMismatchError

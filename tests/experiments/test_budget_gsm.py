@@ -90,3 +90,27 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown config key" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         budget_gsm.main([])  # --base-from is required
+
+
+def test_a_missing_base_is_refused_before_anything_is_created(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    (tmp_path / "empty_run").mkdir()
+    t0 = time.perf_counter()
+    for base, says in (
+        (tmp_path / "nope", f"is not a folder (expected an `experiments.run` output folder with "
+                            f"train/checkpoints)"),
+        (tmp_path / "empty_run", f"no train checkpoint in {tmp_path / 'empty_run' / 'train' / 'checkpoints'}; "
+                                 f"train one with `python -m experiments.run lenet5_125x --phase train "
+                                 f"--out {tmp_path / 'empty_run'}`"),
+    ):
+        assert budget_gsm.main(["--base-from", str(base), "--out", str(out), "--work-dir", str(work)]) == 2
+        assert capsys.readouterr().err == f"error: --base-from {str(base)!r}: " + (
+            f"{base} {says}" if "not a folder" in says else says) + "\n"
+    assert time.perf_counter() - t0 < 10
+    assert not out.exists() and not work.exists()
+    with pytest.raises(SystemExit):
+        budget_gsm.main(["--base-from", str(tmp_path), "--config", "lenet7_1x"])
+    assert "argument --config: invalid choice: 'lenet7_1x'" in capsys.readouterr().err
