@@ -47,7 +47,9 @@ analytically; for a sliced model it agrees with
 :func:`experiments.flops.dense_macs` and
 :func:`experiments.models.param_counts`.
 
-Command line (results go to ``experiments/results/structured/``)::
+Command line (results go to ``runs/structured/``, git-ignored, unless ``--out``
+names a JSON file; its folder's lock file ``.<name>.lock`` is held while the
+command runs, see :func:`experiments.fileio.lock_output`)::
 
   python -m experiments.structured pretrain --model lenet5
   python -m experiments.structured taylor --model lenet5
@@ -79,6 +81,8 @@ from flax import nnx
 import optax_gsm
 from optax_gsm import structured as st
 from experiments import flops as flops_lib
+from experiments.data import DATASETS
+from experiments.fileio import atomic_write_text, lock_output, run_command
 from experiments.models import get_model, param_counts
 from experiments.models.lenet import LeNet5, LeNet300100
 from experiments.models.resnet import CifarResNet
@@ -87,7 +91,11 @@ from experiments.models.vgg import VGGCifar
 ModulePath = tuple[Any, ...]
 PyTree = Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results" / "structured"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "runs" / "structured"
+# The models :func:`build_model` and :func:`plan_for` support.
+MODEL_NAMES = ("lenet5", "lenet_300_100", "vgg_small", "vgg_cifar", "resnet56",
+               "resnet8")
 WORK_DIR_ENV = "OPTAX_GSM_STRUCTURED_WORK"
 CRITERIA = ("taylor", "taylor_gate", "fisher")
 
@@ -1395,10 +1403,9 @@ def _json_default(x: Any) -> Any:
 
 
 def write_result(result: dict, path: Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
-  os.replace(tmp, path)
+  """``result`` as JSON at ``path``, atomically (temporary file + rename)."""
+  atomic_write_text(path, json.dumps(result, indent=1, default=_json_default)
+                    + "\n")
 
 
 def _work_dir(args: argparse.Namespace) -> Path:
@@ -1428,8 +1435,9 @@ def build_parser() -> argparse.ArgumentParser:
       description="Taylor / Fisher feature-map pruning and AutoPrune.")
   p.add_argument("method", choices=("pretrain",) + CRITERIA + (
       "autoprune", "autoprune_structured", "gsm"))
-  p.add_argument("--model", default="lenet5")
-  p.add_argument("--dataset", default=None, help="default: by model")
+  p.add_argument("--model", default="lenet5", choices=MODEL_NAMES)
+  p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                 help="default: by model")
   p.add_argument("--mock", type=int, default=None, metavar="N",
                  help="use tfds.testing.mock_data with N examples (CI)")
   p.add_argument("--data-dir", default=None)
@@ -1437,7 +1445,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--work-dir", default=None,
                  help=f"pretrained weights cache (default ${WORK_DIR_ENV} or "
                       "~/.cache/optax_gsm/structured)")
-  p.add_argument("--out", default=None, help="result JSON path")
+  p.add_argument("--out", default=None,
+                 help="result JSON path (default runs/structured/"
+                      "<model>_<method>.json)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--pretrain-steps", type=int, default=2000)
@@ -1524,22 +1534,39 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
   return result
 
 
+def output_path(args: argparse.Namespace) -> Path:
+  """``--out``, or ``runs/structured/<model>_<method>[_<ste>][_mock].json``."""
+  if args.out:
+    return Path(args.out).expanduser().absolute()
+  tag = args.method + (f"_{args.ste}" if args.method.startswith("autoprune")
+                       else "")
+  return RESULTS_DIR / f"{args.model}_{tag}{'_mock' if args.mock else ''}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = build_parser().parse_args(argv)
-  t0 = time.perf_counter()
-  result = run(args)
-  result["command"] = "python -m experiments.structured " + " ".join(argv)
-  result["wall_seconds"] = time.perf_counter() - t0
-  if args.out:
-    out = Path(args.out)
-  else:
-    tag = args.method + (f"_{args.ste}" if args.method.startswith("autoprune")
-                         else "")
-    out = RESULTS_DIR / f"{args.model}_{tag}{'_mock' if args.mock else ''}.json"
-  write_result(result, out)
-  print(f"wrote {out}")
-  return 0
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.method == "gsm" and args.num_nonzero is None:
+    parser.error("gsm needs --num-nonzero")
+  out = output_path(args)
+  if out.is_dir():
+    parser.error(f"--out {args.out!r}: {out} is a folder; --out is the result "
+                 "JSON file's path")
+
+  def command() -> None:
+    # The result file is locked while the method runs: a second process
+    # writing the same file refuses instead of overwriting it.
+    with lock_output(out.parent, name=f".{out.name}.lock"):
+      t0 = time.perf_counter()
+      result = run(args)
+      result["command"] = "python -m experiments.structured " + " ".join(argv)
+      result["wall_seconds"] = time.perf_counter() - t0
+      write_result(result, out)
+    print(f"wrote {out}")
+
+  from experiments.data import DatasetError  # pylint: disable=import-outside-toplevel
+  return run_command(command, DatasetError)
 
 
 if __name__ == "__main__":

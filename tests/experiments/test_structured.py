@@ -242,3 +242,18 @@ def test_cifar_configurations_under_mock_data(argv, tmp_path):
     assert result["levels"][0]["max_abs_output_diff"] < 1e-4
   else:
     assert result["max_abs_output_diff"] < 1e-4
+
+
+def test_command_line_choices_are_checked_while_parsing(tmp_path, capsys):
+  out = tmp_path / "r.json"
+  for argv, says in (
+      (["gsm", "--model", "lenet7"], "argument --model: invalid choice: 'lenet7' (choose from "
+                                     + ", ".join(repr(m) for m in S.MODEL_NAMES) + ")"),
+      (["taylor", "--dataset", "cifar100"], "argument --dataset: invalid choice: 'cifar100'"),
+      (["gsm"], "gsm needs --num-nonzero"),
+  ):
+    with pytest.raises(SystemExit) as info:
+      S.main(argv + ["--out", str(out)])
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err
+  assert not out.exists()
