@@ -5,10 +5,11 @@ uncompressed) and is always read with ``allow_pickle=False``, so loading an
 untrusted file never executes code. It holds:
 
 * ``header``: UTF-8 JSON (as a uint8 array) with the format name and version,
-  the tree structure and, per leaf, its key path, shape, dtype, encoding,
-  number of stored entries and a sha256 checksum of its payload and of those
-  fields (so neither a flipped payload bit nor an edited shape or dtype
-  loads silently);
+  the tree structure with its sha256 checksum (``tree_sha256``, from version
+  2 on) and, per leaf, its key path, shape, dtype, encoding, number of stored
+  entries and a sha256 checksum of its payload and of those fields (so
+  neither a flipped payload bit, an edited shape or dtype nor an edited tree,
+  say a tuple made a list, loads silently);
 * per leaf ``i``, the arrays of one encoding:
 
   - ``dense``: ``i.values``, every entry;
@@ -41,7 +42,9 @@ With :math:`n` entries of :math:`b` bytes, :math:`k` of them non-zero and
    \text{csr} = 4 (\lceil n / 2^{16} \rceil + 1) + k (2 + b).
 
 Files are written atomically: to a temporary file in the destination folder,
-then moved into place with :func:`os.replace`.
+then moved into place with :func:`os.replace`. The temporary file is removed
+on any error; one left by a killed writer (which no ``finally`` survives) is
+removed by the next save to the same path, once no process holds its lock.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import re
+import time
 import io
 import json
 import math
@@ -61,10 +66,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+  import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+  fcntl = None
+
 PyTree = Any
 
 FORMAT_NAME = "optax_gsm.sparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this reader reads: version 1 files have no tree checksum, so their
+# tree is only checked structurally.
+READ_VERSIONS = (1, 2)
 ENCODINGS = ("dense", "bitmask", "coo", "csr")
 CSR_ROW = 2**16
 HEADER_NAME = "header"
@@ -267,30 +280,36 @@ def save_sparse(path: str | os.PathLike, params: PyTree, *,
   _write_zip(counter, dense_members)
   dense_bytes = counter.size
   header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "tree": skeleton, "dense_file_bytes": dense_bytes,
-            "leaves": metas}
+            "tree": skeleton, "tree_sha256": _tree_sha256(skeleton),
+            "dense_file_bytes": dense_bytes, "leaves": metas}
   header_arr = np.frombuffer(
       json.dumps(header, separators=(",", ":")).encode("utf-8"), np.uint8)
   members.insert(0, (HEADER_NAME, header_arr))
 
   folder = os.path.dirname(os.path.abspath(path))
+  _remove_stale_temps(folder, os.path.basename(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path),
-                             suffix=".tmp")
+                             suffix=_TMP_SUFFIX)
+  moved = False
   try:
     with os.fdopen(fd, "wb") as f:
+      if fcntl is not None:
+        # Held until the file is closed: tells a later save that this
+        # temporary file still has a live writer.
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
       _write_zip(f, members)
       f.flush()
       os.fsync(f.fileno())
-    # mkstemp creates the file readable by its owner only; give it the
-    # permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+      # mkstemp creates the file readable by its owner only; give it the
+      # permissions a plain open() would.
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)
+      os.replace(tmp, path)
+      moved = True
+  finally:
+    if not moved and os.path.lexists(tmp):
       os.remove(tmp)
-    raise
   return SparseFileInfo(path=path, file_bytes=os.path.getsize(path),
                         dense_file_bytes=dense_bytes, leaves=tuple(infos))
 
@@ -325,35 +344,15 @@ def load_sparse(path: str | os.PathLike, target: Optional[PyTree] = None
     [array([0, 7, 0], dtype=int8), (None, array(2.5))]
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(errno.ENOENT, "No sparse model file at", path)
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise SparseFileError(
-        f"{path} is not a readable .npz (zip) file; it may be truncated or "
-        f"not a sparse model file: {e}") from None
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise SparseFileError(
-        f"{path} is a single .npy array, not a sparse model .npz file.")
-  with npz:
+  with _open_npz(path) as npz:
     header = _read_header(npz, path)
     metas = header["leaves"]
     leaves = [_decode_leaf(npz, meta, i, path) for i, meta in enumerate(metas)]
+  # The tree is checked even with a target: a file with an edited tree is
+  # corrupt whatever it is loaded into.
+  tree = _checked_tree(header, leaves, path)
   if target is not None:
     return _unflatten_into(target, leaves, metas, path)
-  it = iter(leaves)
-  try:
-    tree = _rebuild(header["tree"], it, iter(m["path"] for m in metas))
-  except (KeyError, TypeError, ValueError, IndexError, StopIteration,
-          AttributeError, RecursionError) as e:
-    raise SparseFileError(
-        f"{path}: the tree structure in the header is malformed: "
-        f"{type(e).__name__}: {e}") from None
-  if next(it, None) is not None:
-    raise SparseFileError(
-        f"{path}: the header's tree structure has fewer leaves than the "
-        f"{len(leaves)} stored.")
   return tree
 
 
@@ -378,17 +377,10 @@ def sparse_file_report(path: str | os.PathLike) -> SparseFileInfo:
     ('bitmask', 2080)
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(errno.ENOENT, "No sparse model file at", path)
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      header = _read_header(npz, path)
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError,
-          AttributeError) as e:
-    if isinstance(e, SparseFileError):
-      raise
-    raise SparseFileError(
-        f"{path} is not a readable sparse model .npz file: {e}") from None
+  with _open_npz(path) as npz:
+    header = _read_header(npz, path)
+  # The leaves are not read, so their key paths stand in for them.
+  _checked_tree(header, [None] * len(header["leaves"]), path)
   infos = []
   for meta in header["leaves"]:
     shape = tuple(meta["shape"])
@@ -545,16 +537,57 @@ def _write_zip(fileobj, members: Sequence[tuple[str, np.ndarray]]) -> None:
 # Reading and checking.
 
 
+class _open_npz:
+  """``with _open_npz(path) as npz``: the archive, or a SparseFileError."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(errno.ENOENT, "No sparse model file at", path)
+    try:
+      npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise SparseFileError(
+          f"{path} is not a readable .npz (zip) file; it may be truncated or "
+          f"not a sparse model file: {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+      raise SparseFileError(
+          f"{path} is a single .npy array ({type(npz).__name__}), not a "
+          "sparse model .npz file (a zip of .npy arrays with a 'header' "
+          "entry).")
+    self.npz = npz
+
+  def __enter__(self):
+    return self.npz
+
+  def __exit__(self, *exc):
+    self.npz.close()
+    return False
+
+
+def _member(npz, name: str, what: str) -> np.ndarray:
+  """Entry ``name`` of the archive as an array, or a SparseFileError."""
+  try:
+    out = npz[name]
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError,
+          TypeError) as e:
+    raise SparseFileError(f"{what}: {e}") from None
+  if not isinstance(out, np.ndarray):
+    # numpy hands back the raw bytes of a member that is not a .npy array
+    # (a pickle, a text file): never unpickled, refused.
+    raise SparseFileError(
+        f"{what}: the entry is not a .npy array but {len(out)} raw bytes "
+        f"starting {bytes(out[:8])!r} (a pickle or another file); expected a "
+        ".npy array.")
+  return out
+
+
 def _read_header(npz, path: str) -> dict:
   if HEADER_NAME not in npz.files:
     raise SparseFileError(
         f"{path} has no '{HEADER_NAME}' entry, so it is not a sparse model "
         f"file written by optax_gsm.save_sparse (entries: "
         f"{sorted(npz.files)[:8]}).")
-  try:
-    raw = npz[HEADER_NAME]
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise SparseFileError(f"{path}: cannot read the header: {e}") from None
+  raw = _member(npz, HEADER_NAME, f"{path}: cannot read the header")
   if raw.dtype != np.uint8 or raw.ndim != 1:
     raise SparseFileError(
         f"{path}: the header must be a 1-D uint8 array of UTF-8 JSON, got "
@@ -572,10 +605,15 @@ def _read_header(npz, path: str) -> dict:
     raise SparseFileError(
         f"{path}: format is {header.get('format')!r}, expected "
         f"{FORMAT_NAME!r}.")
-  if header.get("version") != FORMAT_VERSION:
+  version = header.get("version")
+  if isinstance(version, bool) or version not in READ_VERSIONS:
     raise SparseFileError(
-        f"{path}: format version {header.get('version')!r} is not supported; "
-        f"this reader reads version {FORMAT_VERSION}.")
+        f"{path}: format version {version!r} is not supported; this reader "
+        f"reads versions {', '.join(map(str, READ_VERSIONS))}.")
+  if version >= 2 and not isinstance(header.get("tree_sha256"), str):
+    raise SparseFileError(
+        f"{path}: a version {version} header needs 'tree_sha256' (a str), "
+        f"got {header.get('tree_sha256')!r}.")
   leaves = header.get("leaves")
   if (not isinstance(leaves, list) or "tree" not in header
       or not isinstance(header.get("dense_file_bytes"), int)):
@@ -655,12 +693,9 @@ def _decode_leaf(npz, meta: dict, i: int, path: str) -> np.ndarray:
     name = meta["arrays"][role]
     if name not in npz.files:
       raise SparseFileError(f"{where}: the file has no entry {name!r}.")
-    try:
-      arrays[role] = npz[name]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-      raise SparseFileError(
-          f"{where}: cannot read entry {name!r} (corrupt or truncated "
-          f"file): {e}") from None
+    arrays[role] = _member(
+        npz, name,
+        f"{where}: cannot read entry {name!r} (corrupt or truncated file)")
   digest = _sha256(meta, [arrays[r] for r in roles])
   if digest != meta["sha256"]:
     raise SparseFileError(
@@ -792,6 +827,155 @@ def _rebuild(node: dict, leaves, paths, prefix: str = "") -> Any:
       out[k] = _rebuild(c, leaves, paths, prefix + step)
     return out
   raise ValueError(f"unknown node kind {kind!r}")
+
+
+def _tree_sha256(tree: dict) -> str:
+  """The checksum of a tree skeleton (its canonical JSON)."""
+  text = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_NODE_FIELDS = {"none": {"kind"}, "leaf": {"kind"},
+                "dict": {"kind", "keys", "children"},
+                "list": {"kind", "children"}, "tuple": {"kind", "children"},
+                "node": {"kind", "type", "keys", "children"}}
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_skeleton(node: Any, at: str) -> None:
+  """Checks that ``node`` is exactly what :func:`_skeleton` writes."""
+  place = at or "(root)"
+  if not isinstance(node, dict) or node.get("kind") not in _NODE_FIELDS:
+    kind = node.get("kind") if isinstance(node, dict) else node
+    raise ValueError(
+        f"at {place}: expected a node {{'kind': one of "
+        f"{sorted(_NODE_FIELDS)}, ...}}, got kind {kind!r}")
+  kind = node["kind"]
+  fields = set(node)
+  if fields != _NODE_FIELDS[kind]:
+    raise ValueError(
+        f"at {place}: a {kind!r} node has the fields "
+        f"{sorted(_NODE_FIELDS[kind])}, got {sorted(fields)}")
+  if kind in ("none", "leaf"):
+    return
+  children = node["children"]
+  if not isinstance(children, list):
+    raise ValueError(f"at {place}: 'children' must be a list")
+  if kind in ("list", "tuple"):
+    for i, c in enumerate(children):
+      _check_skeleton(c, f"{at}[{i}]")
+    return
+  keys = node["keys"]
+  if not isinstance(keys, list) or len(keys) != len(children):
+    raise ValueError(
+        f"at {place}: 'keys' must be a list as long as 'children'")
+  if kind == "dict":
+    if not all(isinstance(k, str) or _is_int(k) for k in keys):
+      raise ValueError(f"at {place}: dict keys must be str or int")
+    if len({(type(k), k) for k in keys}) != len(keys):
+      raise ValueError(f"at {place}: repeated dict keys")
+    for k, c in zip(keys, children):
+      _check_skeleton(c, f"{at}[{k!r}]")
+    return
+  if not isinstance(node["type"], str):
+    raise ValueError(f"at {place}: 'type' must be a str")
+  for e, c in zip(keys, children):
+    ok = isinstance(e, dict) and len(e) == 1
+    if ok:
+      (how, k), = e.items()
+      ok = ((how == "dict" and (isinstance(k, str) or _is_int(k)))
+            or (how == "attr" and isinstance(k, str))
+            or (how == "index" and _is_int(k)))
+    if not ok:
+      raise ValueError(
+          f"at {place}: a key entry must be {{'dict': str or int}}, "
+          f"{{'attr': str}} or {{'index': int}}, got {e!r}")
+    step = {"dict": f"[{k!r}]", "attr": f".{k}", "index": f"[{k}]"}[how]
+    _check_skeleton(c, at + step)
+
+
+def _checked_tree(header: dict, leaves: list, path: str) -> PyTree:
+  """The tree of the header around ``leaves``, checked exactly.
+
+  The skeleton must have exactly the fields :func:`save_sparse` writes, put
+  at every leaf the leaf stored with that key path, hold as many leaves as
+  are stored, and (from version 2) match ``tree_sha256``.
+  """
+  tree_node = header["tree"]
+  metas = header["leaves"]
+  it = iter(leaves)
+  try:
+    _check_skeleton(tree_node, "")
+    tree = _rebuild(tree_node, it, iter(m["path"] for m in metas))
+  except (KeyError, TypeError, ValueError, IndexError, StopIteration,
+          AttributeError, RecursionError) as e:
+    text = str(e) or "it ends before the stored leaves are placed"
+    raise SparseFileError(
+        f"{path}: the tree structure in the header is malformed: "
+        f"{type(e).__name__}: {text}") from None
+  if next(it, _END) is not _END:
+    raise SparseFileError(
+        f"{path}: the header's tree structure has fewer leaves than the "
+        f"{len(leaves)} stored.")
+  if header["version"] >= 2:
+    digest = _tree_sha256(tree_node)
+    if digest != header["tree_sha256"]:
+      raise SparseFileError(
+          f"{path}: the tree structure in the header does not match its "
+          f"checksum (tree_sha256 {header['tree_sha256']}, tree {digest}): "
+          "the header was edited or is corrupt.")
+  return tree
+
+
+_END = object()
+_TMP_SUFFIX = ".tmp"
+# A temporary file younger than this is never taken for stale: its writer
+# may not have locked it yet.
+_STALE_AFTER_S = 2.0
+
+
+def _remove_stale_temps(folder: str, basename: str) -> None:
+  """Removes the temporary files that killed saves to ``basename`` left.
+
+  A temporary file is stale when no process holds its lock (a live
+  :func:`save_sparse` holds it until the file is moved into place) and it
+  is older than :data:`_STALE_AFTER_S`. Without ``fcntl`` nothing is
+  removed.
+  """
+  if fcntl is None:  # pragma: no cover - not POSIX
+    return
+  pattern = re.compile(
+      "^" + re.escape("." + basename) + r"[A-Za-z0-9_]{8}"
+      + re.escape(_TMP_SUFFIX) + "$")
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return
+  now = time.time()
+  for name in names:
+    if not pattern.match(name):
+      continue
+    tmp = os.path.join(folder, name)
+    try:
+      if now - os.lstat(tmp).st_mtime < _STALE_AFTER_S:
+        continue
+      fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      continue          # a live writer holds it
+    else:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+    finally:
+      os.close(fd)
 
 
 def _unflatten_into(target: PyTree, leaves: list, metas: list, path: str

@@ -378,11 +378,14 @@ def test_header_missing_or_garbage(saved, tmp_path):
 def test_wrong_format_or_version(saved):
   path, _ = saved
   header = _header(path)
-  _with_header(path, {**header, "version": 2})
-  with pytest.raises(SparseFileError, match="version 2 is not supported"):
+  _with_header(path, {**header, "version": 3})
+  with pytest.raises(SparseFileError, match="version 3 is not supported"):
     sparse_io.load_sparse(path)
-  with pytest.raises(SparseFileError, match="version 2"):
+  with pytest.raises(SparseFileError, match="version 3"):
     sparse_io.sparse_file_report(path)
+  _with_header(path, {**header, "version": True})
+  with pytest.raises(SparseFileError, match="version True"):
+    sparse_io.load_sparse(path)
   _with_header(path, {**header, "format": "other"})
   with pytest.raises(SparseFileError, match="format is 'other'"):
     sparse_io.load_sparse(path)
@@ -550,3 +553,223 @@ def test_deeply_nested_header_tree(saved):
   _rewrite(path, members)
   with pytest.raises(SparseFileError):
     sparse_io.load_sparse(path)
+
+
+# --- issue 17 E: malformed inputs, exact tree, temporary files ------------------
+
+
+def test_header_of_pickle_bytes_is_refused(saved):
+  path, _ = saved
+  import pickle
+  members = _members(path)
+  members["header.npy"] = pickle.dumps({"format": "optax_gsm.sparse"})
+  _rewrite(path, members)
+  for fn in (sparse_io.load_sparse, sparse_io.sparse_file_report):
+    with pytest.raises(SparseFileError) as e:
+      fn(path)
+    text = str(e.value)
+    assert text.startswith(f"{path}: cannot read the header: the entry is "
+                           "not a .npy array but ")
+    assert "expected a .npy array" in text
+
+
+def test_leaf_member_of_raw_bytes_is_refused(saved):
+  path, _ = saved
+  members = _members(path)
+  name = [m for m in _header(path)["leaves"] if m["path"] == "['b']"][0][
+      "arrays"]["values"]
+  members[name + ".npy"] = b"not an npy file at all"
+  _rewrite(path, members)
+  with pytest.raises(SparseFileError,
+                     match=r"leaf \d \(\['b'\]\): cannot read entry .*"
+                     r"22 raw bytes starting b'not an n'"):
+    sparse_io.load_sparse(path)
+
+
+@pytest.mark.parametrize("fn", [sparse_io.load_sparse,
+                                sparse_io.sparse_file_report])
+def test_single_npy_file_is_refused(tmp_path, fn):
+  path = tmp_path / "weights.npy"
+  np.save(path, np.ones(3, np.float32))
+  with pytest.raises(SparseFileError) as e:
+    fn(path)
+  assert str(e.value) == (
+      f"{path} is a single .npy array (ndarray), not a sparse model .npz "
+      "file (a zip of .npy arrays with a 'header' entry).")
+
+
+def test_header_has_a_tree_checksum(saved):
+  path, _ = saved
+  header = _header(path)
+  assert header["version"] == 2
+  text = json.dumps(header["tree"], sort_keys=True, separators=(",", ":"))
+  import hashlib
+  assert header["tree_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tuple_file(tmp_path):
+  path = tmp_path / "t.npz"
+  sparse_io.save_sparse(path, {"a": (np.ones(2, np.float32),
+                                     np.zeros(3, np.int8)), "n": None})
+  return path
+
+
+def _tuple_to_list(tree):
+  tree["children"][0]["kind"] = "list"
+
+
+def _append_none(tree):
+  tree["children"][0]["children"].append({"kind": "none"})
+
+
+def _none_to_empty_tuple(tree):
+  tree["children"][1] = {"kind": "tuple", "children": []}
+
+
+@pytest.mark.parametrize("edit", [_tuple_to_list, _append_none,
+                                  _none_to_empty_tuple])
+@pytest.mark.parametrize("fn", ["load", "load_target", "report"])
+def test_edited_tree_is_refused(tmp_path, edit, fn):
+  path = _tuple_file(tmp_path)
+  target = sparse_io.load_sparse(path)
+  header = _header(path)
+  edit(header["tree"])
+  _with_header(path, header)
+  call = {"load": lambda: sparse_io.load_sparse(path),
+          "load_target": lambda: sparse_io.load_sparse(path, target=target),
+          "report": lambda: sparse_io.sparse_file_report(path)}[fn]
+  with pytest.raises(SparseFileError,
+                     match=r"does not match its checksum .*edited"):
+    call()
+
+
+def test_tree_needs_its_checksum_from_version_2(tmp_path):
+  path = _tuple_file(tmp_path)
+  header = _header(path)
+  del header["tree_sha256"]
+  _with_header(path, header)
+  with pytest.raises(SparseFileError, match="needs 'tree_sha256'"):
+    sparse_io.load_sparse(path)
+
+
+def test_version_1_file_still_loads_and_its_tree_is_checked(tmp_path):
+  path = _tuple_file(tmp_path)
+  want = sparse_io.load_sparse(path)
+  header = _header(path)
+  del header["tree_sha256"]
+  header["version"] = 1
+  _with_header(path, header)
+  got = sparse_io.load_sparse(path)
+  assert type(got["a"]) is tuple and got["n"] is None
+  assert_bitwise_equal(got, want)
+  assert len(sparse_io.sparse_file_report(path).leaves) == 2
+  # Without a checksum, fields that save_sparse never writes still fail.
+  header["tree"]["children"][0]["extra"] = 1
+  _with_header(path, header)
+  with pytest.raises(SparseFileError, match=r"malformed: ValueError: at "
+                     r"\['a'\]: a 'tuple' node has the fields \['children', "
+                     r"'kind'\], got \['children', 'extra', 'kind'\]"):
+    sparse_io.load_sparse(path)
+
+
+@pytest.mark.parametrize("tree, match", [
+    ({"kind": "dict", "keys": ["a", "a"], "children": [
+        {"kind": "leaf"}, {"kind": "leaf"}]}, "repeated dict keys"),
+    ({"kind": "dict", "keys": [True, "n"], "children": [
+        {"kind": "leaf"}, {"kind": "none"}]}, "dict keys must be str or int"),
+    ({"kind": "dict", "keys": ["a"], "children": {"a": 1}},
+     "'children' must be a list"),
+    ({"kind": "node", "type": "x.Y", "keys": [{"slot": 0}], "children": [
+        {"kind": "leaf"}]}, "a key entry must be"),
+    ({"kind": "leaf", "keys": []}, "a 'leaf' node has the fields"),
+    ([], "expected a node"),
+])
+def test_malformed_tree_fields(tmp_path, tree, match):
+  path = _tuple_file(tmp_path)
+  header = _header(path)
+  header["tree"] = tree
+  _with_header(path, header)
+  with pytest.raises(SparseFileError, match="malformed: ValueError: .*"
+                     + match):
+    sparse_io.load_sparse(path)
+
+
+def _temps(folder):
+  return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt])
+def test_failed_save_removes_its_temporary_file(tmp_path, monkeypatch, error):
+  path = tmp_path / "model.npz"
+  sparse_io.save_sparse(path, {"w": np.ones(3, np.float32)})
+  before = path.read_bytes()
+
+  def fail(fileobj, members):
+    fileobj.write(b"partial")
+    raise error
+  monkeypatch.setattr(sparse_io, "_write_zip", fail)
+  with pytest.raises(type(error) if isinstance(error, BaseException)
+                     else error):
+    sparse_io.save_sparse(path, {"w": np.zeros(3, np.float32)})
+  assert _temps(tmp_path) == []
+  assert path.read_bytes() == before          # the old file is intact
+
+
+def test_failed_replace_removes_its_temporary_file(tmp_path, monkeypatch):
+  path = tmp_path / "model.npz"
+
+  def fail(src, dst):
+    raise PermissionError("read-only destination")
+  monkeypatch.setattr(sparse_io.os, "replace", fail)
+  with pytest.raises(PermissionError):
+    sparse_io.save_sparse(path, {"w": np.ones(3, np.float32)})
+  assert _temps(tmp_path) == [] and not path.exists()
+
+
+def test_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  path = tmp_path / "model.npz"
+  # A save killed (SIGKILL: no finally runs) while writing its temporary file.
+  code = (
+      "import sys, time, numpy as np\n"
+      "from optax_gsm import sparse_io\n"
+      "write = sparse_io._write_zip\n"
+      "def hang(f, members):\n"
+      "  if isinstance(f, sparse_io._SizeOnly):\n"
+      "    return write(f, members)\n"
+      "  f.write(b'partial'); f.flush(); print('writing', flush=True)\n"
+      "  time.sleep(60)\n"
+      "sparse_io._write_zip = hang\n"
+      "sparse_io.save_sparse(sys.argv[1], {'w': np.ones(3, np.float32)})\n")
+  proc = subprocess.Popen([sys.executable, "-c", code, str(path)],
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert proc.stdout.readline().strip() == "writing"
+    (stale,) = _temps(tmp_path)
+    assert stale.startswith(".model.npz")
+    # While the writer lives, its temporary file is left alone, however old.
+    old = time.time() - 60
+    os.utime(tmp_path / stale, (old, old))
+    sparse_io.save_sparse(path, {"w": np.zeros(2, np.float32)})
+    assert _temps(tmp_path) == [stale]
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert _temps(tmp_path) == [stale]          # the killed writer left it
+  os.utime(tmp_path / stale, (old, old))
+  # A fresh one is kept: its writer may not have locked it yet.
+  young = tmp_path / ".model.npzabcd1234.tmp"
+  young.write_bytes(b"x")
+  # Another file's temporary file is not touched.
+  other = tmp_path / ".model.npz2abcd1234.tmp"
+  other.write_bytes(b"x")
+  os.utime(other, (old, old))
+  info = sparse_io.save_sparse(path, {"w": np.ones(4, np.float32)})
+  assert _temps(tmp_path) == sorted([young.name, other.name])
+  assert info.path == str(path)
+  assert_bitwise_equal(sparse_io.load_sparse(path),
+                       {"w": np.ones(4, np.float32)})
