@@ -487,11 +487,16 @@ def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
 # Exact integer sums in 16-bit limbs.
 
 
+# The shift of a limb, int32 so that lax shifts of int32 limbs keep their
+# dtype under jax_enable_x64 (a Python 16 would be an int64 there).
+_SHIFT16 = np.int32(16)
+
+
 def _norm(l0: Array, l1: Array, l2: Array) -> Limbs:
   """Carries so that l0, l1 are in [0, 2**16) (all limbs non-negative)."""
-  l1 = l1 + lax.shift_right_arithmetic(l0, 16)
+  l1 = l1 + lax.shift_right_arithmetic(l0, _SHIFT16)
   l0 = l0 & _MASK16
-  l2 = l2 + lax.shift_right_arithmetic(l1, 16)
+  l2 = l2 + lax.shift_right_arithmetic(l1, _SHIFT16)
   l1 = l1 & _MASK16
   return l0, l1, l2
 
@@ -503,8 +508,8 @@ def _add(a: Limbs, b: Limbs) -> Limbs:
 def _sub(a: Limbs, b: Limbs) -> Limbs:
   """``a - b`` for normalised ``a >= b`` (borrows via arithmetic shifts)."""
   d0 = a[0] - b[0]
-  d1 = a[1] - b[1] + lax.shift_right_arithmetic(d0, 16)
-  d2 = a[2] - b[2] + lax.shift_right_arithmetic(d1, 16)
+  d1 = a[1] - b[1] + lax.shift_right_arithmetic(d0, _SHIFT16)
+  d2 = a[2] - b[2] + lax.shift_right_arithmetic(d1, _SHIFT16)
   return d0 & _MASK16, d1 & _MASK16, d2
 
 
@@ -515,8 +520,8 @@ def _gt(a: Limbs, b: Limbs) -> Array:
 
 def _block_limbs(s_lo: Array, s_hi: Array) -> Limbs:
   """Limbs of ``s_hi * 2**16 + s_lo`` for 0 <= s_lo, s_hi < 2**31."""
-  t = s_hi + lax.shift_right_logical(s_lo, 16)
-  return s_lo & _MASK16, t & _MASK16, lax.shift_right_logical(t, 16)
+  t = s_hi + lax.shift_right_logical(s_lo, _SHIFT16)
+  return s_lo & _MASK16, t & _MASK16, lax.shift_right_logical(t, _SHIFT16)
 
 
 def _zero() -> Limbs:
@@ -664,7 +669,7 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False):
   # (blocks, block) layout; padding entries cost 0, so they change no sum.
   k2 = _blocked(flat_k, selection_lib.NAN_KEY)
   lo = _blocked(flat_c & _MASK16, 0)
-  hi = _blocked(lax.shift_right_logical(flat_c, 16), 0)
+  hi = _blocked(lax.shift_right_logical(flat_c, _SHIFT16), 0)
 
   def cost_where(sel) -> Limbs:
     s_lo = jnp.sum(jnp.where(sel, lo, 0), axis=1, dtype=jnp.int32)
