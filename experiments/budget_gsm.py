@@ -235,9 +235,7 @@ def train_gsm(
     train, test = pipelines
     model, meta = restore_base(config, Path(args.base_from).expanduser().absolute())
     schedule = config.gsm.lr_schedule(train.steps_per_epoch)
-    tx = make_gsm_tx(schedule, momentum=config.gsm.momentum, weight_decay=config.gsm.weight_decay,
-                     unselected_decay=config.unselected_decay(train.steps_per_epoch),
-                     score_momentum=config.score_momentum(train.steps_per_epoch), **gsm_kwargs)
+    tx = make_gsm_tx(schedule, **config.gsm_rule(train.steps_per_epoch), **gsm_kwargs)
     trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=config.nonzero_threshold,
                       num_nonzero=gsm_kwargs.get("num_nonzero"), name=f"gsm-{name}")
     print(f"[{name}] from the base model of {args.base_from} (epoch {meta['epoch']}); "

@@ -48,6 +48,8 @@ from typing import Any
 
 import optax
 
+import optax_gsm
+
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
@@ -146,6 +148,9 @@ class ExperimentConfig:
         (None: the running average from the first step).  Because the average
         is updated at every step, it holds the last raw scores when it switches
         on and needs no warm-up.
+      gsm_unselected_shrink: ``unselected_shrink`` of ``optax_gsm.gsm``: the
+        per-step shrink of the unselected weights, decoupled from the learning
+        rate (default: the library's default; None: the paper's rule).
       seed: seeds model initialisation and every epoch's data order.
       nonzero_threshold: |w| above which a weight counts as "non-zero by
         magnitude" in progress bars and histories.  GSM only decays unselected
@@ -173,6 +178,7 @@ class ExperimentConfig:
     gsm_unselected_decay_drops: int | None = None
     gsm_score_momentum: float | None = None
     gsm_score_momentum_from_epoch: int | None = None
+    gsm_unselected_shrink: float | None = optax_gsm.DEFAULT_UNSELECTED_SHRINK
     seed: int = 0
     nonzero_threshold: float = 1e-4
     keep_checkpoints: int = 3
@@ -214,6 +220,8 @@ class ExperimentConfig:
                 f"{self.gsm_unselected_decay_schedule!r}"
             )
 
+        self._optional_number("gsm_unselected_shrink", lambda x: 0 <= x < 1,
+                              "a number in [0, 1) (or None: the paper's rule)")
         momentum = self._optional_number("gsm_score_momentum", lambda x: 0 <= x < 1,
                                          "a number in [0, 1)")
         start = self._optional_int("gsm_score_momentum_from_epoch", 0, "from the first step")
@@ -274,6 +282,18 @@ class ExperimentConfig:
             {int(b * steps_per_epoch): 1.0 / self.gsm.decay
              for b in self.gsm.boundaries[:self.gsm_unselected_decay_drops]},
         )
+
+    def gsm_rule(self, steps_per_epoch: int) -> dict[str, Any]:
+        """The keyword arguments of ``optax_gsm.gsm`` that this config sets, but
+        the learning rate and the target (Q or a budget)."""
+        return {
+            "momentum": self.gsm.momentum,
+            "weight_decay": self.gsm.weight_decay,
+            "selection": self.gsm_selection,
+            "unselected_decay": self.unselected_decay(steps_per_epoch),
+            "score_momentum": self.score_momentum(steps_per_epoch),
+            "unselected_shrink": self.gsm_unselected_shrink,
+        }
 
     def num_nonzero(self, num_eligible: int) -> int:
         """Q for a model with ``num_eligible`` eligible weights (same rounding as the core)."""
@@ -371,6 +391,48 @@ _IMAGENET_GSM = ScheduleConfig(
     weight_decay=1e-4,
 )
 
+# The short schedules of the lossless-recipe rows (a dense base, then GSM with
+# the library's default rule). LeNet-300-100: 20 + 120 epochs, about 10
+# minutes on 2 CPU cores, the README's main demo. LeNet-5: 12 + 40 epochs.
+_MNIST_SHORT_BASE = ScheduleConfig(
+    epochs=20, base_lr=3e-2, boundaries=(10, 15), warmup_epochs=1, momentum=0.9,
+    weight_decay=5e-4)
+_MNIST_SHORT_GSM = ScheduleConfig(
+    epochs=120, base_lr=1e-2, boundaries=(70, 90, 110), warmup_epochs=1,
+    momentum=0.99, weight_decay=5e-4)
+_LENET5_SHORT_BASE = dataclasses.replace(_MNIST_SHORT_BASE, epochs=12, boundaries=(6, 9))
+_LENET5_SHORT_GSM = dataclasses.replace(_MNIST_SHORT_GSM, epochs=40, boundaries=(25, 33, 37))
+
+
+def _short_row(name: str, description: str, model: str, dataset: str, compression: float,
+               **fields: Any) -> ExperimentConfig:
+    """A row of the lossless recipe on the short schedule of its model."""
+    lenet5 = model == "lenet5"
+    return ExperimentConfig(
+        name=name, description=description, model=model,
+        data=DataConfig(dataset, batch_size=256),
+        train=_LENET5_SHORT_BASE if lenet5 else _MNIST_SHORT_BASE,
+        gsm=_LENET5_SHORT_GSM if lenet5 else _MNIST_SHORT_GSM,
+        compression=compression, quick=_MNIST_QUICK, **fields)
+
+
+_SHORT_ROWS = (
+    _short_row("lenet300_60x_short", "LeNet-300-100 on MNIST at 60x, short schedule "
+               "(20 + 120 epochs), default GSM rule: the main demo",
+               "lenet_300_100", "mnist", 60),
+    _short_row("lenet300_60x_short_paper_rule", "lenet300_60x_short with the paper's "
+               "literal rule (no shrink of the unselected weights)",
+               "lenet_300_100", "mnist", 60, gsm_unselected_shrink=None),
+    _short_row("lenet5_125x_short", "LeNet-5 on MNIST at 125x, short schedule "
+               "(12 + 40 epochs), default GSM rule", "lenet5", "mnist", 125),
+    _short_row("lenet5_300x_short", "LeNet-5 on MNIST at 300x, short schedule "
+               "(12 + 40 epochs), default GSM rule", "lenet5", "mnist", 300),
+    _short_row("fashion_lenet300_60x_short", "LeNet-300-100 on Fashion-MNIST at 60x, "
+               "lenet300_60x_short's recipe unchanged", "lenet_300_100", "fashion_mnist", 60),
+    _short_row("fashion_lenet5_125x_short", "LeNet-5 on Fashion-MNIST at 125x, "
+               "lenet5_125x_short's recipe unchanged", "lenet5", "fashion_mnist", 125),
+)
+
 CONFIGS: dict[str, ExperimentConfig] = {
     "lenet300_60x": ExperimentConfig(
         name="lenet300_60x",
@@ -380,6 +442,18 @@ CONFIGS: dict[str, ExperimentConfig] = {
         train=_MNIST_BASE,
         gsm=_MNIST_GSM,
         compression=60,
+        quick=_MNIST_QUICK,
+    ),
+    "lenet300_60x_paper_rule": ExperimentConfig(
+        name="lenet300_60x_paper_rule",
+        description="lenet300_60x with the paper's literal rule (no shrink of the "
+                    "unselected weights)",
+        model="lenet_300_100",
+        data=DataConfig("mnist", batch_size=256),
+        train=_MNIST_BASE,
+        gsm=_MNIST_GSM,
+        compression=60,
+        gsm_unselected_shrink=None,
         quick=_MNIST_QUICK,
     ),
     "lenet5_125x": ExperimentConfig(
@@ -456,6 +530,7 @@ CONFIGS: dict[str, ExperimentConfig] = {
         quick=_CIFAR_QUICK,
     ),
 }
+CONFIGS.update({row.name: row for row in _SHORT_ROWS})
 
 
 def config_names() -> list[str]:

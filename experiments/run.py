@@ -57,6 +57,7 @@ Set ``OPTAX_GSM_JAX_CACHE=DIR`` to keep compiled XLA programs between runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -378,10 +379,7 @@ class Run:
         meta = self._require_complete(base_ckpt, "train", model)
         q = self.num_nonzero()
         schedule = cfg.gsm.lr_schedule(train.steps_per_epoch)
-        tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
-                         weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
-                         unselected_decay=cfg.unselected_decay(train.steps_per_epoch),
-                         score_momentum=cfg.score_momentum(train.steps_per_epoch))
+        tx = make_gsm_tx(schedule, num_nonzero=q, **cfg.gsm_rule(train.steps_per_epoch))
         trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=cfg.nonzero_threshold,
                           num_nonzero=q, eval_cut=True, name="gsm", mesh=self.mesh)
         if self.args.benchmark_step:
@@ -622,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides with dotted keys, e.g. train.epochs=3 compression=100")
     parser.add_argument("--quick", action="store_true", help="use the config's short schedule")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed of the model initialisation and the data order (default: "
+                             "the config's, 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
     parser.add_argument("--out", default=None, help="output folder (default <repo>/runs/CONFIG)")
     parser.add_argument("--base-from", default=None, metavar="DIR",
@@ -672,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("CONFIG is required (see --list)")
     try:
         config = get_config(args.config, quick=args.quick, overrides=args.overrides)
+        if args.seed is not None:
+            config = dataclasses.replace(config, seed=args.seed)
     except ValueError as e:
         parser.error(str(e))
     phases = list(PHASES) if args.phase == "all" else [args.phase]

@@ -319,10 +319,7 @@ def selection_run(
     per_epoch = train.steps_per_epoch
     total = int(steps) if steps is not None else int(round(epochs * per_epoch))
     schedule = cfg.gsm.lr_schedule(per_epoch)
-    tx = make_gsm_tx(schedule, num_nonzero=q, momentum=cfg.gsm.momentum,
-                     weight_decay=cfg.gsm.weight_decay, selection=cfg.gsm_selection,
-                     unselected_decay=cfg.unselected_decay(per_epoch),
-                     score_momentum=cfg.score_momentum(per_epoch))
+    tx = make_gsm_tx(schedule, num_nonzero=q, **cfg.gsm_rule(per_epoch))
     trainer = Trainer(model, count_selections(tx), lr_schedule=schedule,
                       nonzero_threshold=cfg.nonzero_threshold, num_nonzero=q, name="selection")
     bar = tqdm(total=total, desc="top-Q selection run", disable=not progress, leave=False,

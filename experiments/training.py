@@ -1064,9 +1064,10 @@ def make_gsm_tx(
     weight_decay: float,
     **kwargs: Any,
 ) -> optax.GradientTransformation:
-    """GSM with the paper's rule: ``optax_gsm.gsm(schedule, num_nonzero=Q, ...)``.
+    """GSM: ``optax_gsm.gsm(schedule, num_nonzero=Q, ...)``.
 
-    ``kwargs`` go to ``optax_gsm.gsm``; for a budget instead of Q, pass
+    ``kwargs`` go to ``optax_gsm.gsm`` (a config's ``gsm_rule(steps_per_epoch)``
+    gives the rule's); for a budget instead of Q, pass
     ``num_nonzero=None, budget=B, costs=cost_tree`` (e.g. the FLOPs costs of
     :func:`experiments.flops.flops_cost_tree`; see :mod:`experiments.budget_gsm`).
     """
