@@ -405,7 +405,9 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
     if isinstance(q, int) and q >= n:
       # Static Q >= N keeps everything: exactly momentum SGD.
       masks = [jnp.ones(k.shape, bool) for k in keys]
-      kth = jnp.min(jnp.stack([jnp.min(k) for k in keys]))
+      # `initial`: a zero-size leaf has no minimum.
+      kth = jnp.min(jnp.stack([jnp.min(k, initial=jnp.iinfo(jnp.int32).max)
+                               for k in keys]))
     elif method == "search":
       # Warm start from the last threshold; the keys are recomputed inside
       # every counting pass from (g, w) rather than stored.

@@ -9,9 +9,8 @@ recompilation, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
 ``lax.scan`` (float16, bfloat16, float32, and float64 with x64 on), zero-size
 and scalar leaves, and convergence on a quadratic.
 
-Cases that fail only because of optax_gsm/transform.py are marked
-``xfail(strict=True)`` with the defect named, so that they fail (and get
-un-marked) once transform.py is fixed.
+Known defects are marked ``xfail(strict=True)`` with the defect named, so
+that they fail (and get un-marked) once fixed.
 """
 
 import dataclasses
@@ -322,10 +321,6 @@ def test_zero_size_and_scalar_leaves(case):
       rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transform.py: at compression 1 (static Q >= N) global_top_q computes "
-    "`jnp.min(k)` over every eligible leaf's keys, which has no identity on "
-    "a zero-size leaf; needs `jnp.min(k, initial=fast_select._INT_MAX)`."))
 def test_zero_size_leaf_at_compression_1():
   params = _odd_params()
   tx = optax_gsm.gsm(0.1, compression=1)

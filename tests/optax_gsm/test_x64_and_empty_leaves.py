@@ -240,10 +240,6 @@ def test_global_top_q_with_zero_size_leaf_below_n(method):
   assert int(state.num_nonzero) == 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transform.py, the static `q >= n` branch of global_top_q: "
-    "`jnp.min(k)` over a zero-size leaf's keys has no identity; needs "
-    "`jnp.min(k, initial=fast_select._INT_MAX)`."))
 def test_global_top_q_with_zero_size_leaf_at_compression_1():
   rng = np.random.default_rng(13)
   params = {"a_empty": jnp.zeros((0, 4)),
