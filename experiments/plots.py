@@ -197,3 +197,64 @@ def write_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plot_weight_histogram(results, out_dir / "weight_hist.png"),
     ]
     return [p for p in written if p is not None]
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "x", "D", "v")
+
+
+def plot_after_cut(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Test accuracy after a cut to Q at every GSM epoch, one line per run.
+
+    Args:
+      runs: label -> a GSM phase history (``results["phases"]["gsm"]["history"]``),
+        whose entries hold ``test_acc_after_cut``.
+      path: the PNG to write (atomically).
+
+    Returns:
+      ``path``. Lines differ by marker and dash pattern, so the figure reads in
+      black and white.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (label, history) in enumerate(runs.items()):
+        x, y = _series(history, "test_acc_after_cut", 0)
+        ax.plot(x, 100 * y, color="black" if i % 2 == 0 else "0.4",
+                linestyle=_LINE_STYLES[i % len(_LINE_STYLES)],
+                marker=_MARKERS[i % len(_MARKERS)], markevery=_markevery(len(x)),
+                markersize=4, linewidth=1.2, label=label)
+    ax.set_xlabel("GSM epoch")
+    ax.set_ylabel("test accuracy after the cut to Q (%)")
+    ax.grid(True, color="0.85")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.plots after-cut OUT.png LABEL=results.json ...``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.plots")
+    sub = parser.add_subparsers(dest="plot", required=True)
+    p = sub.add_parser("after-cut", help="accuracy after the cut against GSM epochs")
+    p.add_argument("out", type=Path)
+    p.add_argument("runs", nargs="+", metavar="LABEL=RESULTS_JSON")
+    args = parser.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        label, sep, file = item.partition("=")
+        if not sep or not label:
+            parser.error(f"{item!r}: expected LABEL=path/to/results.json")
+        try:
+            runs[label] = json.loads(Path(file).read_text())["phases"]["gsm"]["history"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"{file}: not the results.json of a finished GSM phase ({e})")
+    print(plot_after_cut(runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
