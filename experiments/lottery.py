@@ -390,7 +390,6 @@ def lottery(args: argparse.Namespace, command: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(args.run_dir).expanduser().absolute()
     run, results = load_run(run_dir, args)
-    config = run.config
     out_dir = output_dir(args)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
 

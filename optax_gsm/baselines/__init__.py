@@ -92,6 +92,7 @@ __all__ = (
     "saliency_prune",
     "scheduled_magnitude_prune",
     "scheduled_masks",
+    "surgery_forward",
     "ticket_schedule",
     "top_q_masks",
 )

@@ -100,8 +100,8 @@ def test_a_missing_base_is_refused_before_anything_is_created(tmp_path: Path,
     (tmp_path / "empty_run").mkdir()
     t0 = time.perf_counter()
     for base, says in (
-        (tmp_path / "nope", f"is not a folder (expected an `experiments.run` output folder with "
-                            f"train/checkpoints)"),
+        (tmp_path / "nope", "is not a folder (expected an `experiments.run` output folder with "
+                            "train/checkpoints)"),
         (tmp_path / "empty_run", f"no train checkpoint in {tmp_path / 'empty_run' / 'train' / 'checkpoints'}; "
                                  f"train one with `python -m experiments.run lenet5_125x --phase train "
                                  f"--out {tmp_path / 'empty_run'}`"),
