@@ -264,26 +264,54 @@ def global_top_q(
     >>> int(state.num_nonzero), float(state.threshold)  # 2 kept; ratio >= 2
     (2, 2.0)
   """
-  init_fn, select_fn = _top_q_parts(
+  init_fn, select_fn, check_fn = _top_q_parts(
       num_nonzero, compression=compression, where=where, metric=metric,
       selection=selection, unselected_decay=unselected_decay,
       score_momentum=score_momentum, budget=budget, costs=costs)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def update_fn(updates, state, params=None):
     out, new_state, _ = select_fn(updates, state, params)
     return out, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _jit_when_eager(update_fn, check_fn))
+
+
+def _has_tracer(tree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _jit_when_eager(update_fn, check_fn):
+  """``update_fn``, compiled once per shape when it is called outside ``jit``.
+
+  The selection is a ``while_loop`` of counting passes, which JAX would
+  otherwise trace and compile again at every eager call (seconds each).
+  Inside a transformation (``jit``, ``vmap``, ``scan``: tracers) the update
+  runs as is. ``check_fn(state, params)`` first runs the checks that need
+  concrete values (a schedule's Q at this step), so an eager call still
+  raises where a jitted one would have to clip.
+  """
+  jitted = jax.jit(update_fn)
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None or _has_tracer((updates, state, params)):
+      return update_fn(updates, state, params)
+    check_fn(state, params)
+    return jitted(updates, state, params)
+
+  return update
 
 
 def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
                  unselected_decay, score_momentum, budget, costs):
-  """``(init_fn, select_fn)`` of :func:`global_top_q`, after its checks.
+  """``(init_fn, select_fn, check_fn)`` of :func:`global_top_q`.
 
   ``select_fn(updates, state, params)`` returns ``(updates, state, masks)``:
   ``masks`` holds one bool array per eligible leaf (leaf order), the ``B``
   of this step, for :func:`gsm`'s shrink of the unselected weights.
+  ``check_fn(state, params)`` raises where a concrete schedule gives an
+  invalid Q at ``state.count`` (see :func:`_jit_when_eager`).
   """
   _checks.check_target(num_nonzero, compression, budget=budget, costs=costs,
                        accepts_budget=True)
@@ -445,7 +473,13 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
         threshold_spread=spread)
     return jax.tree.unflatten(treedef, out), new_state, masks
 
-  return init_fn, select_fn
+  def check_fn(state, params):
+    if budget is None and (callable(num_nonzero) or callable(compression)):
+      leaves = jax.tree.leaves(params)
+      n = _num_eligible(leaves, eligibility.resolve_where(where, params))
+      _target_q(num_nonzero, compression, state.count, n, state.num_nonzero)
+
+  return init_fn, select_fn, check_fn
 
 
 def gsm(
@@ -512,10 +546,12 @@ def gsm(
   With ``compression=1`` this is ``optax.sgd(learning_rate, momentum)`` after
   ``optax.add_decayed_weights(weight_decay)`` on the eligible leaves.
 
-  With ``unselected_shrink=None`` it is ``optax.chain(global_top_q(...),
+  With ``unselected_shrink=None`` it computes ``optax.chain(global_top_q(...),
   add_decayed_weights(weight_decay, mask=where), trace(momentum, nesterov),
-  scale_by_learning_rate(lr))``; with a shrink, the same four states in the
-  same tuple, and the shrink added to the chain's update.
+  scale_by_learning_rate(lr))``, with that chain's tuple of four states; the
+  shrink is added to the chain's update. Called outside ``jit`` the update is
+  compiled once per shape, so eager loops are fast and give the jitted
+  results.
 
   Args:
     learning_rate: :math:`\alpha`, a number or an optax schedule.
@@ -611,27 +647,27 @@ def gsm(
   def decay_mask(params):
     return eligibility.where_tree(where, params)
 
-  rest = optax.chain(*_rest_parts(weight_decay, decay_mask, momentum,
-                                 nesterov, learning_rate))
+  rest = optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate))
   top_q_args = dict(compression=compression, where=where, metric=metric,
                     selection=selection, unselected_decay=unselected_decay,
                     score_momentum=score_momentum, budget=budget, costs=costs)
-  if unselected_shrink is None:
-    # The paper's rule: exactly the chain the docstring names.
-    return optax.chain(global_top_q(num_nonzero, **top_q_args), *_rest_parts(
-        weight_decay, decay_mask, momentum, nesterov, learning_rate))
-
-  top_q_init, top_q_select = _top_q_parts(num_nonzero, **top_q_args)
+  top_q_init, top_q_select, top_q_check = _top_q_parts(num_nonzero,
+                                                       **top_q_args)
 
   def init_fn(params):
-    # The same flat tuple of states as the paper rule's optax.chain, so
-    # checkpoints and code reading ``state[0]`` work with either rule.
+    # The flat tuple of states of the optax.chain of the four parts, so
+    # checkpoints and code reading ``state[0]`` see a plain chain's state.
     return (top_q_init(params),) + tuple(rest.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def update_fn(updates, state, params=None):
     masked, top_q_state, masks = top_q_select(updates, state[0], params)
     out, rest_state = rest.update(masked, tuple(state[1:]), params)
+    new_state = (top_q_state,) + tuple(rest_state)
+    if unselected_shrink is None:   # the paper's rule
+      return out, new_state
     rho = _checks.resolve_schedule(unselected_shrink, state[0].count)
     param_leaves, treedef = jax.tree.flatten(params)
     out_leaves = treedef.flatten_up_to(out)
@@ -642,14 +678,8 @@ def gsm(
       # weight loses the fraction rho of its value at every step.
       shrink = jnp.where(mask, jnp.zeros([], w.dtype), rho * w)
       out_leaves[i] = out_leaves[i] - shrink.astype(out_leaves[i].dtype)
-    return jax.tree.unflatten(treedef, out_leaves), (top_q_state,) + tuple(
-        rest_state)
+    return jax.tree.unflatten(treedef, out_leaves), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _rest_parts(weight_decay, decay_mask, momentum, nesterov, learning_rate):
-  """The transformations after the selection: decay, momentum, step size."""
-  return (optax.add_decayed_weights(weight_decay, mask=decay_mask),
-          optax.trace(decay=momentum, nesterov=nesterov),
-          optax.scale_by_learning_rate(learning_rate))
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _jit_when_eager(update_fn, lambda state, params: top_q_check(
+          state[0], params)))

@@ -320,3 +320,26 @@ def test_tree_map_params_maps_the_params_shaped_state(score_momentum, shrink):
     for leaf in jax.tree.leaves(ema):
       np.testing.assert_array_equal(leaf, 7.0)
   assert int(mapped[0].count) == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax_gsm.gsm(0.1, compression=7),
+    lambda: optax_gsm.gsm(optax.cosine_decay_schedule(0.1, 10), compression=7,
+                          unselected_shrink=None, score_momentum=0.5),
+    lambda: optax_gsm.global_top_q(compression=lambda step: 7 + step),
+], ids=["gsm", "gsm paper rule, schedules", "global_top_q, schedule"])
+def test_eager_and_jitted_updates_are_identical(make):
+  params = make_problem()
+  tx = make()
+  eager_state = jit_state = tx.init(params)
+  eager_params = jit_params = params
+  step = jax.jit(tx.update)
+  for s in range(3):
+    g = grads_like(params, s)
+    eager_u, eager_state = tx.update(g, eager_state, eager_params)
+    jit_u, jit_state = step(g, jit_state, jit_params)
+    for a, b in zip(jax.tree.leaves((eager_u, eager_state)),
+                    jax.tree.leaves((jit_u, jit_state))):
+      np.testing.assert_array_equal(a, b)
+    eager_params = optax.apply_updates(eager_params, eager_u)
+    jit_params = optax.apply_updates(jit_params, jit_u)
