@@ -10,7 +10,7 @@ it prints are the ones quoted in ``optax_gsm.gsm``'s docstring and in
 Two studies:
 
 * ``from-base``: a dense base (``--base-epochs``, lr 3e-2, momentum 0.9), then
-  GSM (lr 1e-2, beta 0.99, weight decay 5e-4, x0.1 at 4/7, 5/7 and 6/7 of
+  GSM (lr 1e-2 or ``--gsm-lr``, beta 0.99, weight decay 5e-4, x0.1 at 4/7, 5/7 and 6/7 of
   ``--gsm-epochs``, or a cosine schedule) for each ``--shrinks`` value, then
   the magnitude cut to Q.
 * ``swap``: a user's program, from scratch: ``optax.sgd(lr, momentum=0.9)``
@@ -152,13 +152,14 @@ def from_base(args: argparse.Namespace, data) -> None:
                       "after": after}), flush=True)
     for shrink in args.shrinks:
         t0 = time.perf_counter()
-        tx = optax_gsm.gsm(lr_schedule(1e-2, args.gsm_epochs, spe, args.schedule),
+        tx = optax_gsm.gsm(lr_schedule(args.gsm_lr, args.gsm_epochs, spe, args.schedule),
                            compression=args.compression, momentum=0.99, weight_decay=5e-4,
-                           unselected_shrink=shrink)
+                           unselected_shrink=shrink, score_momentum=args.score_momentum)
         params = train(base, tx, args.gsm_epochs, x, y, seed=args.seed + 1,
                        batch_size=args.batch_size)
         before, after = _cut(params, q, xt, yt)
         print(json.dumps({"row": "gsm", "shrink": shrink, "gsm_epochs": args.gsm_epochs,
+                          "gsm_lr": args.gsm_lr, "score_momentum": args.score_momentum,
                           "schedule": args.schedule, "compression": args.compression,
                           "seed": args.seed, "before": before, "after": after,
                           "seconds": round(time.perf_counter() - t0)}), flush=True)
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--base-epochs", type=int, default=20)
             p.add_argument("--gsm-epochs", type=int, default=40)
             p.add_argument("--schedule", choices=("step", "cosine"), default="step")
+            p.add_argument("--gsm-lr", type=float, default=1e-2)
+            p.add_argument("--score-momentum", type=float, default=None)
             p.add_argument("--batch-size", type=int, default=256)
         else:
             p.add_argument("--epochs", type=int, default=3)
