@@ -212,7 +212,7 @@ def global_top_q(
       is updated at every step, so a schedule that is 0 at first (raw
       scores) and high later holds the selection still from then on without
       a warm-up; on LeNet-5 at 300x, 0.99 from the first learning-rate drop
-      made the final cut lossless (see the README).
+      made the final cut lossless (see docs/results/lenet5_mnist.md).
     budget: alternatively to ``num_nonzero`` / ``compression``, the budget
       :math:`K \ge 0` on the total cost of the selected weights: an int, a
       float (floored), or an optax schedule ``step -> K`` (checked at step 0
@@ -571,7 +571,7 @@ def gsm(
       drop. A schedule that multiplies :math:`\eta_u` by 10 at the same
       steps keeps :math:`\alpha \eta_u` constant; in this project's
       LeNet-5 125x run it is what made the final cut reach the paper's
-      accuracy (see the README). Example, for ``lr`` dropping x0.1 at steps
+      accuracy (see docs/results/lenet5_mnist.md). Example, for ``lr`` dropping x0.1 at steps
       1000 and 2000:
       ``optax.piecewise_constant_schedule(1e-3, {1000: 10., 2000: 10.})``.
     score_momentum: running average of the scores; see :func:`global_top_q`.

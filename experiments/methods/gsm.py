@@ -1,5 +1,5 @@
 """GSM (Ding et al., NeurIPS 2019) in the comparison: train from the base with
-``optax_gsm.gsm`` for ``budget.epochs`` epochs, then the global magnitude cut to
+``optax_gsm.gsm`` (its default rule) for ``budget.epochs`` epochs, then the global magnitude cut to
 exactly Q (no fine-tuning, as in the paper).
 
 The final masks are kept in ``ctx.artifacts`` and cached on disk for GSM tickets
@@ -24,6 +24,7 @@ def masks_path(ctx: Context) -> Path:
     key = common.config_hash({"base": b.base_key(), "epochs": b.epochs, "gsm_lr": b.gsm_lr,
                               "gsm_momentum": b.gsm_momentum,
                               "gsm_weight_decay": b.gsm_weight_decay,
+                              "gsm_unselected_shrink": optax_gsm.DEFAULT_UNSELECTED_SHRINK,
                               "model": ctx.model, "dataset": ctx.dataset,
                               "q": ctx.num_nonzero})
     return ctx.cache_dir / f"{ctx.dataset}_{ctx.model}_gsm_{ctx.compression:g}x_{key}.npz"
