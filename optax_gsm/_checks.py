@@ -172,6 +172,14 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...],
                  *, allow_callable: bool = False) -> None:
   if allow_callable and callable(value):
     return
+  if isinstance(value, (jax.Array, np.ndarray, jax.core.Tracer)):
+    # optax.inject_hyperparams called a callable argument as a schedule and
+    # passed on its result.
+    from optax_gsm import eligibility  # pylint: disable=import-outside-toplevel
+    raise TypeError(
+        f"`{name}` must be one of {choices}"
+        f"{' or a callable' if allow_callable else ''}, got an array. "
+        f"{eligibility.static_args_hint(name)}")
   if value not in choices:
     extra = " or a callable" if allow_callable else ""
     raise ValueError(

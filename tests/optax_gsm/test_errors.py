@@ -164,3 +164,12 @@ def test_schedule_target_out_of_range_later():
     updates, state = step(grads, state, PARAMS)
     assert int(state.num_nonzero) == 13   # round(26 / 2), kept
     assert int(sum(jnp.sum(updates[k] != 0) for k in ("w", "v"))) == 13
+
+
+def test_callable_metric_under_inject_hyperparams_names_static_args():
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.inject_hyperparams(optax_gsm.global_top_q)(
+      compression=2.0, metric=lambda score: score)
+  with pytest.raises(TypeError, match=r"`metric` must be one of .* got an array\. "
+                     r"Under optax.inject_hyperparams .*static_args"):
+    tx.init(PARAMS)
