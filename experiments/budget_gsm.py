@@ -235,7 +235,11 @@ def train_gsm(
     train, test = pipelines
     model, meta = restore_base(config, Path(args.base_from).expanduser().absolute())
     schedule = config.gsm.lr_schedule(train.steps_per_epoch)
-    tx = make_gsm_tx(schedule, **config.gsm_rule(train.steps_per_epoch), **gsm_kwargs)
+    rule = config.gsm_rule(train.steps_per_epoch)
+    if "budget" in gsm_kwargs:
+        # A budget has one exact selection backend; `selection` is for Q.
+        rule.pop("selection")
+    tx = make_gsm_tx(schedule, **rule, **gsm_kwargs)
     trainer = Trainer(model, tx, lr_schedule=schedule, nonzero_threshold=config.nonzero_threshold,
                       num_nonzero=gsm_kwargs.get("num_nonzero"), name=f"gsm-{name}")
     print(f"[{name}] from the base model of {args.base_from} (epoch {meta['epoch']}); "
@@ -377,8 +381,7 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, base_from: Path, ou
         trainer = None
     else:
         model, fit, trainer = train_gsm("count", config, args, pipelines, work,
-                                        {"num_nonzero": q}, num_nonzero=q,
-                                        selection=config.gsm_selection)
+                                        {"num_nonzero": q}, num_nonzero=q)
     pruned, _ = optax_gsm.magnitude_prune(param_dict(model), num_nonzero=q)
     count = finish("count", model, pruned, costs, test, work, fit, trainer)
     count["target"] = {"num_nonzero": q, "compression": config.compression}

@@ -238,8 +238,9 @@ def test_score_momentum_from_epoch_ranks_raw_scores_then_the_average() -> None:
     grads = [np.array([[1.0, 0.1, 0.1, 0.1]])] * 2 + [np.array([[0.1, 1.0, 0.1, 0.1]])]
 
     def selected(score_momentum):
+        # The paper's rule, so that exactly the selected weight has a non-zero update.
         tx = optax_gsm.gsm(1e-3, num_nonzero=1, momentum=0.0, weight_decay=0.0,
-                           score_momentum=score_momentum)
+                           score_momentum=score_momentum, unselected_shrink=None)
         params = {"w": jnp.ones((1, 4))}
         state, picks = tx.init(params), []
         for g in grads:
