@@ -2,6 +2,8 @@
 
 import numpy as np
 
+INT_MIN = int(np.iinfo(np.int32).min)
+
 
 def ranked_selection(scores_list, q):
   """Boolean masks of the Q best entries, ranked with numpy's lexsort.
@@ -62,3 +64,32 @@ def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
       z[i] = momentum * z[i] + u
       w[i] = w[i] - lr * z[i] - shrink
   return w, masks_seq
+
+
+def int32_keys(scores):
+  """int32 keys like selection.scores_to_keys, in numpy."""
+  s = np.asarray(scores, np.float32)
+  bits = s.view(np.int32).astype(np.int64)
+  keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+  keys = np.where(keys == -1, 0, keys)
+  return np.where(np.isnan(s), INT_MIN, keys).astype(np.int64)
+
+
+def key_selection(leaves, q):
+  """``(masks, kth key)`` of the Q largest keys; ties to the lower global flat
+  index; NaN keys selected only when Q >= N."""
+  keys = np.concatenate([int32_keys(np.asarray(l, np.float32)).ravel()
+                         for l in leaves])
+  n = keys.size
+  q = int(min(max(q, 0), n))
+  order = np.lexsort((np.arange(n), -keys))     # last key is primary
+  sel = np.zeros(n, bool)
+  sel[order[:q]] = True
+  if q < n:
+    sel &= keys != INT_MIN
+  out, start = [], 0
+  for l in leaves:
+    size = int(np.size(l))
+    out.append(sel[start:start + size].reshape(np.shape(l)))
+    start += size
+  return out, (int(keys[order[q - 1]]) if q > 0 else INT_MIN)

@@ -21,9 +21,12 @@ import pytest
 import optax_gsm
 from optax_gsm import fast_select
 from optax_gsm import selection
+from tests.optax_gsm import reference
 
 BACKENDS = ("search", "threshold", "top_k")
-INT_MIN = np.iinfo(np.int32).min
+INT_MIN = reference.INT_MIN
+np_keys = reference.int32_keys
+np_select = reference.key_selection
 
 # Leaf shapes: last axes that are multiples of 32, not, and shorter than 32,
 # a 1-D leaf and a scalar leaf.
@@ -31,34 +34,6 @@ SHAPES = ((4, 64), (5, 37), (3, 2, 7), (97,), (), (2, 96))
 
 
 # --- numpy reference ------------------------------------------------------------
-
-
-def np_keys(scores):
-  """int32 keys like selection.scores_to_keys, in numpy."""
-  s = np.asarray(scores, np.float32)
-  bits = s.view(np.int32).astype(np.int64)
-  keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-  keys = np.where(keys == -1, 0, keys)
-  return np.where(np.isnan(s), INT_MIN, keys).astype(np.int64)
-
-
-def np_select(leaves, q):
-  """Masks of the Q largest keys; ties to the lower global flat index."""
-  keys = np.concatenate([np_keys(np.asarray(l, np.float32)).ravel()
-                         for l in leaves])
-  n = keys.size
-  q = int(min(max(q, 0), n))
-  order = np.lexsort((np.arange(n), -keys))     # last key is primary
-  sel = np.zeros(n, bool)
-  sel[order[:q]] = True
-  if q < n:
-    sel &= keys != INT_MIN
-  out, start = [], 0
-  for l in leaves:
-    size = int(np.size(l))
-    out.append(sel[start:start + size].reshape(np.shape(l)))
-    start += size
-  return out, (int(keys[order[q - 1]]) if q > 0 else INT_MIN)
 
 
 # --- jitted selections (one compilation per leaf shapes and dtype) -------------

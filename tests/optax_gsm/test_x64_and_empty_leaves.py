@@ -17,36 +17,17 @@ import pytest
 import optax_gsm
 from optax_gsm import fast_select
 from optax_gsm import selection
+from tests.optax_gsm import reference
 
 BACKENDS = ("auto", "search", "threshold", "top_k")
 # top_q_keys maps "auto" to "search" itself: the same code, tested once.
 KEY_BACKENDS = ("search", "threshold", "top_k")
-INT_MIN = np.iinfo(np.int32).min
-
-
-def np_keys(scores):
-  s = np.asarray(scores, np.float32)
-  bits = s.view(np.int32).astype(np.int64)
-  keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-  keys = np.where(keys == -1, 0, keys)
-  return np.where(np.isnan(s), INT_MIN, keys).astype(np.int64)
+INT_MIN = reference.INT_MIN
 
 
 def np_select(leaves, q):
-  """The Q largest keys; ties to the lower global flat index; NaN last."""
-  keys = np.concatenate([np_keys(l).ravel() for l in leaves])
-  n = keys.size
-  q = int(min(max(q, 0), n))
-  order = np.lexsort((np.arange(n), -keys))
-  sel = np.zeros(n, bool)
-  sel[order[:q]] = True
-  if q < n:
-    sel &= keys != INT_MIN
-  out, start = [], 0
-  for l in leaves:
-    out.append(sel[start:start + l.size].reshape(l.shape))
-    start += l.size
-  return out
+  """The reference masks (``reference.key_selection`` without the key)."""
+  return reference.key_selection(leaves, q)[0]
 
 
 def _scores():
