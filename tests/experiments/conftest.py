@@ -124,3 +124,28 @@ def mnist_run(tmp_path_factory: pytest.TempPathFactory, tfds_data_dir: Path, mni
     ]
     assert run.main(argv) == 0
     return out
+
+
+@pytest.fixture
+def lock_holder():
+    """``with lock_holder(folder) as process:`` another process holds the
+    ``experiments.fileio.lock_output`` lock of ``folder`` until the block ends."""
+    import contextlib
+    import subprocess
+
+    @contextlib.contextmanager
+    def hold(folder: Path):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nfrom experiments.fileio import lock_output\n"
+             "with lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n",
+             str(folder)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            yield holder
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return hold
+

@@ -43,23 +43,15 @@ def test_atomic_writes_use_unique_temporaries_and_keep_the_old_file_on_error(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]
 
 
-def test_lock_output_refuses_a_second_holder_and_touches_nothing(tmp_path) -> None:
+def test_lock_output_refuses_a_second_holder_and_touches_nothing(tmp_path, lock_holder) -> None:
     import fcntl
     import os
     import socket
-    import subprocess
-    import sys
 
     from experiments.fileio import LOCK_NAME, OutputLockError, lock_output
 
     out = tmp_path / "out"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom experiments.fileio import lock_output\n"
-         "with lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
-        cwd=repo, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder(out) as holder:
         (out / "results.json").write_text("{}")
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         with pytest.raises(OutputLockError) as info:
@@ -73,9 +65,6 @@ def test_lock_output_refuses_a_second_holder_and_touches_nothing(tmp_path) -> No
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         # run_command reports it as a user-fixable error.
         assert run_command(lambda: lock_output(out).__enter__()) == 2
-    finally:
-        holder.kill()
-        holder.wait()
     # Released when the holder dies, however it dies; and re-entrant within a process.
     with lock_output(out) as folder, lock_output(out):
         assert folder == out

@@ -177,7 +177,8 @@ def test_a_locked_out_folder_is_refused_and_left_untouched(
         held.close()
 
 
-def test_two_runs_on_one_out_folder(tmp_path: Path, tfds_data_dir: Path, mnist_builder) -> None:
+def test_two_runs_on_one_out_folder(tmp_path: Path, tfds_data_dir: Path, mnist_builder,
+                                    lock_holder) -> None:
     """A real second process: `python -m experiments.run` while another holds --out."""
     import os
     import socket
@@ -187,12 +188,7 @@ def test_two_runs_on_one_out_folder(tmp_path: Path, tfds_data_dir: Path, mnist_b
     del mnist_builder
     repo = Path(run.__file__).resolve().parents[1]
     out = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom experiments.fileio import lock_output\n"
-         "with lock_output(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
-        cwd=repo, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_holder(out) as holder:
         before = snapshot(out)
         env = {**os.environ, "PYTHONPATH": str(repo)}
         second = subprocess.run(
@@ -203,9 +199,6 @@ def test_two_runs_on_one_out_folder(tmp_path: Path, tfds_data_dir: Path, mnist_b
         assert (f"error: output folder {out} is in use by process {holder.pid} on host "
                 f"{socket.gethostname()} (started ") in second.stderr
         assert snapshot(out) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_default_output_folders_are_git_ignored_runs_folders(tmp_path: Path) -> None:
