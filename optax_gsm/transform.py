@@ -308,8 +308,8 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
   """``(init_fn, select_fn, check_fn)`` of :func:`global_top_q`.
 
   ``select_fn(updates, state, params)`` returns ``(updates, state, masks)``:
-  ``masks`` holds one bool array per eligible leaf (leaf order), the ``B``
-  of this step, for :func:`gsm`'s shrink of the unselected weights.
+  ``masks`` maps the index of each eligible leaf (in ``jax.tree.leaves``
+  order) to its bool mask, the ``B`` of this step, for :func:`gsm`'s shrink of the unselected weights.
   ``check_fn(state, params)`` raises where a concrete schedule gives an
   invalid Q at ``state.count`` (see :func:`_jit_when_eager`).
   """
@@ -368,7 +368,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
     return state
 
   def select_fn(updates, state, params):
-    """The update, the new state and the masks (one per eligible leaf)."""
+    """The update, the new state and ``{eligible leaf index: mask}``."""
     if params is None:
       raise ValueError(
           "global_top_q scores weights by their values, so update() needs "
@@ -426,7 +426,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
           score_ema=new_ema,
           threshold_drift=state.threshold_drift,
           threshold_spread=state.threshold_spread)
-      return jax.tree.unflatten(treedef, out), new_state, masks
+      return jax.tree.unflatten(treedef, out), new_state, dict(zip(eligible, masks))
 
     keys = [selection_lib.scores_to_keys(s) for s in scores]
     last_key = selection_lib.scores_to_keys(state.threshold)
@@ -471,7 +471,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
         score_ema=new_ema,
         threshold_drift=drift,
         threshold_spread=spread)
-    return jax.tree.unflatten(treedef, out), new_state, masks
+    return jax.tree.unflatten(treedef, out), new_state, dict(zip(eligible, masks))
 
   def check_fn(state, params):
     if budget is None and (callable(num_nonzero) or callable(compression)):
@@ -671,8 +671,7 @@ def gsm(
     rho = _checks.resolve_schedule(unselected_shrink, state[0].count)
     param_leaves, treedef = jax.tree.flatten(params)
     out_leaves = treedef.flatten_up_to(out)
-    flags = eligibility.resolve_where(where, params)
-    for i, mask in zip([i for i, f in enumerate(flags) if f], masks):
+    for i, mask in masks.items():
       w = param_leaves[i]
       # Decoupled from the learning rate and the momentum: an unselected
       # weight loses the fraction rho of its value at every step.
