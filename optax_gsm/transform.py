@@ -253,8 +253,8 @@ def global_top_q(
     [1.0, 1.0]
 
     With a budget: the first column costs 3 per entry, the second 1. The
-    ratios |g*w| / c are [[4/3, 2], [1, 4]]; a budget of 4 takes 4 (cost 1),
-    then 2 (cost 1), then 4/3 would make 5 > 4: stop.
+    ratios ``|g*w| / c`` are ``[[4/3, 2], [1, 4]]``; a budget of 4 takes 4
+    (cost 1), then 2 (cost 1), then 4/3 would make 5 > 4: stop.
 
     >>> tx = optax_gsm.global_top_q(budget=4, costs={'w': jnp.array([3, 1]),
     ...                                              'b': None})
