@@ -49,6 +49,11 @@ def magnitude_prune(
     [[0.0, -3.0], [2.0, 0.0]]
     >>> pruned['b'].tolist()
     [1.0, 1.0]
+
+  References:
+    X. Ding, G. Ding, X. Zhou, Y. Guo, J. Han, J. Liu. Global Sparse
+    Momentum SGD for Pruning Very Deep Neural Networks. NeurIPS 2019.
+    https://arxiv.org/abs/1909.12778
   """
   _checks.check_target(num_nonzero, compression)
   _checks.check_choice("selection", selection, selection_lib.SELECTIONS)

@@ -279,6 +279,11 @@ def layer_sensitivity(
     [("['a']", 5.0, 0.75), ("['b']", 0.005, 0.0)]
     >>> res.spearman
     {'nonzero_ratio': 1.0}
+
+  References:
+    X. Ding, G. Ding, X. Zhou, Y. Guo, J. Han, J. Liu. Global Sparse
+    Momentum SGD for Pruning Very Deep Neural Networks. NeurIPS 2019.
+    https://arxiv.org/abs/1909.12778
   """
   ratios = tuple(_check_ratio(r) for r in ratios)
   if not ratios:

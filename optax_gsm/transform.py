@@ -263,6 +263,11 @@ def global_top_q(
     [[0.0, 1.0], [0.0, 1.0]]
     >>> int(state.num_nonzero), float(state.threshold)  # 2 kept; ratio >= 2
     (2, 2.0)
+
+  References:
+    X. Ding, G. Ding, X. Zhou, Y. Guo, J. Han, J. Liu. Global Sparse
+    Momentum SGD for Pruning Very Deep Neural Networks. NeurIPS 2019.
+    https://arxiv.org/abs/1909.12778
   """
   init_fn, select_fn, check_fn = _top_q_parts(
       num_nonzero, compression=compression, where=where, metric=metric,
@@ -634,6 +639,11 @@ def gsm(
     [[0, 0, 0, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]
     >>> optax_gsm.total_cost({'w': costs['w']}, {'w': selected})
     13
+
+  References:
+    X. Ding, G. Ding, X. Zhou, Y. Guo, J. Han, J. Liu. Global Sparse
+    Momentum SGD for Pruning Very Deep Neural Networks. NeurIPS 2019.
+    https://arxiv.org/abs/1909.12778
   """
   _checks.check_range("momentum", momentum, 0.0, 1.0)
   _checks.check_range("weight_decay", weight_decay, 0.0, float("inf"),

@@ -258,6 +258,11 @@ def lobs_prune_layer(kernel: Any, hessian: Any, num_keep: int, *,
     >>> new, mask, _ = lobs_prune_layer(w, layer_hessian(x), 1, damping=0.0)
     >>> mask.ravel().tolist(), np.round(new.ravel(), 4).tolist()
     ([True, False], [1.1667, 0.0])
+
+  References:
+    X. Dong, S. Chen, S. J. Pan. Learning to Prune Deep Neural Networks via
+    Layer-wise Optimal Brain Surgeon. NeurIPS 2017.
+    https://arxiv.org/abs/1705.07565
   """
   if mode not in MODES:
     raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
@@ -364,6 +369,11 @@ def lobs_prune(
     ...                  {'a': layer_hessian(x)}, 5)
     >>> int(out['a']['mask'].sum()), int((out['a']['kernel'] != 0).sum())
     (5, 5)
+
+  References:
+    X. Dong, S. Chen, S. J. Pan. Learning to Prune Deep Neural Networks via
+    Layer-wise Optimal Brain Surgeon. NeurIPS 2017.
+    https://arxiv.org/abs/1705.07565
   """
   names = list(kernels)
   if set(names) != set(hessians):

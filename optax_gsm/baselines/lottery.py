@@ -50,6 +50,10 @@ def rewind(init_params: PyTree, masks: PyTree) -> PyTree:
     >>> w0 = {'w': jnp.array([0.3, -0.1, 0.2])}
     >>> rewind(w0, {'w': jnp.array([False, True, True])})['w'].tolist()
     [0.0, -0.1, 0.2]
+
+  References:
+    J. Frankle, M. Carbin. The Lottery Ticket Hypothesis: Finding Sparse,
+    Trainable Neural Networks. ICLR 2019. https://arxiv.org/abs/1803.03635
   """
   return masking.apply_masks(init_params, masks)
 
@@ -72,6 +76,10 @@ def ticket_schedule(num_eligible: int, num_nonzero: int, rounds: int
   Example:
     >>> ticket_schedule(1000, 10, 2)
     [100, 10]
+
+  References:
+    J. Frankle, M. Carbin. The Lottery Ticket Hypothesis: Finding Sparse,
+    Trainable Neural Networks. ICLR 2019. https://arxiv.org/abs/1803.03635
   """
   for name, v in (("num_eligible", num_eligible), ("num_nonzero", num_nonzero),
                   ("rounds", rounds)):
@@ -114,6 +122,10 @@ def imp_masks(params: PyTree, masks: PyTree, num_nonzero: int, *,
     >>> m = {'w': jnp.array([[False, True], [True, True]])}
     >>> imp_masks(w, m, 2)['w'].tolist()      # 5.0 was already pruned
     [[False, True], [True, False]]
+
+  References:
+    J. Frankle, M. Carbin. The Lottery Ticket Hypothesis: Finding Sparse,
+    Trainable Neural Networks. ICLR 2019. https://arxiv.org/abs/1803.03635
   """
   leaves, treedef = jax.tree.flatten(params)
   ms = masking.mask_leaves(masks, params)

@@ -109,6 +109,14 @@ def saliency_prune(
     >>> pruned, masks = saliency_prune(p, s, 2)
     >>> pruned['w'].tolist()           # ties at 4.0: both kept
     [[1.0, 0.0], [0.0, 3.0]]
+
+  References:
+    * P. Molchanov, S. Tyree, T. Karras, T. Aila, J. Kautz. Pruning
+      Convolutional Neural Networks for Resource Efficient Inference.
+      ICLR 2017. https://arxiv.org/abs/1611.06440
+    * N. Lee, T. Ajanthan, P. H. S. Torr. SNIP: Single-shot Network Pruning
+      based on Connection Sensitivity. ICLR 2019.
+      https://arxiv.org/abs/1810.02340
   """
   _checks.check_target(num_nonzero, compression)
   if callable(num_nonzero) or callable(compression):

@@ -172,6 +172,11 @@ def taylor_first_order(stats: GateStats,
     ...                           {'c': jnp.array([[2., -4.], [-2., 0.]])})
     >>> taylor_first_order(s, {'c': 4})['c'].tolist()
     [0.5, 0.5]
+
+  References:
+    P. Molchanov, S. Tyree, T. Karras, T. Aila, J. Kautz. Pruning
+    Convolutional Neural Networks for Resource Efficient Inference.
+    ICLR 2017. https://arxiv.org/abs/1611.06440
   """
   sizes = dict(spatial_sizes or {})
   out = {}
@@ -200,6 +205,11 @@ def taylor_gate(stats: GateStats) -> dict:
     ...                           {'c': jnp.array([[2., -4.], [-2., 0.]])})
     >>> taylor_gate(s)['c'].tolist()   # (mean over the batch)^2
     [0.0, 4.0]
+
+  References:
+    P. Molchanov, A. Mallya, S. Tyree, I. Frosio, J. Kautz. Importance
+    Estimation for Neural Network Pruning. CVPR 2019.
+    https://arxiv.org/abs/1906.10771
   """
   return {k: _safe_div(v, stats.num_batches)
           for k, v in stats.batch_sq_sum.items()}
@@ -220,6 +230,11 @@ def fisher(stats: GateStats) -> dict:
     ...                           {'c': jnp.array([[2., -4.], [-2., 0.]])})
     >>> fisher(s)['c'].tolist()
     [2.0, 4.0]
+
+  References:
+    L. Theis, I. Korshunova, A. Tejani, F. Huszar. Faster gaze prediction
+    with dense networks and Fisher pruning. 2018.
+    https://arxiv.org/abs/1801.05787
   """
   return {k: _safe_div(v, stats.num_examples) / 2.0
           for k, v in stats.sq_sum.items()}

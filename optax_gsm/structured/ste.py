@@ -250,6 +250,11 @@ def masked_weight(w: jax.Array, m: jax.Array, ste: str = "softplus", *,
     [[1.0, 0.0], [1.0, 1.0]]
     >>> g_m.tolist()   # sign(w) * 1, whatever |w|
     [[1.0, -1.0], [1.0, 1.0]]
+
+  References:
+    X. Xiao, Z. Wang, S. Rajasekaran. AutoPrune: Automatic Network Pruning
+    by Regularizing Auxiliary Parameters. NeurIPS 2019.
+    https://proceedings.neurips.cc/paper/2019/hash/4efc9e02abdab6b6166251918570a307-Abstract.html
   """
   alpha = _check_ste(ste, alpha)
   if not isinstance(decouple, bool):
