@@ -219,6 +219,10 @@ def dynamic_network_surgery(
     >>> _, state = tx.update({'w': jnp.zeros((2, 2))}, state, params)
     >>> dns_masks(state, params)['w'].tolist()
     [[False, True], [True, False]]
+
+  References:
+    Y. Guo, A. Yao, Y. Chen. Dynamic Network Surgery for Efficient DNNs.
+    NeurIPS 2016. https://arxiv.org/abs/1608.04493
   """
   rates_check = c_rate
   if isinstance(rates_check, bool):

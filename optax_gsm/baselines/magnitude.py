@@ -84,6 +84,11 @@ def layerwise_threshold_prune(params: PyTree, quality: float, *,
     >>> pruned, masks = layerwise_threshold_prune({'w': w}, 0.5)
     >>> masks['w'].tolist()
     [[True, False], [False, True]]
+
+  References:
+    S. Han, J. Pool, J. Tran, W. J. Dally. Learning both Weights and
+    Connections for Efficient Neural Networks. NeurIPS 2015.
+    https://arxiv.org/abs/1506.02626
   """
   try:
     q = float(quality)
@@ -138,6 +143,10 @@ def polynomial_sparsity_schedule(
     >>> s = polynomial_sparsity_schedule(0.0, 0.8, begin_step=0, end_step=100)
     >>> [round(float(s(t)), 4) for t in (0, 50, 100, 200)]
     [0.0, 0.7, 0.8, 0.8]
+
+  References:
+    M. Zhu, S. Gupta. To prune, or not to prune: exploring the efficacy of
+    pruning for model compression. 2017. https://arxiv.org/abs/1710.01878
   """
   s_i = _check_sparsity("initial_sparsity", initial_sparsity)
   s_f = _check_sparsity("final_sparsity", final_sparsity)
@@ -232,6 +241,10 @@ def scheduled_magnitude_prune(
     >>> updates, state = tx.update({'w': jnp.ones((2, 2))}, state, params)
     >>> optax.apply_updates(params, updates)['w'].tolist()
     [[0.0, -4.0], [3.0, 0.0]]
+
+  References:
+    M. Zhu, S. Gupta. To prune, or not to prune: exploring the efficacy of
+    pruning for model compression. 2017. https://arxiv.org/abs/1710.01878
   """
   if not callable(sparsity):
     raise TypeError(

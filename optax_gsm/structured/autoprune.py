@@ -114,6 +114,11 @@ def autoprune_regularizer(
     >>> u, _ = tx.update(g, tx.init(m), m)
     >>> u['fc'].tolist()
     [2.0, -1.0]
+
+  References:
+    X. Xiao, Z. Wang, S. Rajasekaran. AutoPrune: Automatic Network Pruning
+    by Regularizing Auxiliary Parameters. NeurIPS 2019.
+    https://proceedings.neurips.cc/paper/2019/hash/4efc9e02abdab6b6166251918570a307-Abstract.html
   """
   _checks.check_choice("regularizer", regularizer, REGULARIZERS)
   _checks.check_choice("ste", ste, ste_lib.STE_KINDS)
@@ -177,6 +182,11 @@ def autoprune_masks(
     >>> u, _ = tx.update(jnp.zeros(2), tx.init(m), m)
     >>> optax.apply_updates(m, u).tolist()
     [-0.25, -0.5]
+
+  References:
+    X. Xiao, Z. Wang, S. Rajasekaran. AutoPrune: Automatic Network Pruning
+    by Regularizing Auxiliary Parameters. NeurIPS 2019.
+    https://proceedings.neurips.cc/paper/2019/hash/4efc9e02abdab6b6166251918570a307-Abstract.html
   """
   return optax.chain(
       autoprune_regularizer(strength, regularizer=regularizer, ste=ste,
