@@ -276,7 +276,7 @@ def count_selections(tx: Any, *, where: Any = None) -> Any:
             # optax_gsm's "taylor" metric, widened to float32 as it does.
             scores = [jnp.abs(grad_leaves[i].astype(jnp.float32) * param_leaves[i].astype(jnp.float32))
                       for i in eligible]
-        keys = [optax_gsm.scores_to_keys(s) for s in scores]
+        keys = [optax_gsm.selection.scores_to_keys(s) for s in scores]
         masks, _ = optax_gsm.top_q_keys(keys, top_q.num_nonzero, method="threshold")
         count_leaves = treedef.flatten_up_to(state.counts)
         for i, m in zip(eligible, masks):
@@ -434,7 +434,7 @@ def spearman_by_ratio(result: Any) -> dict[str, dict[str, float | None]]:
             continue
         out[signal] = {}
         for j, r in enumerate(result.ratios):
-            rho = optax_gsm.spearman([layer.drops[j] for layer in result.layers], values)
+            rho = optax_gsm.sensitivity.spearman([layer.drops[j] for layer in result.layers], values)
             out[signal][f"{r:g}"] = None if math.isnan(rho) else rho
     return out
 
@@ -455,7 +455,7 @@ def final_vs_early(result: Any) -> float | None:
     layers = result.layers
     if not layers or any(l.nonzero_ratio is None or l.selection_density is None for l in layers):
         return None
-    rho = optax_gsm.spearman([l.nonzero_ratio for l in layers], [l.selection_density for l in layers])
+    rho = optax_gsm.sensitivity.spearman([l.nonzero_ratio for l in layers], [l.selection_density for l in layers])
     return None if math.isnan(rho) else rho
 
 

@@ -1086,7 +1086,7 @@ def autoprune(model: nnx.Module, train: Any, test: Any | None,
     effective = lambda p, m: site_masked_params(p, m, leaves, **common)
   else:
     masks = st.init_masks(params, config.mask_init)
-    effective = lambda p, m: st.apply_masks(p, m, **common)
+    effective = lambda p, m: st.apply_autoprune_masks(p, m, **common)
   mask_steps = config.steps if config.mask_steps is None else config.mask_steps
   # After mask_steps: masks frozen (learning rate 0), weights fine-tuned.
   lr_w = optax.piecewise_constant_schedule(
@@ -1245,7 +1245,7 @@ def autoprune_to_count(apply: Callable[[PyTree, jax.Array], jax.Array],
   @jax.jit
   def step(params, masks, opt_w, opt_m, x, y, train_masks):
     def loss_fn(params, masks):
-      eff = st.apply_masks(params, masks, ste=ste)
+      eff = st.apply_autoprune_masks(params, masks, ste=ste)
       return cross_entropy(apply(eff, x), y).mean()
     loss, (gp, gm) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, masks)
     u, opt_w = tx_w.update(gp, opt_w, params)
@@ -1278,7 +1278,7 @@ def autoprune_to_count(apply: Callable[[PyTree, jax.Array], jax.Array],
       opt_m.hyperparams["strength"] = jnp.asarray(lam, jnp.float32)
       history.append({"step": i + 1, "kept": kept, "strength": lam,
                       "loss": float(loss)})
-  final = jax.jit(lambda p, m: st.apply_masks(p, m, ste=ste))(params, masks)
+  final = jax.jit(lambda p, m: st.apply_autoprune_masks(p, m, ste=ste))(params, masks)
   info = {"kept_before_cut": history[-1]["kept"] if history else n_masks,
           "final_strength": float(opt_m.hyperparams["strength"]),
           "mask_steps": mask_steps, "history": history}

@@ -9,7 +9,6 @@ training, :func:`magnitude_prune` keeps the Q largest magnitudes.
 
 from optax_gsm.budget import budget_prune
 from optax_gsm.budget import budget_select
-from optax_gsm.budget import budget_top_keys
 from optax_gsm.budget import bytes_cost_tree
 from optax_gsm.budget import cost_tree
 from optax_gsm.budget import total_cost
@@ -19,11 +18,9 @@ from optax_gsm.pruning import magnitude_prune
 from optax_gsm.report import LeafSparsity
 from optax_gsm.report import SparsityReport
 from optax_gsm.report import sparsity_report
-from optax_gsm.selection import scores_to_keys
 from optax_gsm.sensitivity import SensitivityResult
 from optax_gsm.sensitivity import accumulate_selection_counts
 from optax_gsm.sensitivity import layer_sensitivity
-from optax_gsm.sensitivity import spearman
 from optax_gsm.sparse_io import SparseFileError
 from optax_gsm.sparse_io import SparseFileInfo
 from optax_gsm.sparse_io import load_sparse
@@ -48,7 +45,6 @@ __all__ = (
     "accumulate_selection_counts",
     "budget_prune",
     "budget_select",
-    "budget_top_keys",
     "bytes_cost_tree",
     "cost_tree",
     "count_eligible",
@@ -59,10 +55,8 @@ __all__ = (
     "load_sparse",
     "magnitude_prune",
     "save_sparse",
-    "scores_to_keys",
     "sparse_file_report",
     "sparsity_report",
-    "spearman",
     "top_q_keys",
     "total_cost",
 )

@@ -23,7 +23,7 @@ Example:
 
 from optax_gsm.structured.autoprune import REGULARIZERS
 from optax_gsm.structured.autoprune import AutoPruneRegularizerState
-from optax_gsm.structured.autoprune import apply_masks
+from optax_gsm.structured.autoprune import apply_autoprune_masks
 from optax_gsm.structured.autoprune import autoprune_masks
 from optax_gsm.structured.autoprune import autoprune_regularizer
 from optax_gsm.structured.autoprune import init_masks
@@ -52,8 +52,8 @@ __all__ = (
     "REGULARIZERS",
     "STE_KINDS",
     "accumulate_gate_stats",
+    "apply_autoprune_masks",
     "apply_gate",
-    "apply_masks",
     "autoprune_masks",
     "autoprune_regularizer",
     "binary_gate",

@@ -1,7 +1,7 @@
 r"""AutoPrune (Xiao, Wang and Rajasekaran, NeurIPS 2019) as optax pieces.
 
 The network uses :math:`W \odot h(M)` in place of :math:`W`
-(:func:`apply_masks`, built on :func:`~optax_gsm.structured.masked_weight`),
+(:func:`apply_autoprune_masks`, built on :func:`~optax_gsm.structured.masked_weight`),
 and the auxiliary parameters :math:`M` minimise
 
 .. math::  L(W \odot h(M)) + \lambda \, R(M)
@@ -215,7 +215,7 @@ def init_masks(params: PyTree, value: float = 1.0, *,
 
   Returns:
     A pytree shaped like ``params`` with float32 masks on the chosen leaves
-    and None elsewhere (the input of :func:`apply_masks`).
+    and None elsewhere (the input of :func:`apply_autoprune_masks`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -241,7 +241,7 @@ def init_masks(params: PyTree, value: float = 1.0, *,
   return jax.tree.map(init, params, flags)
 
 
-def apply_masks(params: PyTree, masks: PyTree, *, ste: str = "softplus",
+def apply_autoprune_masks(params: PyTree, masks: PyTree, *, ste: str = "softplus",
                 alpha: float = ste_lib.DEFAULT_ALPHA,
                 decouple: bool = True) -> PyTree:
   r"""The weights the network uses: :math:`W \odot h(M)` leaf by leaf.
@@ -262,7 +262,7 @@ def apply_masks(params: PyTree, masks: PyTree, *, ste: str = "softplus",
     >>> import jax.numpy as jnp
     >>> params = {'w': jnp.array([[1., 2.], [3., 4.]]), 'b': jnp.ones(2)}
     >>> masks = {'w': jnp.array([[1., -1.], [-1., 1.]]), 'b': None}
-    >>> apply_masks(params, masks)['w'].tolist()
+    >>> apply_autoprune_masks(params, masks)['w'].tolist()
     [[1.0, 0.0], [0.0, 4.0]]
   """
   def gate(m, w):

@@ -88,7 +88,7 @@ def test_pruned_weight_keeps_its_value_and_recovers():
   x = jnp.array([[1.0], [1.0]])
   # The loss wants the second weight back: L = (y - x (w~)_1)^2 with y = -3.
   def loss(p, m):
-    w = st.apply_masks(p, m, ste="linear")["w"]
+    w = st.apply_autoprune_masks(p, m, ste="linear")["w"]
     return jnp.sum((jnp.array([[-3.0]]) - x @ w[:, 1:]) ** 2)
   gp, gm = jax.grad(loss, argnums=(0, 1))(params, masks)
   assert float(gp["w"][0, 1]) == 0.0
@@ -99,7 +99,7 @@ def test_pruned_weight_keeps_its_value_and_recovers():
   assert float(params["w"][0, 1]) == -3.0          # value kept
   assert float(masks["w"][0, 1]) > 0               # gate reopened
   np.testing.assert_array_equal(
-      st.apply_masks(params, masks)["w"], [[2.0, -3.0]])
+      st.apply_autoprune_masks(params, masks)["w"], [[2.0, -3.0]])
 
 
 def test_masked_weight_errors():
@@ -165,7 +165,7 @@ def test_init_and_apply_masks_tree():
   assert masks["conv"]["bias"] is None
   assert masks["conv"]["kernel"].shape == (3, 3, 1, 2)
   masks["conv"]["kernel"] = masks["conv"]["kernel"].at[0, 0, 0, 1].set(-1.0)
-  out = st.apply_masks(params, masks)
+  out = st.apply_autoprune_masks(params, masks)
   assert float(jnp.sum(out["conv"]["kernel"])) == 17.0
   np.testing.assert_array_equal(out["conv"]["bias"], params["conv"]["bias"])
 
