@@ -49,14 +49,17 @@ class DNSState(NamedTuple):
   Attributes:
     count: updates so far (int32); the iteration :math:`k`.
     key: the PRNG key (``uint32[2]``) that draws the surgery coin flips.
-    thresholds: :math:`t_\\ell` per eligible leaf (float32 scalars), fixed at
-      init.
-    masks: :math:`T_\\ell` per eligible leaf (bool, leaf order).
+    thresholds: :math:`t_\\ell`, one float32 per eligible leaf (leaf order) in
+      a vector of shape ``(num_eligible_leaves,)``, fixed at init.
+    masks: :math:`T`, a pytree of bool arrays shaped like ``params`` (every
+      leaf; the leaves that are not eligible stay all True and are never
+      updated), so ``optax.tree_utils.tree_map_params`` maps it like a
+      momentum buffer and sharding, jit and orbax see plain arrays.
   """
   count: jax.Array
   key: jax.Array
-  thresholds: tuple
-  masks: tuple
+  thresholds: jax.Array
+  masks: PyTree
 
 
 def dns_thresholds(params: PyTree, c_rate: Union[float, Sequence[float]], *,
@@ -244,14 +247,19 @@ def dynamic_network_surgery(
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
-    flags = eligibility.resolve_where(where, params)
-    thresholds = dns_thresholds(params, c_rate, where=where)
+    masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+    if not leaves:
+      # optax.tree_utils.tree_map_params calls init on a placeholder with
+      # no leaves to find the params-shaped trees (here `masks`); there is
+      # nothing to resolve, and update() still refuses empty params.
+      thresholds = jnp.zeros((0,), jnp.float32)
+    else:
+      thresholds = jnp.stack(dns_thresholds(params, c_rate, where=where))
     return DNSState(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(seed),
-        thresholds=tuple(thresholds),
-        masks=tuple(jnp.ones(jnp.shape(l), bool)
-                    for l, f in zip(leaves, flags) if f))
+        thresholds=thresholds,
+        masks=masks)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -262,18 +270,23 @@ def dynamic_network_surgery(
           "params).")
     leaves = jax.tree.leaves(params)
     flags = eligibility.resolve_where(where, params)
-    eligible = [l for l, f in zip(leaves, flags) if f]
+    mask_leaves, mask_def = jax.tree.flatten(state.masks)
+    magnitude_lib._check_mask_count("DNSState", mask_leaves, leaves)  # pylint: disable=protected-access
     k = state.count
     key, sub = jax.random.split(state.key)
     prob = (1.0 + gamma * k.astype(jnp.float32)) ** (-float(power))
     do = jax.random.uniform(sub) < prob
     if stop_step is not None:
       do = do & (k < stop_step)
-    masks = tuple(
-        jnp.where(do, dns_update_masks(m, w, t, low=low, high=high), m)
-        for m, w, t in zip(state.masks, eligible, state.thresholds))
+    eligible = [i for i, f in enumerate(flags) if f]
+    for j, i in enumerate(eligible):
+      m = mask_leaves[i]
+      mask_leaves[i] = jnp.where(
+          do, dns_update_masks(m, leaves[i], state.thresholds[j], low=low,
+                               high=high), m)
     return updates, DNSState(count=optax.safe_increment(k), key=key,
-                             thresholds=state.thresholds, masks=masks)
+                             thresholds=state.thresholds,
+                             masks=jax.tree.unflatten(mask_def, mask_leaves))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -284,11 +297,18 @@ def dns_masks(opt_state: Any, params: PyTree,
 
   Args:
     opt_state: an optimizer state containing a :class:`DNSState`.
-    params: the parameter pytree (for the structure).
-    where: the ``where`` given to :func:`dynamic_network_surgery`.
+    params: the parameter pytree (for the structure; any pytree with the
+      same leaves in the same order, e.g. the plain dict of an
+      ``flax.nnx.State``).
+    where: accepted for compatibility and ignored: the state holds the mask
+      of every leaf (all True on the leaves that are not eligible).
 
   Returns:
     A pytree of bool arrays like ``params`` (all True on non-eligible leaves).
+
+  Raises:
+    ValueError: if the state's masks do not have one array per leaf of
+      ``params``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -297,10 +317,10 @@ def dns_masks(opt_state: Any, params: PyTree,
     >>> dns_masks(tx.init(params), params)['w'].tolist()
     [[True, True], [True, True]]
   """
+  del where  # the state is params-shaped
   st = magnitude_lib.find_state(opt_state, DNSState)
   leaves, treedef = jax.tree.flatten(params)
-  flags = eligibility.resolve_where(where, params)
-  it = iter(st.masks)
-  return jax.tree.unflatten(treedef, [
-      next(it) if f else jnp.ones(jnp.shape(l), bool)
-      for l, f in zip(leaves, flags)])
+  mask_leaves = jax.tree.leaves(st.masks)
+  magnitude_lib._check_mask_count("DNSState", mask_leaves, leaves)  # pylint: disable=protected-access
+  return jax.tree.unflatten(treedef, mask_leaves)
+

@@ -178,10 +178,13 @@ class ScheduledPruneState(NamedTuple):
 
   Attributes:
     count: updates so far (int32).
-    masks: one bool array per eligible leaf (leaf order); False = pruned.
+    masks: a pytree of bool arrays shaped like ``params`` (every leaf; the
+      leaves that are not eligible stay all True); False = pruned. Being
+      params-shaped, ``optax.tree_utils.tree_map_params`` maps it like a
+      momentum buffer, and sharding, jit and orbax see plain arrays.
   """
   count: jax.Array
-  masks: tuple
+  masks: PyTree
 
 
 def _keep_count(n: int, sparsity) -> jax.Array:
@@ -259,12 +262,16 @@ def scheduled_magnitude_prune(
     raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
 
   def init_fn(params):
-    leaves = jax.tree.leaves(params)
-    flags = eligibility.resolve_where(where, params)
+    if jax.tree.leaves(params):
+      # Checked here so that a bad `where` fails at init. Skipped without
+      # leaves: optax.tree_utils.tree_map_params calls init on a placeholder
+      # with none to find the params-shaped trees (here `masks`); update()
+      # still refuses empty params.
+      eligibility.resolve_where(where, params)
+    # Shaped like params, every leaf; the masks start all True.
     return ScheduledPruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=tuple(jnp.ones(jnp.shape(l), bool)
-                    for l, f in zip(leaves, flags) if f))
+        masks=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -276,6 +283,8 @@ def scheduled_magnitude_prune(
     u_leaves = treedef.flatten_up_to(updates)
     flags = eligibility.resolve_where(where, params)
     idx = [i for i, f in enumerate(flags) if f]
+    mask_leaves, mask_def = jax.tree.flatten(state.masks)
+    _check_mask_count("ScheduledPruneState", mask_leaves, p_leaves)
     t = state.count
     on = (t >= begin_step) & ((t - begin_step) % frequency == 0)
     if end_step is not None:
@@ -298,12 +307,16 @@ def scheduled_magnitude_prune(
                for k in keys]
       return tuple(jnp.logical_and(a, b) for a, b in zip(new, masks))
 
-    masks = jax.lax.cond(on, prune, lambda m: tuple(m), state.masks)
+    masks = jax.lax.cond(on, prune, lambda m: tuple(m),
+                         tuple(mask_leaves[i] for i in idx))
     out = list(u_leaves)
     for i, m in zip(idx, masks):
       u, w = u_leaves[i], p_leaves[i]
       out[i] = jnp.where(m, u, -w.astype(u.dtype))
-    new_state = ScheduledPruneState(count=optax.safe_increment(t), masks=masks)
+      mask_leaves[i] = m
+    new_state = ScheduledPruneState(
+        count=optax.safe_increment(t),
+        masks=jax.tree.unflatten(mask_def, mask_leaves))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -346,11 +359,18 @@ def scheduled_masks(opt_state: Any, params: PyTree,
 
   Args:
     opt_state: the optimizer state that contains a :class:`ScheduledPruneState`.
-    params: the parameter pytree (for the structure).
-    where: the same ``where`` as given to the transformation.
+    params: the parameter pytree (for the structure; any pytree with the
+      same leaves in the same order, e.g. the plain dict of an
+      ``flax.nnx.State``).
+    where: accepted for compatibility and ignored: the state holds the mask
+      of every leaf (all True on the leaves that are not eligible).
 
   Returns:
     A pytree of bool arrays like ``params`` (all True on non-eligible leaves).
+
+  Raises:
+    ValueError: if the state's masks do not have one array per leaf of
+      ``params``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -359,10 +379,20 @@ def scheduled_masks(opt_state: Any, params: PyTree,
     >>> scheduled_masks(tx.init(params), params)['b'].tolist()
     [True, True]
   """
+  del where  # the state is params-shaped
   st = find_state(opt_state, ScheduledPruneState)
   leaves, treedef = jax.tree.flatten(params)
-  flags = eligibility.resolve_where(where, params)
-  it = iter(st.masks)
-  return jax.tree.unflatten(treedef, [
-      next(it) if f else jnp.ones(jnp.shape(l), bool)
-      for l, f in zip(leaves, flags)])
+  mask_leaves = jax.tree.leaves(st.masks)
+  _check_mask_count("ScheduledPruneState", mask_leaves, leaves)
+  return jax.tree.unflatten(treedef, mask_leaves)
+
+
+def _check_mask_count(state_name: str, mask_leaves: list,
+                      param_leaves: list) -> None:
+  if len(mask_leaves) != len(param_leaves):
+    raise ValueError(
+        f"the {state_name} holds {len(mask_leaves)} masks but params have "
+        f"{len(param_leaves)} leaves; the state must come from init on "
+        "params of this structure (a state saved before the masks became "
+        "params-shaped holds only the eligible leaves' masks: re-initialise "
+        "it).")

@@ -30,12 +30,14 @@ class MaskedUpdatesState(NamedTuple):
   """State of :func:`masked_updates`.
 
   Attributes:
-    masks: one bool array per leaf of ``params`` (``jax.tree.leaves`` order);
-      False marks a pruned entry. Kept in the state (not in the closure) so
-      that it is checkpointed with the optimizer and not baked into the
-      compiled step as a constant.
+    masks: a pytree of bool arrays shaped like ``params`` (the masks given to
+      :func:`masked_updates`, matched leaf by leaf and put in the structure
+      of ``params``); False marks a pruned entry. Kept in the state (not in
+      the closure) so that it is checkpointed with the optimizer and not
+      baked into the compiled step as a constant; being params-shaped,
+      ``optax.tree_utils.tree_map_params`` maps it like a momentum buffer.
   """
-  masks: tuple
+  masks: PyTree
 
 
 def mask_leaves(masks: PyTree, params: PyTree, *, name: str = "masks"
@@ -153,15 +155,27 @@ def masked_updates(masks: PyTree, *, zero_pruned: bool = True
     raise TypeError(f"`zero_pruned` must be a bool, got {zero_pruned!r}.")
 
   def init_fn(params):
-    return MaskedUpdatesState(masks=tuple(mask_leaves(masks, params)))
+    leaves, treedef = jax.tree.flatten(params)
+    if not leaves:
+      # optax.tree_utils.tree_map_params calls init on a placeholder with
+      # no leaves to find the params-shaped trees; nothing to match there
+      # (update() refuses updates without leaves when `masks` has some).
+      return MaskedUpdatesState(masks=jax.tree.map(lambda p: p, params))
+    return MaskedUpdatesState(
+        masks=jax.tree.unflatten(treedef, mask_leaves(masks, params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     leaves, treedef = jax.tree.flatten(updates)
-    if len(leaves) != len(state.masks):
+    state_masks = jax.tree.leaves(state.masks)
+    if not leaves and jax.tree.leaves(masks):
+      raise ValueError(
+          f"`masks` must have one bool array per leaf of params: the "
+          f"updates have no leaves, `masks` has {len(jax.tree.leaves(masks))}.")
+    if len(leaves) != len(state_masks):
       raise ValueError(
           f"updates have {len(leaves)} leaves but masked_updates was "
-          f"initialised with {len(state.masks)}.")
+          f"initialised with {len(state_masks)}.")
     if zero_pruned:
       if params is None:
         raise ValueError(
@@ -170,10 +184,10 @@ def masked_updates(masks: PyTree, *, zero_pruned: bool = True
             "pass zero_pruned=False.")
       p_leaves = jax.tree.leaves(params)
       out = [jnp.where(m, u, -p.astype(u.dtype))
-             for u, p, m in zip(leaves, p_leaves, state.masks)]
+             for u, p, m in zip(leaves, p_leaves, state_masks)]
     else:
       out = [jnp.where(m, u, jnp.zeros([], u.dtype))
-             for u, m in zip(leaves, state.masks)]
+             for u, m in zip(leaves, state_masks)]
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -245,6 +245,143 @@ def test_surgery_forward_is_straight_through():
   np.testing.assert_array_equal(jax.grad(loss)(p)["w"], [[1.0, 1.0], [10.0, 10.0]])
 
 
+# ------------------------------------------- params-shaped mask states
+
+
+# {'b', 'v', 'w'}: leaf order b, v, w; v and w eligible (ndim >= 2).
+_MAP_PARAMS = {"w": jnp.array([[0.1, -2.0], [3.0, 0.2]]),
+               "v": jnp.array([[1.0, 3.0]]),
+               "b": jnp.array([0.5, -1.0])}
+_SPECS = {"w": "spec w", "v": "spec v", "b": "spec b"}
+
+
+def _dns_one_step():
+  # c = 0.5 on v (|v|: mean 2, std 1, t = 2.5), c = 0 on w (t = mean |w| =
+  # 1.325); the first step always prunes |x| < 0.9 t: v 1.0, w 0.1 and 0.2.
+  tx = baselines.dynamic_network_surgery([0.5, 0.0])
+  state = tx.init(_MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
+                       _MAP_PARAMS)
+  return tx, state, state
+
+
+def _scheduled_one_step():
+  # sgd(0) leaves W + u = W; half of the 6 eligible entries by magnitude
+  # (-2, 3, 3) are kept; b is not eligible.
+  tx = optax.chain(optax.sgd(0.0), baselines.scheduled_magnitude_prune(
+      lambda t: 0.5, frequency=1,
+      where={"w": True, "v": True, "b": False}))
+  state = tx.init(_MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
+                       _MAP_PARAMS)
+  return tx, state, state[1]
+
+
+_MASKS = {"w": jnp.array([[False, True], [True, False]]),
+          "v": jnp.array([[False, True]]),
+          "b": jnp.array([True, True])}
+
+
+def _masked_one_step():
+  tx = optax.chain(optax.sgd(0.5), baselines.masked_updates(
+      {"w": _MASKS["w"], "v": _MASKS["v"], "b": jnp.array([True, False])}))
+  state = tx.init(_MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
+                       _MAP_PARAMS)
+  return tx, state, state[1]
+
+
+_MASK_STATES = {
+    "dns": (_dns_one_step, _MASKS),
+    "scheduled": (_scheduled_one_step, _MASKS),
+    "masked_updates": (_masked_one_step, dict(_MASKS, b=jnp.array(
+        [True, False]))),
+}
+
+
+@pytest.mark.parametrize("name", list(_MASK_STATES))
+def test_mask_states_are_params_shaped_and_tree_map_params_maps_them(name):
+  make, want = _MASK_STATES[name]
+  tx, state, sub = make()
+  # Every leaf of params has its mask, in the structure of params.
+  assert jax.tree.structure(sub.masks) == jax.tree.structure(_MAP_PARAMS)
+  for k in _MAP_PARAMS:
+    np.testing.assert_array_equal(sub.masks[k], want[k])
+    assert sub.masks[k].dtype == jnp.bool_
+  # tree_map_params reaches the masks (and only the params-shaped trees).
+  flipped = optax.tree_utils.tree_map_params(tx, lambda m: ~m, state)
+  flipped_sub = flipped if name == "dns" else flipped[1]
+  for k in _MAP_PARAMS:
+    np.testing.assert_array_equal(flipped_sub.masks[k], ~np.asarray(want[k]))
+  for field in sub._fields:
+    if field != "masks":
+      np.testing.assert_array_equal(getattr(flipped_sub, field),
+                                    getattr(sub, field))
+  # The partition-spec pattern of optax's docstring: a params-shaped `rest`
+  # goes to the masks, everything else to transform_non_params.
+  specs = optax.tree_utils.tree_map_params(
+      tx, lambda _, spec: spec, state, _SPECS,
+      transform_non_params=lambda _: None)
+  spec_sub = specs if name == "dns" else specs[1]
+  assert spec_sub.masks == _SPECS
+  assert all(getattr(spec_sub, f) is None for f in sub._fields
+             if f != "masks")
+
+
+def test_dns_state_holds_one_threshold_per_eligible_leaf():
+  _, state, _ = _dns_one_step()
+  # Leaf order (b, v, w): v then w.
+  assert state.thresholds.shape == (2,) and state.thresholds.dtype == jnp.float32
+  np.testing.assert_allclose(state.thresholds, [2.5, 1.325], rtol=1e-6)
+  assert int(state.count) == 1
+
+
+def test_mask_states_round_trip_through_orbax(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  made = {name: make() for name, (make, _) in _MASK_STATES.items()}
+  states = {name: m[1] for name, m in made.items()}
+  targets = {name: m[0].init(_MAP_PARAMS) for name, m in made.items()}
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", states)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "state", target=targets)
+  assert jax.tree.structure(restored) == jax.tree.structure(states)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states)):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+  # The restored states continue exactly like the originals.
+  grads = jax.tree.map(lambda p: 2.0 * jnp.ones_like(p), _MAP_PARAMS)
+  for name, (tx, state, _) in made.items():
+    u1, s1 = tx.update(grads, restored[name], _MAP_PARAMS)
+    u2, s2 = tx.update(grads, state, _MAP_PARAMS)
+    for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_mask_readers_refuse_a_state_without_every_leaf():
+  # The layout before the masks became params-shaped: only eligible leaves.
+  old_dns = baselines.DNSState(
+      count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0),
+      thresholds=(jnp.float32(2.5), jnp.float32(1.325)),
+      masks=(_MASKS["v"], _MASKS["w"]))
+  with pytest.raises(ValueError, match="holds 2 masks but params have 3"):
+    baselines.dns_masks(old_dns, _MAP_PARAMS)
+  old_sched = baselines.ScheduledPruneState(
+      count=jnp.zeros([], jnp.int32), masks=(_MASKS["v"], _MASKS["w"]))
+  with pytest.raises(ValueError, match="re-initialise"):
+    baselines.scheduled_masks(old_sched, _MAP_PARAMS)
+  tx = baselines.scheduled_magnitude_prune(lambda t: 0.5, frequency=1)
+  with pytest.raises(ValueError, match="ScheduledPruneState holds 2 masks"):
+    tx.update(_MAP_PARAMS, old_sched, _MAP_PARAMS)
+
+
+def test_masked_updates_without_param_leaves_is_refused_at_update():
+  tx = baselines.masked_updates({"w": jnp.ones(2, bool)})
+  state = tx.init({})        # as optax's leafless tree_map_params placeholder
+  with pytest.raises(ValueError, match="one bool array per leaf"):
+    tx.update({}, state, {})
+
+
 # ------------------------------------------------------------------ L-OBS
 
 

@@ -226,13 +226,7 @@ def test_apply_if_finite_skips_a_non_finite_step(case):
 # --- tree_map_params --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", _xfail_if(
-    ("dynamic_network_surgery", "scheduled_magnitude_prune", "masked_updates"),
-    "baselines (dns.py, magnitude.py, masking.py), not transform.py: init "
-    "resolves `where` / checks `masks` on optax's leafless params "
-    "placeholder and raises, and the state keeps one mask per eligible "
-    "leaf, not a params-shaped tree, so tree_map_params cannot map it"),
-    ids=repr)
+@pytest.mark.parametrize("case", CASES, ids=repr)
 def test_tree_map_params(case):
   params = _params()
   tx = case.make(params)
