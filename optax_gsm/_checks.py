@@ -8,10 +8,12 @@ checked in Python; those are clipped at run time instead.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import numpy as np
+import optax
 
 Scalar = Union[int, float, jax.Array, np.ndarray]
 
@@ -136,10 +138,20 @@ def static_q(num_nonzero: Any, compression: Any, n_eligible: int) -> int:
   Assumes :func:`check_target` has passed; checks ``1 <= Q <= N_eligible``.
   """
   if num_nonzero is not None:
-    q = int(concrete(num_nonzero))
+    value = concrete(num_nonzero)
+    if value is None:
+      raise TypeError(f"A one-off cut needs a concrete `num_nonzero`, got "
+                      f"{num_nonzero!r} (a traced value: pass it as a "
+                      f"static argument).")
+    q = int(value)
     check_q_against(q, n_eligible, source=f"num_nonzero={num_nonzero!r}")
     return q
-  c = float(concrete(compression))
+  value = concrete(compression)
+  if value is None:
+    raise TypeError(f"A one-off cut needs a concrete `compression`, got "
+                    f"{compression!r} (a traced value: pass it as a static "
+                    f"argument).")
+  c = float(value)
   q = int(round(n_eligible / c))
   check_q_against(q, n_eligible, source=f"compression={c!r} over "
                   f"{n_eligible} eligible weights")
@@ -184,6 +196,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...],
     extra = " or a callable" if allow_callable else ""
     raise ValueError(
         f"`{name}` must be one of {choices}{extra}, got {value!r}.")
+
+
+def increment(count: Any) -> jax.Array:
+  """``optax.safe_increment``, typed as the array it returns for a count."""
+  return cast(jax.Array, optax.safe_increment(count))
 
 
 def resolve_schedule(value: Union[Scalar, Callable[[Any], Any]], count):

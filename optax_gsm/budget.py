@@ -47,6 +47,7 @@ import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -641,7 +642,8 @@ def top_keys_with_stats(keys: Sequence[Array], costs: Sequence[Array], budget
   return list(masks), kth, low, count
 
 
-def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False):
+def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
+                 ) -> tuple[Any, ...]:
   """The selection over the concatenated leaves (in global index order).
 
   Concatenating keeps the compiled program the same size whatever the number
@@ -700,7 +702,8 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False):
   blocks = _block_limbs(jnp.sum(c_lo, axis=1, dtype=jnp.int32),
                         jnp.sum(c_hi, axis=1, dtype=jnp.int32))
   offset = _norm(*(jnp.cumsum(x, dtype=jnp.int32) - x for x in blocks))
-  running = _add(within, tuple(x[:, None] for x in offset))
+  running = _add(within, (offset[0][:, None], offset[1][:, None],
+                          offset[2][:, None]))
   fits = ~_gt(running, remaining)
   mask = ((k2 > kth) | (tie & fits)).reshape(-1)[:n]
   # Everything fits: select all, NaN included; else NaN is never selected.

@@ -16,6 +16,7 @@ import math
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import jax.numpy as jnp
 
 PyTree = Any

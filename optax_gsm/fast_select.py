@@ -338,7 +338,7 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
            shapes: Sequence[Sequence[int]], q, *,
            hint: Optional[Array] = None,
            sigma: Optional[Array] = None,
-           return_info: bool = False):
+           return_info: bool = False) -> tuple[Any, ...]:
   """Exact top-Q masks over the keys ``key_fn(operands, i)``, ``i < len(shapes)``.
 
   Args:

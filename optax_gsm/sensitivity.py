@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from optax_gsm import eligibility
 from optax_gsm import pruning
@@ -36,7 +37,7 @@ PyTree = Any
 SIGNALS = ("nonzero_ratio", "selection_density", "selection_share")
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
+def rankdata(x: npt.ArrayLike) -> np.ndarray:
   """Ranks from 1 to n, ties given the average of the ranks they span.
 
   Example:
@@ -57,7 +58,7 @@ def rankdata(x: Sequence[float]) -> np.ndarray:
   return ranks
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
   r"""Spearman's rank correlation :math:`\rho` (Pearson's r of average ranks).
 
   Args:

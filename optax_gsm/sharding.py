@@ -351,7 +351,7 @@ def fsdp_partition_specs(tree: PyTree, mesh: MeshLike,
       best = len(shape) - 1
     if best is None:
       return PartitionSpec()
-    parts = [None] * len(shape)
+    parts: list[Any] = [None] * len(shape)
     parts[best] = entry
     while parts and parts[-1] is None:
       parts.pop()

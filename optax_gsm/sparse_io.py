@@ -482,7 +482,7 @@ def _sha256(meta: dict, arrays: Sequence[np.ndarray]) -> str:
   fields = {k: meta[k] for k in _HASHED_FIELDS}
   h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
   for a in arrays:
-    h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    h.update(np.ascontiguousarray(a).data.cast("B"))
   return h.hexdigest()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import chex
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import jax.numpy as jnp
 import optax
 
@@ -17,15 +17,15 @@ from optax_gsm import fast_select
 from optax_gsm import selection as selection_lib
 
 PyTree = Any
-Schedule = Callable[[chex.Numeric], chex.Numeric]
+Schedule = optax.Schedule
 ScalarOrSchedule = Union[float, int, jax.Array, Schedule]
 Metric = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
 Costs = Union[PyTree, Callable[[PyTree], PyTree]]
 
 METRICS = ("taylor", "magnitude")
 
-# The default per-step shrink of the unselected weights in :func:`gsm`; see
-# its docstring for the measurements behind the value.
+#: The default per-step shrink of the unselected weights in :func:`gsm`; see
+#: its docstring for the measurements behind the value.
 DEFAULT_UNSELECTED_SHRINK = 1e-2
 
 
@@ -425,7 +425,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
       # score; the largest ratio (the first one left out) if none fit.
       kth = jnp.where(selected > 0, low, first_out)
       new_state = GlobalTopQState(
-          count=optax.safe_increment(state.count),
+          count=_checks.increment(state.count),
           num_nonzero=jnp.asarray(selected, jnp.int32),
           threshold=selection_lib.keys_to_scores(kth),
           score_ema=new_ema,
@@ -470,7 +470,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
         last_key, kth, state.threshold_drift, state.threshold_spread,
         state.count > 0)
     new_state = GlobalTopQState(
-        count=optax.safe_increment(state.count),
+        count=_checks.increment(state.count),
         num_nonzero=jnp.clip(jnp.asarray(q, jnp.int32), 0, n),
         threshold=selection_lib.keys_to_scores(kth),
         score_ema=new_ema,
@@ -670,12 +670,13 @@ def gsm(
   def init_fn(params):
     # The flat tuple of states of the optax.chain of the four parts, so
     # checkpoints and code reading ``state[0]`` see a plain chain's state.
-    return (top_q_init(params),) + tuple(rest.init(params))
+    # (optax types a state as any pytree; a chain's is a tuple.)
+    return (top_q_init(params),) + tuple(rest.init(params))  # pyright: ignore[reportArgumentType]
 
   def update_fn(updates, state, params=None):
     masked, top_q_state, masks = top_q_select(updates, state[0], params)
     out, rest_state = rest.update(masked, tuple(state[1:]), params)
-    new_state = (top_q_state,) + tuple(rest_state)
+    new_state = (top_q_state,) + tuple(rest_state)  # pyright: ignore[reportArgumentType]
     if unselected_shrink is None:   # the paper's rule
       return out, new_state
     rho = _checks.resolve_schedule(unselected_shrink, state[0].count)

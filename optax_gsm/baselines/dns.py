@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_gsm import _checks
 from optax_gsm import eligibility
 from optax_gsm.baselines import magnitude as magnitude_lib
 
@@ -100,7 +101,8 @@ def _rates(c_rate, n: int) -> list[float]:
   if isinstance(c_rate, (int, float)) and not isinstance(c_rate, bool):
     return [float(c_rate)] * n
   try:
-    rates = [float(c) for c in c_rate]
+    # A bool is not iterable either: the TypeError below reports it.
+    rates = [float(c) for c in c_rate]  # pyright: ignore[reportGeneralTypeIssues]
   except (TypeError, ValueError):
     raise TypeError(
         f"`c_rate` must be a number or a sequence of numbers (one per "
@@ -284,7 +286,7 @@ def dynamic_network_surgery(
       mask_leaves[i] = jnp.where(
           do, dns_update_masks(m, leaves[i], state.thresholds[j], low=low,
                                high=high), m)
-    return updates, DNSState(count=optax.safe_increment(k), key=key,
+    return updates, DNSState(count=_checks.increment(k), key=key,
                              thresholds=state.thresholds,
                              masks=jax.tree.unflatten(mask_def, mask_leaves))
 

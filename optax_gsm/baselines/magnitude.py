@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_gsm import _checks
 from optax_gsm import eligibility
 from optax_gsm import selection as selection_lib
 
@@ -315,7 +316,7 @@ def scheduled_magnitude_prune(
       out[i] = jnp.where(m, u, -w.astype(u.dtype))
       mask_leaves[i] = m
     new_state = ScheduledPruneState(
-        count=optax.safe_increment(t),
+        count=_checks.increment(t),
         masks=jax.tree.unflatten(mask_def, mask_leaves))
     return jax.tree.unflatten(treedef, out), new_state
 

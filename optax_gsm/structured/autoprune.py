@@ -39,6 +39,7 @@ from optax_gsm.structured import ste as ste_lib
 PyTree = Any
 ScalarOrSchedule = Union[float, int, jax.Array, Callable[[Any], Any]]
 
+#: The regularizers of the masks (``regularizer=``).
 REGULARIZERS = ("gate_l1", "l1", "l2")
 
 
@@ -145,7 +146,7 @@ def autoprune_regularizer(
 
     new = jax.tree.map(add, updates, params, is_leaf=lambda x: x is None)
     return new, AutoPruneRegularizerState(
-        count=optax.safe_increment(state.count))
+        count=_checks.increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -131,7 +131,7 @@ def accumulate_gate_stats(stats: GateStats,
     raise ValueError(f"`per_example` has layers {sorted(per_example)}, the "
                      f"stats have {sorted(stats.abs_sum)}.")
   abs_sum, sq_sum, batch_sq = {}, {}, {}
-  n = None
+  n = 0
   for name, g in per_example.items():
     g = jnp.asarray(g, jnp.float32)
     c = stats.abs_sum[name].shape[0]

@@ -41,8 +41,10 @@ import math
 from typing import Any
 
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import jax.numpy as jnp
 
+#: The straight-through estimates of the hard gate's derivative (``ste=``).
 STE_KINDS = ("softplus", "leaky_relu", "linear")
 
 # tf.nn.leaky_relu's default slope; the AutoPrune authors' code is TensorFlow.
