@@ -20,6 +20,10 @@ Two studies:
 ``--shrinks`` is a comma-separated list of ``none`` (the paper's rule,
 ``unselected_shrink=None``) and numbers (``unselected_shrink``). Each row is
 one JSON line: accuracies before and after the cut, in percent.
+``from-base --save-params DIR`` also writes the dense base
+(``DIR/base.npz``) and each GSM row's model after the cut
+(``DIR/gsm_shrink<value>.npz``), flat ``{"dense0/kernel": array, ...}``
+(:func:`save_params`, :func:`load_params`); the printed rows are unchanged.
 
 Example::
 
@@ -138,6 +142,25 @@ def _cut(params, q, x, y) -> tuple[float, float]:
     return round(100 * float(accuracy(params, x, y)), 2), round(100 * float(accuracy(pruned, x, y)), 2)
 
 
+def save_params(params: dict, path: Path) -> None:
+    """Writes an MLP's ``{"dense0": {"kernel", "bias"}, ...}`` as a flat ``.npz``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{layer}/{name}": np.asarray(value)
+            for layer, leaves in params.items() for name, value in leaves.items()}
+    with open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def load_params(path: Path) -> dict:
+    """The params :func:`save_params` wrote (numpy arrays)."""
+    params: dict = {}
+    with np.load(path) as data:
+        for key in data.files:
+            layer, name = key.split("/")
+            params.setdefault(layer, {})[name] = data[key]
+    return dict(sorted(params.items(), key=lambda kv: int(kv[0][len("dense"):])))
+
+
 def from_base(args: argparse.Namespace, data) -> None:
     x, y, xt, yt = data
     spe = len(x) // args.batch_size
@@ -150,6 +173,8 @@ def from_base(args: argparse.Namespace, data) -> None:
     before, after = _cut(base, q, xt, yt)
     print(json.dumps({"row": "dense base", "epochs": args.base_epochs, "before": before,
                       "after": after}), flush=True)
+    if args.save_params is not None:
+        save_params(base, args.save_params / "base.npz")
     for shrink in args.shrinks:
         t0 = time.perf_counter()
         tx = optax_gsm.gsm(lr_schedule(args.gsm_lr, args.gsm_epochs, spe, args.schedule),
@@ -163,6 +188,9 @@ def from_base(args: argparse.Namespace, data) -> None:
                           "schedule": args.schedule, "compression": args.compression,
                           "seed": args.seed, "before": before, "after": after,
                           "seconds": round(time.perf_counter() - t0)}), flush=True)
+        if args.save_params is not None:
+            pruned, _ = optax_gsm.magnitude_prune(params, q)
+            save_params(pruned, args.save_params / f"gsm_shrink{shrink}.npz")
 
 
 def swap(args: argparse.Namespace, data) -> None:
@@ -203,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gsm-lr", type=float, default=1e-2)
             p.add_argument("--score-momentum", type=float, default=None)
             p.add_argument("--batch-size", type=int, default=256)
+            p.add_argument("--save-params", type=Path, default=None, metavar="DIR",
+                           help="write base.npz and gsm_shrink<value>.npz (after the cut) "
+                           "to DIR")
         else:
             p.add_argument("--epochs", type=int, default=3)
             p.add_argument("--lr", type=float, default=0.05)
