@@ -14,6 +14,11 @@
   :func:`rewind`, :func:`imp_masks`, :func:`ticket_schedule`.
 * One-shot global saliency pruning by :math:`|g w|`:
   :func:`init_saliency`, :func:`accumulate_saliency`, :func:`saliency_prune`.
+* Dynamic sparse training, RigL (Evci et al., ICML 2020) and SET (Mocanu et
+  al., Nature Communications 2018): :func:`rigl`,
+  :func:`sparse_evolutionary_training`, :func:`sparse_training_masks`,
+  :func:`drop_and_grow`; the uniform and Erdos-Renyi-Kernel layer densities
+  :func:`layer_densities` and the per-layer cut :func:`density_prune`.
 
 The library part depends only on jax, optax, chex and numpy.
 
@@ -61,24 +66,37 @@ from optax_gsm.baselines.masking import top_q_masks
 from optax_gsm.baselines.saliency import accumulate_saliency
 from optax_gsm.baselines.saliency import init_saliency
 from optax_gsm.baselines.saliency import saliency_prune
+from optax_gsm.baselines.sparse_training import RigLState
+from optax_gsm.baselines.sparse_training import SETState
+from optax_gsm.baselines.sparse_training import density_prune
+from optax_gsm.baselines.sparse_training import drop_and_grow
+from optax_gsm.baselines.sparse_training import layer_densities
+from optax_gsm.baselines.sparse_training import rigl
+from optax_gsm.baselines.sparse_training import sparse_evolutionary_training
+from optax_gsm.baselines.sparse_training import sparse_training_masks
 
 __all__ = (
     "DNSState",
     "HessianAccumulator",
     "MaskedUpdatesState",
+    "RigLState",
     "ScheduledPruneState",
+    "SETState",
     "accumulate_saliency",
     "apply_masks",
     "conv_patches",
     "count_kept",
     "damped_inverse",
+    "density_prune",
     "dns_masks",
     "dns_thresholds",
     "dns_update_masks",
+    "drop_and_grow",
     "dynamic_network_surgery",
     "find_state",
     "imp_masks",
     "init_saliency",
+    "layer_densities",
     "layer_hessian",
     "layerwise_threshold_prune",
     "lobs_prune",
@@ -89,9 +107,12 @@ __all__ = (
     "obs_sensitivity",
     "polynomial_sparsity_schedule",
     "rewind",
+    "rigl",
     "saliency_prune",
     "scheduled_magnitude_prune",
     "scheduled_masks",
+    "sparse_evolutionary_training",
+    "sparse_training_masks",
     "surgery_forward",
     "ticket_schedule",
     "top_q_masks",
