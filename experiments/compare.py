@@ -91,6 +91,8 @@ METHOD_NOTES = {
     "taylor": "structured (Molchanov et al. 2017): from the base, every k updates (lr constant) remove the feature map / neuron with the lowest per-layer-L2-normalised mean |gate gradient| (per example) until <= Q kernel weights remain (the count is reached from above, so non-zeros may be below Q); no FLOPs term; then the channels are cut out and the slim model fine-tunes (lr cosine); pruning takes <= 70% of the updates unless there are more removals than that, fine-tuning the rest",
     "taylor_gate": "structured (Molchanov et al. 2019): as `taylor` with the gate score, the mean over minibatches of the squared minibatch gate gradient, not normalised",
     "fisher": "structured (Theis et al. 2018): as `taylor` with the Fisher score, the mean over examples of the squared gate gradient / 2, not normalised",
+    "rigl": "RigL (Evci et al. 2020): the base cut to Q by magnitude per layer with Erdos-Renyi-Kernel counts, then retraining (lr cosine) while every 100 updates until 75% of them each layer drops the fraction 0.3 (1 + cos(pi t / T_end)) / 2 of its smallest weights and regrows as many where the dense gradient is largest (at zero, momentum reset)",
+    "set": "SET (Mocanu et al. 2018): as `rigl`, regrowing at random",
 }
 
 MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h", "<", ">", "X", "d", "p", "1")
@@ -501,6 +503,9 @@ def _cell_note(c: dict[str, Any]) -> str:
         parts.append("widths " + "-".join(str(w) for w in e["widths"].values()))
     if "macs_after" in e and e.get("macs_before"):
         parts.append(f"MACs {100 * e['macs_after'] / e['macs_before']:.1f}%")
+    if "moved" in e and "mask_updates" in e:
+        parts.append(f"{e['distribution'].upper()} start; {e['moved']} weights moved in "
+                     f"{e['mask_updates']} topology updates")
     if "prune_epochs" in e:
         parts.append(f"{e['prune_epochs']:.2f} epochs pruning ({e['removals']} removals x "
                      f"{e['steps_per_removal']} updates) + {e['finetune_epochs']:.2f} "

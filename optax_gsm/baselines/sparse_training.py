@@ -528,7 +528,10 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
     else:
       eligibility.resolve_where(where, params)
       treedef = jax.tree.structure(params)
-      state_masks = jax.tree.unflatten(treedef, _mask_leaves(masks, params))
+      # Copies: a training loop that donates the state must not delete the
+      # caller's masks.
+      state_masks = jax.tree.unflatten(
+          treedef, [jnp.array(m, copy=True) for m in _mask_leaves(masks, params)])
       if reset_inner_state:
         try:
           optax.tree_utils.tree_map_params(

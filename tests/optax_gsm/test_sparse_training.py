@@ -463,3 +463,11 @@ def test_bad_masks_key_and_missing_params():
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match="no RigLState or SETState"):
     baselines.sparse_training_masks(optax.sgd(0.1).init(params))
+
+
+def test_a_donating_step_leaves_the_callers_masks_alive():
+  params = {"w": jnp.ones((4, 4))}
+  tx = baselines.rigl(optax.sgd(0.1), {"w": M44}, end_step=5)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+  step(params, tx.init(params), params)
+  assert int(M44.sum()) == 8
