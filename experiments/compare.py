@@ -78,7 +78,7 @@ PAPER_NUMBERS = (
 )
 
 METHOD_NOTES = {
-    "gsm": "GSM (optax_gsm.gsm, paper rule) from the base, then the global magnitude cut to Q; no fine-tuning",
+    "gsm": "GSM (optax_gsm.gsm, default rule: unselected weights also shrink by unselected_shrink=1e-2 per update) from the base, then the global magnitude cut to Q; no fine-tuning",
     "magnitude_oneshot": "global magnitude cut of the base to Q, no retraining",
     "magnitude_retrain": "Han et al.: global magnitude cut of the base to Q, retrain with the mask fixed",
     "magnitude_gradual": "polynomial (power 3) sparsity 0 -> 1-Q/N over 2/3 of the epochs, re-pruning globally every half epoch, then fixed mask",
