@@ -80,6 +80,7 @@ from flax import nnx
 
 import optax_gsm
 from optax_gsm import structured as st
+from optax_gsm.selection import scores_to_keys
 from experiments import flops as flops_lib
 from experiments.data import DATASETS
 from experiments.fileio import atomic_write_text, lock_output, run_command
@@ -1265,7 +1266,7 @@ def autoprune_to_count(apply: Callable[[PyTree, jax.Array], jax.Array],
       # The final cut: exactly Q masks open (by the largest m), then frozen.
       leaves, treedef = jax.tree.flatten(masks)
       keep, _ = optax_gsm.top_q_keys(
-          [optax_gsm.scores_to_keys(x) for x in leaves], num_nonzero)
+          [scores_to_keys(x) for x in leaves], num_nonzero)
       masks = jax.tree.unflatten(
           treedef, [jnp.where(k, 1.0, -1.0) for k in keep])
     b = next(it)
