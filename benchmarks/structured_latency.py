@@ -11,13 +11,13 @@ times, for each pruned configuration:
 
 with the MACs and parameter counts of each. The configurations come from the
 result files of ``python -m experiments.structured`` in
-``experiments/results/structured/`` (the widths reached at each FLOPs level;
+``docs/results/structured/`` (the widths reached at each FLOPs level;
 latency does not depend on the weight values, so random weights are used),
 plus a half-width small VGG-like CIFAR net.
 
   python benchmarks/structured_latency.py [--batch-sizes 1 256] [--repeats 50]
 
-Prints a markdown table and writes ``experiments/results/structured/latency.json``.
+Prints a markdown table and writes ``docs/results/structured/latency.json``.
 Timings are wall-clock medians of ``--repeats`` jitted calls after a warm-up,
 on whatever device JAX uses (the host CPU here); on a shared machine they are
 noisy, so compare rows of one run only.

@@ -26,7 +26,7 @@ non-zeros, achieved MACs per image (and the dense model's), the size of the
 sparse file (``optax_gsm.save_sparse``) and the wall time of each training, as
 ``budget_gsm.json`` and ``budget_gsm.md`` under ``--out`` (default
 ``runs/budget``, git-ignored; the committed report stays in
-``experiments/results/budget``).  Checkpoints and the sparse files go under
+``docs/results/budget``).  Checkpoints and the sparse files go under
 ``--work-dir`` (default ``runs/budget_gsm_<C>x``); ``--resume`` continues both
 trainings from their latest checkpoints.  Both folders are locked while the
 command runs (:func:`experiments.fileio.lock_outputs`), and ``--base-from``

@@ -22,7 +22,7 @@ without the structure it prunes, a Q below its smallest model) raises
 :class:`NotApplicable`; the cell is recorded with the reason and shown as ``n/a``.
 
 Outputs (``<out>`` defaults to ``runs/compare``, git-ignored, so the committed
-tables in ``experiments/results/compare`` are never overwritten; ``--quick`` adds a
+tables in ``docs/results/compare`` are never overwritten; ``--quick`` adds a
 ``_quick`` suffix; ``<out>`` is locked while the command runs, see
 :func:`experiments.fileio.lock_output`)::
 

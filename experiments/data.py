@@ -820,6 +820,54 @@ def load(
     )
 
 
+def load_splits(
+    name: str,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+    manual_dir: str | os.PathLike[str] | None = None,
+    subset: int | None = None,
+    eval_subset: int | None = None,
+    image_size: int = 224,
+    download: bool = True,
+    builder: Any = None,
+) -> tuple[InMemoryPipeline | ImageNetPipeline, InMemoryPipeline | ImageNetPipeline]:
+    """``(train, test)`` pipelines of one dataset, prepared once.
+
+    :func:`load` of the ``"train"`` split (shuffled and augmented) and of the
+    evaluation split (in order, padded), from one :func:`prepare`.  The programs
+    that train and evaluate (:mod:`experiments.run`, :mod:`experiments.structured`)
+    all load their data here.
+
+    Args:
+      name: dataset, a key of :data:`DATASETS`.
+      batch_size, eval_batch_size: examples per training / evaluation batch.
+      seed: seed of the training order and augmentation.
+      data_dir, manual_dir, download: see :func:`prepare`.
+      subset, eval_subset: use only the first N examples of the training /
+        evaluation split (quick runs).
+      image_size: output resolution of ImageNet crops.
+      builder: an already prepared TFDS builder (skips :func:`prepare`).
+
+    Returns:
+      ``(train, test)``.
+
+    Example::
+
+      train, test = load_splits("mnist", batch_size=64, eval_batch_size=500)
+      train.steps_per_epoch, test.steps_per_epoch    # (937, 20)
+    """
+    if builder is None:
+        builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
+    train = load(name, "train", batch_size=batch_size, seed=seed, subset=subset,
+                 image_size=image_size, builder=builder)
+    test = load(name, "test", batch_size=eval_batch_size, seed=seed, subset=eval_subset,
+                image_size=image_size, builder=builder)
+    return train, test
+
+
 def measure_throughput(
     pipeline: Pipeline, *, epoch: int = 0, max_batches: int = 100, warmup: int = 2
 ) -> dict[str, float]:

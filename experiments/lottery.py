@@ -33,7 +33,7 @@ and ``gsm`` phases are complete.  The command
    inside the mask, and records the test accuracy.
 
 Outputs (``--out``, default ``runs/lottery/<RUN_DIR name>/``, git-ignored; the
-committed tables stay in ``experiments/results/lottery``), written atomically
+committed tables stay in ``docs/results/lottery``), written atomically
 after every ticket, the folder locked while the command runs::
 
     lottery.json   masks, W0 check, per-epoch history of every ticket, timings

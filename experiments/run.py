@@ -146,13 +146,10 @@ def load_pipelines(config: ExperimentConfig, args: argparse.Namespace) -> tuple[
     from experiments import data
 
     d = config.data
-    builder = data.prepare(d.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                           download=not args.no_download)
-    train = data.load(d.name, "train", batch_size=d.batch_size, seed=config.seed,
-                      subset=d.train_subset, image_size=d.image_size, builder=builder)
-    test = data.load(d.name, "test", batch_size=d.eval_batch_size, seed=config.seed,
-                     subset=d.eval_subset, image_size=d.image_size, builder=builder)
-    return train, test
+    return data.load_splits(
+        d.name, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=config.seed,
+        data_dir=args.data_dir, manual_dir=args.manual_dir, subset=d.train_subset,
+        eval_subset=d.eval_subset, image_size=d.image_size, download=not args.no_download)
 
 
 def output_dir(config: ExperimentConfig, args: argparse.Namespace) -> Path:

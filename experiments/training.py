@@ -202,6 +202,93 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def make_train_step(
+    apply_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
+    forward: Callable[[Any, Any], Any] | None = None,
+    stateful: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
+    r"""One optimiser update on the mean loss of a batch, as a pure function (jit it).
+
+    The step minimises
+
+    .. math:: L(\theta, u) = \frac{1}{N} \sum_{n=1}^{N}
+              \ell\big(f(\phi(\theta); x_n, u), y_n\big)
+
+    with ``tx`` (``updates, opt_state = tx.update(dL/dtheta, opt_state, params)``),
+    where :math:`\phi` is ``forward`` (the identity by default) and :math:`u` are
+    optional extra inputs of the model (channel gates, AutoPrune masks).  Their
+    gradients :math:`\partial L / \partial u` come back beside the update, for the
+    caller to use (gate statistics, a second optimiser): one value-and-gradient
+    pass serves both.  The functional training loops
+    (:func:`experiments.methods.common.train`, :mod:`experiments.structured`) all
+    build their steps here; :class:`Trainer` keeps its own NNX-state step.
+
+    Stateless (``stateful=False``): ``apply_fn(params, images, *inputs) -> logits``
+    and ``step(params, opt_state, images, labels, *inputs) ->
+    (params, opt_state, loss, input_grads)``.
+
+    Stateful: ``apply_fn(params, state, images, *inputs) -> (logits, new_state)``
+    (e.g. BatchNorm statistics in training mode) and ``step(params, state,
+    opt_state, images, labels, *inputs) -> (params, new_state, opt_state, loss,
+    input_grads)``.
+
+    Args:
+      apply_fn: the model as a pure function, as above.
+      tx: the optimiser of ``params``; its ``update`` gets ``params``.
+      loss_fn: per-example loss ``loss_fn(logits, labels) -> (N,)``; the step
+        minimises its mean.
+      forward: optional ``forward(params, opt_state) -> params``, the weights the
+        model runs on (DNS: ``W * T`` with a straight-through gradient); the
+        gradient is still taken with respect to ``params``.
+      stateful: whether ``apply_fn`` carries state, as above.
+
+    Returns:
+      The step function (not jitted: callers add donation or wrap it in a larger
+      jitted step).  ``input_grads`` holds one gradient per extra input, ``()``
+      without any.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = optax.sgd(0.1)
+      >>> step = jax.jit(make_train_step(lambda w, x: x @ w, tx))
+      >>> w = jnp.zeros((2, 3))
+      >>> w, opt_state, loss, _ = step(w, tx.init(w), jnp.ones((4, 2)),
+      ...                              jnp.array([0, 1, 2, 0]))
+      >>> round(float(loss), 4)  # log 3: all logits are equal at w = 0
+      1.0986
+    """
+
+    def step(params: Any, *args: Any) -> tuple[Any, ...]:
+        if stateful:
+            state, opt_state, images, labels, *inputs = args
+        else:
+            state = None
+            opt_state, images, labels, *inputs = args
+
+        def objective(p: Any, *inputs: Any) -> tuple[jax.Array, Any]:
+            p_fwd = p if forward is None else forward(p, opt_state)
+            if stateful:
+                logits, new_state = apply_fn(p_fwd, state, images, *inputs)
+            else:
+                logits, new_state = apply_fn(p_fwd, images, *inputs), None
+            return loss_fn(logits, labels).mean(), new_state
+
+        argnums = tuple(range(1 + len(inputs)))
+        (loss, new_state), grads = jax.value_and_grad(objective, argnums=argnums, has_aux=True)(
+            params, *inputs
+        )
+        updates, opt_state = tx.update(grads[0], opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if stateful:
+            return params, new_state, opt_state, loss, grads[1:]
+        return params, opt_state, loss, grads[1:]
+
+    return step
+
+
 def param_dict(model: nnx.Module) -> dict[str, Any]:
     """The model's ``nnx.Param`` leaves as a nested dict of arrays.
 

@@ -222,9 +222,14 @@ def make_mesh(spec: Union[str, Mapping[str, int]], *,
         "with jax.config.update('jax_num_cpu_devices', N) or "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
         "starts.")
-  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is None:
+    # jax < 0.5 has no axis types: every mesh axis is what later became Auto.
+    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
+                         devices=devices)
   return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
-                       axis_types=axis_types, devices=devices)
+                       axis_types=(axis_type.Auto,) * len(shape),
+                       devices=devices)
 
 
 def mesh_axis_sizes(mesh: MeshLike) -> dict[str, int]:

@@ -40,7 +40,7 @@ from flax import nnx
 
 import optax_gsm
 from optax_gsm import baselines
-from experiments.training import cross_entropy_loss
+from experiments.training import make_train_step
 
 Params = dict[str, Any]
 Forward = Callable[[Params, Any], Params]
@@ -85,7 +85,7 @@ class Budget:
     eval_batch_size: int = 1000
     base_lr: float = 3e-2
     # Retraining at the dense lr: with 1e-2, magnitude retraining at 125x reached
-    # 85.5% (88.7% with 3e-2, 91.4% with 1e-1); experiments/results/compare/
+    # 85.5% (88.7% with 3e-2, 91.4% with 1e-1); docs/results/compare/
     # mnist_lr0.01.md has the whole table at 1e-2.
     lr: float = 3e-2
     momentum: float = 0.9
@@ -315,16 +315,7 @@ def train(
     if epochs <= 0:
         return TrainOutput(params, opt_state, 0, 0, 0.0, [])
 
-    def step(params: Params, opt_state: Any, images: Any, labels: Any) -> Any:
-        def loss_fn(p: Params) -> Any:
-            p_fwd = p if forward is None else forward(p, opt_state)
-            return cross_entropy_loss(apply(p_fwd, images), labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(apply, tx, forward=forward), donate_argnums=(0, 1))
     # Donation would invalidate the caller's arrays; train on copies.
     params = jax.tree.map(jnp.copy, params)
     losses: list[float] = []
@@ -339,7 +330,7 @@ def train(
             bar = tqdm(total=ctx.steps_per_epoch, desc=f"{name} {e + 1}/{epochs}", leave=False,
                        mininterval=0.5, dynamic_ncols=True)
         for batch in ctx.train.epoch(first_epoch + e):
-            params, opt_state, loss = step(params, opt_state, batch.image, batch.label)
+            params, opt_state, loss, _ = step(params, opt_state, batch.image, batch.label)
             pending.append(loss)
             steps += 1
             # Only with a bar: waiting for the device every 50 steps makes the bar

@@ -36,7 +36,7 @@ neuron ``784 + fc2``.
 * Criteria as in :mod:`experiments.structured`: Taylor with per-layer L2
   normalisation, gate Taylor and Fisher without; no FLOPs term
   (``cost_weight = 0``): the measured FLOPs-target runs
-  (``experiments/results/structured``) used lambda 5 / beta 2e-3 / 0.05 to
+  (``docs/results/structured``) used lambda 5 / beta 2e-3 / 0.05 to
   trade accuracy for MACs, which a weight-count target does not ask for.
 * Budget: ``budget.epochs * steps_per_epoch`` updates in all, on the
   comparison's batches in order from epoch 0. Pruning gets at most 70% (as

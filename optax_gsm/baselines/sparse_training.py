@@ -58,6 +58,7 @@ import math
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import jax.core  # jax.core.Tracer (pyright needs the submodule imported)
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -545,6 +546,7 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
               "leave them as they are.") from e
     if grow == "gradient":
       return RigLState(count=count, masks=state_masks, inner_state=inner_state)
+    assert raw_key is not None  # sparse_evolutionary_training requires it
     return SETState(count=count, key=raw_key, masks=state_masks,
                     inner_state=inner_state)
 
@@ -563,7 +565,7 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
     u, inner_state = inner.update(jax.tree.unflatten(treedef, masked),
                                   state.inner_state, params, **extra_args)
     u_leaves = treedef.flatten_up_to(u)
-    t = jnp.asarray(state.count, jnp.int32)
+    t = jnp.asarray(state.count, jnp.int32)  # pyright: ignore[reportAttributeAccessIssue]
     on = (t > 0) & (t % update_interval == 0) & (t < end_step)
     idx = [i for i, f in enumerate(flags) if f]
 
@@ -598,13 +600,14 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
       inner_state = _reset_where(inner, inner_state, changed)
     out = [jnp.where(a & b, du, -w.astype(du.dtype))
            for du, w, a, b in zip(u_leaves, p_leaves, m_leaves, m_new)]
-    fields = dict(count=optax.safe_increment(t),
-                  masks=jax.tree.unflatten(treedef, list(m_new)),
-                  inner_state=inner_state)
+    new_count = optax.safe_increment(t)
+    new_masks = jax.tree.unflatten(treedef, list(m_new))
     if grow == "gradient":
-      new_state = RigLState(**fields)
+      new_state = RigLState(count=new_count, masks=new_masks,
+                            inner_state=inner_state)
     else:
-      new_state = SETState(key=state.key, **fields)
+      new_state = SETState(count=new_count, key=state.key, masks=new_masks,
+                           inner_state=inner_state)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -235,7 +235,7 @@ def test_default_output_folders_are_git_ignored_runs_folders(tmp_path: Path) -> 
         tracked = subprocess.run(["git", "ls-files", str(path)], cwd=repo, capture_output=True, text=True)
         assert tracked.stdout == "", f"{what}: {path} holds tracked files"
     # The committed results stay where they are.
-    assert (repo / "experiments" / "results" / "compare" / "mnist.json").is_file()
+    assert (repo / "docs" / "results" / "compare" / "mnist.json").is_file()
 
 
 @pytest.mark.parametrize("program", ("run", "compare", "budget_gsm", "lottery", "sensitivity", "data"))

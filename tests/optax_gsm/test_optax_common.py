@@ -21,11 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax._src import test_utils
+try:
+  from optax._src import test_utils
+except ImportError:  # optax < 0.2.5, the oldest supported (setup.cfg)
+  from tests.optax_gsm import _optax_test_utils as test_utils
 
 import optax_gsm
 from optax_gsm import baselines
 from optax_gsm import structured
+from tests.optax_gsm._compat import enable_x64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +275,7 @@ def test_state_dtype_and_structure_stable_in_scan(case, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_state_dtype_stable_with_float64_params_under_x64(case):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = _params(jnp.float64)
     tx = case.make(params)
     state, new_params, new_state = _scan_steps(tx, params)

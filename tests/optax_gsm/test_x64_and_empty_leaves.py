@@ -18,6 +18,7 @@ import optax_gsm
 from optax_gsm import fast_select
 from optax_gsm import selection
 from tests.optax_gsm import reference
+from tests.optax_gsm._compat import enable_x64
 
 BACKENDS = ("auto", "search", "threshold", "top_k")
 # top_q_keys maps "auto" to "search" itself: the same code, tested once.
@@ -65,7 +66,7 @@ def test_top_q_keys_under_x64_matches_x64_off_and_numpy(method, traced_q):
   leaves = _scores()
   for q in (1, 5, 23, 174, 500) if traced_q else (5, 500):
     off, kth_off = _select(leaves, q, method, traced_q)
-    with jax.enable_x64(True):
+    with enable_x64(True):
       on, kth_on = _select(leaves, q, method, traced_q)
     assert kth_on.dtype == jnp.int32
     assert int(kth_on) == int(kth_off)
@@ -84,7 +85,7 @@ def test_search_under_x64_with_hint_and_info():
                               hint=keys[0][0, 0], sigma=100.0,
                               return_info=True)
   off = jax.jit(run)(keys)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     on = jax.jit(run)(keys)
   for a, b in zip(off[0], on[0]):
     np.testing.assert_array_equal(a, b)
@@ -93,7 +94,7 @@ def test_search_under_x64_with_hint_and_info():
 
 
 def test_warm_start_and_drift_keep_32_bit_dtypes_under_x64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     w = fast_select.warm_start(jnp.int32(1000), jnp.float32(3.0),
                                jnp.float32(10.0), jnp.bool_(True))
     drift, spread = fast_select.update_drift(
@@ -117,7 +118,7 @@ def _params(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_magnitude_prune_under_x64_matches_x64_off(method, dtype):
   q = 40
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = _params(dtype)
     pruned_on, masks_on = optax_gsm.magnitude_prune(params, q,
                                                     selection=method)
