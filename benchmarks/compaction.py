@@ -121,6 +121,7 @@ def restore_run(model: nnx.Module, run_dir: Path) -> tuple[nnx.Module, str]:
   pruned_dir = run_dir / "prune" / "pruned_model"
   if pruned_dir.exists():
     import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckptr:
       pure = ckptr.restore(pruned_dir.resolve())
     state = nnx.state(model)
@@ -128,18 +129,22 @@ def restore_run(model: nnx.Module, run_dir: Path) -> tuple[nnx.Module, str]:
     nnx.update(model, state)
     return model, f"real GSM (experiments.run, {run_dir})"
   from experiments.training import param_dict, restore_model_state, set_params
+
   results = json.loads((run_dir / "results.json").read_text())
   q = int(results["target"]["num_nonzero"])
   meta = restore_model_state(run_dir / "gsm" / "checkpoints", model)
   pruned, _ = optax_gsm.magnitude_prune(param_dict(model), num_nonzero=q)
   set_params(model, pruned)
-  return model, (f"real GSM, unfinished (experiments.run {run_dir}: GSM epoch "
-                 f"{meta['epoch']} of {results['config']['gsm']['epochs']}, cut to Q={q:,})")
+  return model, (
+    f"real GSM, unfinished (experiments.run {run_dir}: GSM epoch "
+    f"{meta['epoch']} of {results['config']['gsm']['epochs']}, cut to Q={q:,})"
+  )
 
 
 def restore_base(model: nnx.Module, run_dir: Path) -> tuple[nnx.Module, str]:
   """``model`` with the trained base of ``run_dir/train/checkpoints`` if any."""
   from experiments.training import restore_model_state
+
   ckpt = run_dir / "train" / "checkpoints"
   if not ckpt.is_dir():
     return model, "random init"
@@ -147,14 +152,14 @@ def restore_base(model: nnx.Module, run_dir: Path) -> tuple[nnx.Module, str]:
   return model, f"trained base, epoch {meta['epoch']}"
 
 
-def gsm_like(model: nnx.Module, compression: float, *, seed: int,
-             sigma: float) -> nnx.Module:
+def gsm_like(model: nnx.Module, compression: float, *, seed: int, sigma: float) -> nnx.Module:
   """Synthetic pruned weights with GSM-like dead units (module docstring)."""
   rng = np.random.default_rng(seed)
   model = nnx.clone(model)
   for g in C.groups_for(model):
-    factor = rng.lognormal(0.0, sigma, C.S.site_widths(
-        model, C.S.Plan((g.site,), (1, 1, 1)))[g.name]).astype(np.float32)
+    factor = rng.lognormal(
+      0.0, sigma, C.S.site_widths(model, C.S.Plan((g.site,), (1, 1, 1)))[g.name]
+    ).astype(np.float32)
     for path in g.site.producers:
       node = C.S.module_at(model, path)
       if isinstance(node, (nnx.Conv, nnx.Linear)):
@@ -162,9 +167,8 @@ def gsm_like(model: nnx.Module, compression: float, *, seed: int,
     for path, spatial in g.site.consumers:
       node = C.S.module_at(model, path)
       k = np.asarray(node.kernel[...])
-      rows = np.tile(factor, spatial)            # NHWC flatten: s * C + c
-      _set(node, "kernel", k * rows[:, None] if k.ndim == 2
-           else k * factor[:, None])
+      rows = np.tile(factor, spatial)  # NHWC flatten: s * C + c
+      _set(node, "kernel", k * rows[:, None] if k.ndim == 2 else k * factor[:, None])
   for _, node in nnx.iter_graph(model):
     if isinstance(node, (nnx.Conv, nnx.Linear)) and node.bias is not None:
       _set(node, "bias", rng.normal(0, 0.1, node.bias[...].shape))
@@ -175,10 +179,8 @@ def gsm_like(model: nnx.Module, compression: float, *, seed: int,
       _set(node, "scale", rng.uniform(0.5, 1.5, c))
       _set(node, "bias", rng.normal(0, 0.5, c))
   # Per-layer cut to the ERK densities, in numpy (ties have probability 0).
-  kernels = [node for _, node in nnx.iter_graph(model)
-             if isinstance(node, (nnx.Conv, nnx.Linear))]
-  densities = layer_densities([np.asarray(n.kernel[...]) for n in kernels],
-                              1 / compression)
+  kernels = [node for _, node in nnx.iter_graph(model) if isinstance(node, (nnx.Conv, nnx.Linear))]
+  densities = layer_densities([np.asarray(n.kernel[...]) for n in kernels], 1 / compression)
   for node, d in zip(kernels, densities):
     k = np.asarray(node.kernel[...])
     keep = max(1, round(d * k.size))
@@ -189,8 +191,7 @@ def gsm_like(model: nnx.Module, compression: float, *, seed: int,
   return model
 
 
-def calibrate_batch_norm(model: nnx.Module, rng: np.random.Generator,
-                         batch: int = 64) -> None:
+def calibrate_batch_norm(model: nnx.Module, rng: np.random.Generator, batch: int = 64) -> None:
   """Sets every BatchNorm's mean and variance to those of one random batch.
 
   With random statistics the activations of a deep synthetic ResNet grow
@@ -231,8 +232,13 @@ def build_row(name: str, args) -> dict:
     d = Path(args.lenet300_dir)
     dense = lenet300_from_mlp(rule_study.load_params(d / "base.npz"))
     pruned = lenet300_from_mlp(rule_study.load_params(d / "gsm_shrink0.01.npz"))
-    return {"dense": dense, "pruned": pruned, "input": (28, 28, 1),
-            "weights": f"real GSM (rule_study, {d})", "test": mnist_test(False)}
+    return {
+      "dense": dense,
+      "pruned": pruned,
+      "input": (28, 28, 1),
+      "weights": f"real GSM (rule_study, {d})",
+      "test": mnist_test(False),
+    }
   if name.startswith("lenet5_"):
     compression = float(name.split("_")[1].rstrip("x"))
     dense = get_model("lenet5", rngs=nnx.Rngs(0))
@@ -240,16 +246,29 @@ def build_row(name: str, args) -> dict:
     if run:
       dense, base = restore_base(dense, Path(run))
       pruned, weights = restore_run(get_model("lenet5", rngs=nnx.Rngs(0)), Path(run))
-      return {"dense": dense, "pruned": pruned, "input": (28, 28, 1),
-              "weights": f"{weights}; dense: {base}", "test": mnist_test(True)}
-    return {"dense": dense, "input": (28, 28, 1), "test": None,
-            "pruned": gsm_like(dense, compression, seed=args.seed, sigma=args.sigma),
-            "weights": f"synthetic GSM-like (sigma {args.sigma})"}
+      return {
+        "dense": dense,
+        "pruned": pruned,
+        "input": (28, 28, 1),
+        "weights": f"{weights}; dense: {base}",
+        "test": mnist_test(True),
+      }
+    return {
+      "dense": dense,
+      "input": (28, 28, 1),
+      "test": None,
+      "pruned": gsm_like(dense, compression, seed=args.seed, sigma=args.sigma),
+      "weights": f"synthetic GSM-like (sigma {args.sigma})",
+    }
   if name == "resnet56_10x":
     dense = get_model("resnet56", rngs=nnx.Rngs(0))
-    return {"dense": dense, "input": (32, 32, 3), "test": None,
-            "pruned": gsm_like(dense, 10, seed=args.seed, sigma=args.sigma),
-            "weights": f"synthetic GSM-like (sigma {args.sigma})"}
+    return {
+      "dense": dense,
+      "input": (32, 32, 3),
+      "test": None,
+      "pruned": gsm_like(dense, 10, seed=args.seed, sigma=args.sigma),
+      "weights": f"synthetic GSM-like (sigma {args.sigma})",
+    }
   raise ValueError(f"unknown row {name!r}; choose from {ROWS}")
 
 
@@ -264,12 +283,14 @@ def forward(model: nnx.Module):
   @jax.jit
   def fn(state, x):
     return nnx.merge(graphdef, state)(x)
+
   return lambda x: fn(state, x)
 
 
 def nonzero_params(model: nnx.Module) -> int:
-  return sum(int(np.count_nonzero(np.asarray(x)))
-             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return sum(
+    int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+  )
 
 
 def file_bytes(model: nnx.Module) -> int:
@@ -283,8 +304,9 @@ def accuracy(fn, data, batch: int = 1000) -> float:
   x, y = data
   hits = 0
   for i in range(0, len(x), batch):
-    hits += int(np.sum(np.argmax(np.asarray(fn(jnp.asarray(x[i:i + batch]))), -1)
-                       == y[i:i + batch]))
+    hits += int(
+      np.sum(np.argmax(np.asarray(fn(jnp.asarray(x[i : i + batch]))), -1) == y[i : i + batch])
+    )
   return 100 * hits / len(x)
 
 
@@ -301,7 +323,7 @@ def time_rotated(fns: dict, x, *, repeats: int) -> dict[str, list[float]]:
     jax.block_until_ready(fn(x))
   times: dict[str, list[float]] = {k: [] for k in names}
   for r in range(repeats):
-    for k in names[r % len(names):] + names[:r % len(names)]:
+    for k in names[r % len(names) :] + names[: r % len(names)]:
       t0 = time.perf_counter()
       jax.block_until_ready(fns[k](x))
       times[k].append(time.perf_counter() - t0)
@@ -312,10 +334,12 @@ def ratios(times: dict[str, list[float]]) -> dict[str, dict]:
   out = {}
   for k, ts in times.items():
     r = np.asarray(ts) / np.asarray(times["dense"])
-    out[k] = {"median_ms": 1e3 * statistics.median(ts),
-              "ratio_median": float(np.median(r)),
-              "ratio_p25": float(np.percentile(r, 25)),
-              "ratio_p75": float(np.percentile(r, 75))}
+    out[k] = {
+      "median_ms": 1e3 * statistics.median(ts),
+      "ratio_median": float(np.median(r)),
+      "ratio_p25": float(np.percentile(r, 25)),
+      "ratio_p75": float(np.percentile(r, 75)),
+    }
   return out
 
 
@@ -329,70 +353,90 @@ def bench_row(name: str, args, log) -> dict:
   log(f"[{name}] {row['weights']}\n{report}")
   shape1 = (1,) + row["input"]
   models = {"dense": dense, "pruned": pruned, "compacted": small}
-  result = {"row": name, "weights": row["weights"], "report": str(report),
-            "batches": {}, "static": {}}
+  result = {
+    "row": name,
+    "weights": row["weights"],
+    "report": str(report),
+    "batches": {},
+    "static": {},
+  }
   for k, m in models.items():
-    result["static"][k] = {"params": param_counts(m)["total"],
-                           "nonzero_params": nonzero_params(m),
-                           "macs": C.executed_macs(m, shape1),
-                           "file_bytes": file_bytes(m)}
+    result["static"][k] = {
+      "params": param_counts(m)["total"],
+      "nonzero_params": nonzero_params(m),
+      "macs": C.executed_macs(m, shape1),
+      "file_bytes": file_bytes(m),
+    }
   for batch in args.batch_sizes:
     shape = (batch,) + row["input"]
-    sparse, choices = C.sparsify(small, shape, choice="time",
-                                 repeats=args.layer_repeats)
+    sparse, choices = C.sparsify(small, shape, choice="time", repeats=args.layer_repeats)
     variants = dict(models, **{"compacted+sparse": sparse})
     fns = {k: forward(m) for k, m in variants.items()}
     x = jnp.asarray(np.random.default_rng(batch).standard_normal(shape), jnp.float32)
     ref = np.asarray(fns["pruned"](x))
-    diffs = {k: float(np.max(np.abs(np.asarray(fns[k](x)) - ref)))
-             for k in ("compacted", "compacted+sparse")}
-    jax.block_until_ready(fns["dense"](x))      # compiled before it is timed
+    diffs = {
+      k: float(np.max(np.abs(np.asarray(fns[k](x)) - ref)))
+      for k in ("compacted", "compacted+sparse")
+    }
+    jax.block_until_ready(fns["dense"](x))  # compiled before it is timed
     one = time.perf_counter()
     jax.block_until_ready(fns["dense"](x))
     per_call = time.perf_counter() - one
-    rounds = int(max(args.min_rounds, min(args.rounds,
-                                          args.seconds / (4 * max(per_call, 1e-6)))))
+    rounds = int(max(args.min_rounds, min(args.rounds, args.seconds / (4 * max(per_call, 1e-6)))))
     times = time_rotated(fns, x, repeats=rounds)
-    entry = {"rounds": rounds, "latency": ratios(times), "max_abs_diff": diffs,
-             "max_abs_output": float(np.max(np.abs(ref))),
-             "sparse_layers": [c.path for c in choices if c.sparse],
-             "layer_choices": [vars(c) for c in choices],
-             "sparse_static": {"params": param_counts(sparse)["total"],
-                               "nonzero_params": nonzero_params(sparse),
-                               "macs": C.executed_macs(sparse, shape1),
-                               "file_bytes": file_bytes(sparse)}}
+    entry = {
+      "rounds": rounds,
+      "latency": ratios(times),
+      "max_abs_diff": diffs,
+      "max_abs_output": float(np.max(np.abs(ref))),
+      "sparse_layers": [c.path for c in choices if c.sparse],
+      "layer_choices": [vars(c) for c in choices],
+      "sparse_static": {
+        "params": param_counts(sparse)["total"],
+        "nonzero_params": nonzero_params(sparse),
+        "macs": C.executed_macs(sparse, shape1),
+        "file_bytes": file_bytes(sparse),
+      },
+    }
     if row["test"] is not None and batch == max(args.batch_sizes):
       entry["accuracy"] = {k: accuracy(f, row["test"]) for k, f in fns.items()}
-    result["batches"][str(batch)] = entry   # str: as in the JSON
-    log(f"[{name}] batch {batch}: {rounds} rounds, sparse layers "
-        f"{entry['sparse_layers']}, max|diff| {diffs} (max|output| "
-        f"{entry['max_abs_output']:.3g}), "
-        + ", ".join(f"{k} {v['ratio_median']:.3f}" for k, v in entry["latency"].items())
-        + (f"; test accuracy {entry['accuracy']}" if "accuracy" in entry else ""))
+    result["batches"][str(batch)] = entry  # str: as in the JSON
+    log(
+      f"[{name}] batch {batch}: {rounds} rounds, sparse layers "
+      f"{entry['sparse_layers']}, max|diff| {diffs} (max|output| "
+      f"{entry['max_abs_output']:.3g}), "
+      + ", ".join(f"{k} {v['ratio_median']:.3f}" for k, v in entry["latency"].items())
+      + (f"; test accuracy {entry['accuracy']}" if "accuracy" in entry else "")
+    )
   result["seconds"] = time.perf_counter() - t0
   return result
 
 
 def table(results: list[dict]) -> str:
-  lines = ["| row | weights | variant | params (non-zero) | MACs | file bytes "
-           "| batch 1: time / dense [p25-p75] | batch 256: time / dense [p25-p75] "
-           "| test acc % |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| row | weights | variant | params (non-zero) | MACs | file bytes "
+    "| batch 1: time / dense [p25-p75] | batch 256: time / dense [p25-p75] "
+    "| test acc % |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in results:
     big = str(max(int(b) for b in r["batches"]))
     for v in VARIANTS:
-      s = (r["batches"][big]["sparse_static"] if v == "compacted+sparse"
-           else r["static"][v])
+      s = r["batches"][big]["sparse_static"] if v == "compacted+sparse" else r["static"][v]
       cells = []
       for b in sorted(r["batches"], key=int):
         lat = r["batches"][b]["latency"][v]
-        cells.append(f"{lat['ratio_median']:.3f} [{lat['ratio_p25']:.2f}-"
-                     f"{lat['ratio_p75']:.2f}] ({lat['median_ms']:.3g} ms)")
+        cells.append(
+          f"{lat['ratio_median']:.3f} [{lat['ratio_p25']:.2f}-"
+          f"{lat['ratio_p75']:.2f}] ({lat['median_ms']:.3g} ms)"
+        )
       acc = r["batches"][big].get("accuracy", {}).get(v)
       lines.append(
-          f"| {r['row']} | {r['weights'].split(' (')[0]} | {v} | {s['params']:,} "
-          f"({s['nonzero_params']:,}) | {s['macs']:,} | {s['file_bytes']:,} | "
-          + " | ".join(cells) + f" | {'-' if acc is None else f'{acc:.2f}'} |")
+        f"| {r['row']} | {r['weights'].split(' (')[0]} | {v} | {s['params']:,} "
+        f"({s['nonzero_params']:,}) | {s['macs']:,} | {s['file_bytes']:,} | "
+        + " | ".join(cells)
+        + f" | {'-' if acc is None else f'{acc:.2f}'} |"
+      )
   return "\n".join(lines)
 
 
@@ -400,18 +444,32 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
   p.add_argument("--lenet300-dir", default=str(REPO / "runs" / "compaction" / "lenet300"))
-  p.add_argument("--lenet5-125x", default=None, metavar="DIR",
-                 help="experiments.run result folder of LeNet-5 at 125x")
-  p.add_argument("--lenet5-300x", default=None, metavar="DIR",
-                 help="experiments.run result folder of LeNet-5 at 300x")
+  p.add_argument(
+    "--lenet5-125x",
+    default=None,
+    metavar="DIR",
+    help="experiments.run result folder of LeNet-5 at 125x",
+  )
+  p.add_argument(
+    "--lenet5-300x",
+    default=None,
+    metavar="DIR",
+    help="experiments.run result folder of LeNet-5 at 300x",
+  )
   p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-  p.add_argument("--rounds", type=int, default=200,
-                 help="the most timing rounds per row and batch size")
+  p.add_argument(
+    "--rounds", type=int, default=200, help="the most timing rounds per row and batch size"
+  )
   p.add_argument("--min-rounds", type=int, default=5)
-  p.add_argument("--seconds", type=float, default=60.0,
-                 help="timing budget per row and batch size (sets the rounds)")
-  p.add_argument("--layer-repeats", type=int, default=20,
-                 help="timing rounds per layer for sparsify's choice")
+  p.add_argument(
+    "--seconds",
+    type=float,
+    default=60.0,
+    help="timing budget per row and batch size (sets the rounds)",
+  )
+  p.add_argument(
+    "--layer-repeats", type=int, default=20, help="timing rounds per layer for sparsify's choice"
+  )
   p.add_argument("--sigma", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(REPO / "runs" / "compaction" / "benchmark.json"))
@@ -429,16 +487,29 @@ def main(argv: list[str] | None = None) -> int:
   partial.unlink()
   try:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                if line.startswith("Model name")), platform.processor())
+    cpu = next(
+      (line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")),
+      platform.processor(),
+    )
   except OSError:
     cpu = platform.processor()
-  out.write_text(json.dumps({
-      "results": results, "table": text, "cpu": cpu,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "jax": jax.__version__, "device": str(jax.devices()[0]),
-      "command": "python benchmarks/compaction.py " + " ".join(
-          sys.argv[1:] if argv is None else argv)}, indent=1, default=str) + "\n")
+  out.write_text(
+    json.dumps(
+      {
+        "results": results,
+        "table": text,
+        "cpu": cpu,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "command": "python benchmarks/compaction.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+      },
+      indent=1,
+      default=str,
+    )
+    + "\n"
+  )
   print(f"wrote {out}")
   return 0
 

@@ -60,16 +60,19 @@ def make_step(graphdef, tx):
     def loss_fn(p):
       logits = nnx.merge(graphdef, p)(x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
   return step
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--epochs", type=int, default=3,
-                      help="timed epochs per optimizer (after one warm-up)")
+  parser.add_argument(
+    "--epochs", type=int, default=3, help="timed epochs per optimizer (after one warm-up)"
+  )
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--examples", type=int, default=60000)
   parser.add_argument("--compression", type=float, default=60.0)
@@ -88,16 +91,21 @@ def main(argv=None):
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params0))
 
   txs = {
-      "sgd": optax.chain(optax.add_decayed_weights(5e-4),
-                         optax.sgd(0.01, momentum=0.9)),
-      "gsm": optax_gsm.gsm(0.01, compression=args.compression, momentum=0.9,
-                           weight_decay=5e-4, selection="auto"),
+    "sgd": optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9)),
+    "gsm": optax_gsm.gsm(
+      0.01, compression=args.compression, momentum=0.9, weight_decay=5e-4, selection="auto"
+    ),
   }
   runs = {}
   for name, tx in txs.items():
     params = jax.tree.map(lambda a: jnp.array(a, copy=True), params0)
-    runs[name] = {"step": make_step(graphdef, tx), "params": params,
-                  "state": tx.init(params), "times": [], "cpu": []}
+    runs[name] = {
+      "step": make_step(graphdef, tx),
+      "params": params,
+      "state": tx.init(params),
+      "times": [],
+      "cpu": [],
+    }
 
   def epoch(run, record):
     c0, t0 = time.process_time(), time.perf_counter()
@@ -115,13 +123,13 @@ def main(argv=None):
   for name, run in runs.items():
     t0 = time.perf_counter()
     epoch(run, record=False)
-    print(f"{name}: warm-up epoch (with compilation) "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+      f"{name}: warm-up epoch (with compilation) {time.perf_counter() - t0:.1f} s", file=sys.stderr
+    )
   for _ in range(args.epochs):
     for name, run in runs.items():
       loss = epoch(run, record=True)
-      print(f"{name}: epoch {run['times'][-1]:.2f} s, loss {loss:.3f}",
-            file=sys.stderr)
+      print(f"{name}: epoch {run['times'][-1]:.2f} s, loss {loss:.3f}", file=sys.stderr)
 
   med = {n: float(np.median(r["times"])) for n, r in runs.items()}
   cpu = {n: float(np.median(r["cpu"])) for n, r in runs.items()}
@@ -130,25 +138,36 @@ def main(argv=None):
     load = os.getloadavg()
   except OSError:
     load = None
-  print(f"LeNet-5 ({n_params:,} params), {steps} steps of {args.batch} per "
-        f"epoch, GSM compression {args.compression:g}; jax {jax.__version__},"
-        f" {os.cpu_count()} CPU cores, "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}, load "
-        f"average {load}")
+  print(
+    f"LeNet-5 ({n_params:,} params), {steps} steps of {args.batch} per "
+    f"epoch, GSM compression {args.compression:g}; jax {jax.__version__},"
+    f" {os.cpu_count()} CPU cores, "
+    f"{datetime.datetime.now().isoformat(timespec='seconds')}, load "
+    f"average {load}"
+  )
   print()
   print("| optimizer | median epoch s | min epoch s | median CPU s | epochs |")
   print("|---|---:|---:|---:|---:|")
   for n, r in runs.items():
-    print(f"| {n} | {med[n]:.2f} | {min(r['times']):.2f} | {cpu[n]:.2f} | "
-          f"{len(r['times'])} |")
+    print(f"| {n} | {med[n]:.2f} | {min(r['times']):.2f} | {cpu[n]:.2f} | {len(r['times'])} |")
   print()
-  print(f"GSM epoch / SGD epoch = {ratio:.3f} (median wall), "
-        f"{cpu['gsm'] / cpu['sgd']:.3f} (median CPU)")
+  print(
+    f"GSM epoch / SGD epoch = {ratio:.3f} (median wall), {cpu['gsm'] / cpu['sgd']:.3f} (median CPU)"
+  )
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"median_s": med, "cpu_median_s": cpu, "ratio": ratio,
-                 "times": {n: r["times"] for n, r in runs.items()},
-                 "n_params": n_params, "args": vars(args)}, f, indent=1)
+      json.dump(
+        {
+          "median_s": med,
+          "cpu_median_s": cpu,
+          "ratio": ratio,
+          "times": {n: r["times"] for n, r in runs.items()},
+          "n_params": n_params,
+          "args": vars(args),
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

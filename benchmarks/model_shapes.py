@@ -15,9 +15,9 @@ SIZES = ("lenet300", "resnet56", "resnet50", "100m")
 def lenet300_shapes():
   """LeNet-300-100 (266,610 parameters)."""
   return {
-      "fc1": {"kernel": (784, 300), "bias": (300,)},
-      "fc2": {"kernel": (300, 100), "bias": (100,)},
-      "fc3": {"kernel": (100, 10), "bias": (10,)},
+    "fc1": {"kernel": (784, 300), "bias": (300,)},
+    "fc2": {"kernel": (300, 100), "bias": (100,)},
+    "fc3": {"kernel": (100, 10), "bias": (10,)},
   }
 
 
@@ -32,8 +32,10 @@ def resnet56_shapes():
   for stage, cout in enumerate((16, 32, 64)):
     for block in range(9):
       tree[f"stage{stage}_block{block}"] = {
-          "conv1": {"kernel": (3, 3, cin, cout)}, "bn1": _bn(cout),
-          "conv2": {"kernel": (3, 3, cout, cout)}, "bn2": _bn(cout),
+        "conv1": {"kernel": (3, 3, cin, cout)},
+        "bn1": _bn(cout),
+        "conv2": {"kernel": (3, 3, cout, cout)},
+        "bn2": _bn(cout),
       }
       cin = cout
   tree["fc"] = {"kernel": (64, 10), "bias": (10,)}
@@ -44,14 +46,15 @@ def resnet50_shapes():
   """ResNet-50 for ImageNet (bottleneck blocks 3/4/6/3; 25,557,032)."""
   tree = {"conv0": {"kernel": (7, 7, 3, 64)}, "bn0": _bn(64)}
   cin = 64
-  for stage, (planes, blocks) in enumerate(
-      ((64, 3), (128, 4), (256, 6), (512, 3))):
+  for stage, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
     for block in range(blocks):
       b = {
-          "conv1": {"kernel": (1, 1, cin, planes)}, "bn1": _bn(planes),
-          "conv2": {"kernel": (3, 3, planes, planes)}, "bn2": _bn(planes),
-          "conv3": {"kernel": (1, 1, planes, 4 * planes)},
-          "bn3": _bn(4 * planes),
+        "conv1": {"kernel": (1, 1, cin, planes)},
+        "bn1": _bn(planes),
+        "conv2": {"kernel": (3, 3, planes, planes)},
+        "bn2": _bn(planes),
+        "conv3": {"kernel": (1, 1, planes, 4 * planes)},
+        "bn3": _bn(4 * planes),
       }
       if block == 0:
         b["downsample"] = {"kernel": (1, 1, cin, 4 * planes)}
@@ -64,40 +67,39 @@ def resnet50_shapes():
 
 def synthetic100m_shapes():
   """A synthetic 100M model: 40 dense kernels of 1250x2000 plus biases."""
-  return {f"layer{i:02d}": {"kernel": (1250, 2000), "bias": (2000,)}
-          for i in range(40)}
+  return {f"layer{i:02d}": {"kernel": (1250, 2000), "bias": (2000,)} for i in range(40)}
 
 
 SHAPES = {
-    "lenet300": lenet300_shapes,
-    "resnet56": resnet56_shapes,
-    "resnet50": resnet50_shapes,
-    "100m": synthetic100m_shapes,
+  "lenet300": lenet300_shapes,
+  "resnet56": resnet56_shapes,
+  "resnet50": resnet50_shapes,
+  "100m": synthetic100m_shapes,
 }
 
 
 def num_params(shapes) -> int:
   import jax
-  return sum(int(np.prod(s)) for s in jax.tree.leaves(
-      shapes, is_leaf=lambda x: isinstance(x, tuple)))
+
+  return sum(
+    int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  )
 
 
 def make_params(size: str, seed: int = 0):
   """Random float32 params with the shapes of ``size`` (He-style scales)."""
   import jax
   import jax.numpy as jnp
+
   shapes = SHAPES[size]()
-  leaves, treedef = jax.tree.flatten(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   rng = np.random.default_rng(seed)
   out = []
   for shape in leaves:
     if len(shape) >= 2:
       fan_in = int(np.prod(shape[:-1]))
-      x = rng.standard_normal(shape, np.float32) * np.float32(
-          np.sqrt(2.0 / fan_in))
+      x = rng.standard_normal(shape, np.float32) * np.float32(np.sqrt(2.0 / fan_in))
     else:
-      x = np.float32(1.0) + np.float32(0.1) * rng.standard_normal(
-          shape, np.float32)
+      x = np.float32(1.0) + np.float32(0.1) * rng.standard_normal(shape, np.float32)
     out.append(jnp.asarray(x))
   return jax.tree.unflatten(treedef, out)

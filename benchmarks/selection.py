@@ -51,7 +51,7 @@ from optax_gsm import selection as selection_lib  # noqa: E402  pylint: disable=
 LR = 0.01
 MOMENTUM = 0.9
 WD = 1e-4
-SLOW_S = 1.5        # a row slower than this per call gets few repeats
+SLOW_S = 1.5  # a row slower than this per call gets few repeats
 SLOW_REPEATS = 3
 
 
@@ -70,15 +70,15 @@ def machine_info() -> dict:
   except OSError:
     load = None
   return {
-      "cpu": cpu,
-      "cores": os.cpu_count(),
-      "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "python": platform.python_version(),
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "loadavg_at_start": load,
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "python": platform.python_version(),
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "loadavg_at_start": load,
   }
 
 
@@ -93,19 +93,18 @@ def _temp_mb(compiled) -> float | None:
 class Row:
   """One timed row: a jitted function and the arguments of its next call."""
 
-  def __init__(self, name, fn, args, *, donate=(), carry=None, note="",
-               shared=None):
+  def __init__(self, name, fn, args, *, donate=(), carry=None, note="", shared=None):
     self.name = name
     self.note = note
     self.jitted = jax.jit(fn, donate_argnums=donate)
     self.args = list(args)
-    self.carry = carry          # (out, args) -> next args
+    self.carry = carry  # (out, args) -> next args
     self.wall, self.cpu = [], []
     self.compile_s = None
     self.temp_mb = None
     self.cap = None
     self.compiled = None
-    self.shared = shared        # a Row whose compiled step this one reuses
+    self.shared = shared  # a Row whose compiled step this one reuses
 
   def compile(self):
     if self.shared is not None and self.shared.compiled is not None:
@@ -150,33 +149,37 @@ def grads_maker(params, drift):
   relative, plus sampling noise), smoothly, as it does in training.
   """
   leaves, treedef = jax.tree.flatten(params)
-  scales = [np.float32(1e-3 * np.exp(np.random.default_rng(1000 + i).normal(
-      0.0, 0.5))) for i in range(len(leaves))]
+  scales = [
+    np.float32(1e-3 * np.exp(np.random.default_rng(1000 + i).normal(0.0, 0.5)))
+    for i in range(len(leaves))
+  ]
 
   @jax.jit
   def gen(t):
     key = jax.random.fold_in(jax.random.key(0), t)
     keys = jax.random.split(key, len(leaves))
     step_scale = 1.0 + drift * t.astype(jnp.float32)
-    return jax.tree.unflatten(treedef, [
+    return jax.tree.unflatten(
+      treedef,
+      [
         jax.random.normal(k, p.shape, jnp.float32) * (s * step_scale)
-        for k, p, s in zip(keys, leaves, scales)])
+        for k, p, s in zip(keys, leaves, scales)
+      ],
+    )
 
   def make(t):
     return jax.block_until_ready(gen(jnp.int32(t)))
+
   return make
 
 
-def build_rows(size, backends, baselines, compression, drift, log,
-               max_sort_params):
+def build_rows(size, backends, baselines, compression, drift, log, max_sort_params):
   params = model_shapes.make_params(size)
   n_all = model_shapes.num_params(model_shapes.SHAPES[size]())
   if n_all > max_sort_params:
-    skipped = [b for b in backends if b == "top_k"] + [
-        f"{b} baseline" for b in baselines]
+    skipped = [b for b in backends if b == "top_k"] + [f"{b} baseline" for b in baselines]
     if skipped:
-      log(f"[{size}] skipping sort-based rows above --max-sort-params: "
-          f"{skipped}")
+      log(f"[{size}] skipping sort-based rows above --max-sort-params: {skipped}")
     backends = [b for b in backends if b != "top_k"]
     baselines = []
   make_grads = grads_maker(params, drift)
@@ -202,19 +205,21 @@ def build_rows(size, backends, baselines, compression, drift, log,
 
     if state_fn is not None:
       state = state_fn(state)
-    return Row(name, step, [p, state, grads0], donate=(0, 1), carry=carry,
-               note=note, shared=shared)
+    return Row(name, step, [p, state, grads0], donate=(0, 1), carry=carry, note=note, shared=shared)
 
-  rows.append(step_row(
+  rows.append(
+    step_row(
       "optax.sgd momentum + wd (floor)",
-      optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, MOMENTUM))))
+      optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, MOMENTUM)),
+    )
+  )
   for b in backends:
-    tx = optax_gsm.gsm(LR, compression=compression, momentum=MOMENTUM,
-                       weight_decay=WD, selection=b)
+    tx = optax_gsm.gsm(LR, compression=compression, momentum=MOMENTUM, weight_decay=WD, selection=b)
     label = "auto (search)" if b == "auto" else b
     steady = step_row(f"gsm {label}, steady state", tx)
     rows.append(steady)
     if b in ("auto", "search"):
+
       def reset(state):
         # Fresh optimizer state: count = 0, no threshold to start from.
         return jax.tree.map(jnp.zeros_like, state)
@@ -222,18 +227,30 @@ def build_rows(size, backends, baselines, compression, drift, log,
       def miss(state):
         # A threshold 1000x off the answer (and no drift estimate).
         gs = state[0]
-        gs = gs._replace(threshold=gs.threshold * 1000.0 + 1.0,
-                         threshold_drift=jnp.zeros_like(gs.threshold_drift),
-                         threshold_spread=jnp.zeros_like(gs.threshold_spread))
+        gs = gs._replace(
+          threshold=gs.threshold * 1000.0 + 1.0,
+          threshold_drift=jnp.zeros_like(gs.threshold_drift),
+          threshold_spread=jnp.zeros_like(gs.threshold_spread),
+        )
         return (gs,) + tuple(state[1:])
 
-      rows.append(step_row(f"gsm {label}, cold first step",
-                           tx, state_fn=reset, shared=steady,
-                           note="state reset before every call"))
+      rows.append(
+        step_row(
+          f"gsm {label}, cold first step",
+          tx,
+          state_fn=reset,
+          shared=steady,
+          note="state reset before every call",
+        )
+      )
       # Start the miss row from a warmed-up state (count > 0).
-      r = step_row(f"gsm {label}, warm-start miss", tx, state_fn=None,
-                   shared=steady,
-                   note="threshold in state x1000 before every call")
+      r = step_row(
+        f"gsm {label}, warm-start miss",
+        tx,
+        state_fn=None,
+        shared=steady,
+        note="threshold in state x1000 before every call",
+      )
       r.pending_state_fn = miss
       rows.append(r)
 
@@ -243,9 +260,9 @@ def build_rows(size, backends, baselines, compression, drift, log,
   g_leaves = _eligible(grads0)
 
   def concat_keys(gs, ps):
-    return jnp.concatenate([
-        selection_lib.scores_to_keys(jnp.abs(g * p)).reshape(-1)
-        for g, p in zip(gs, ps)])
+    return jnp.concatenate(
+      [selection_lib.scores_to_keys(jnp.abs(g * p)).reshape(-1) for g, p in zip(gs, ps)]
+    )
 
   def top_k_threshold(gs, ps):
     return jax.lax.top_k(concat_keys(gs, ps), q)[0][-1]
@@ -258,18 +275,29 @@ def build_rows(size, backends, baselines, compression, drift, log,
     order = jnp.argsort(~k, stable=True)
     return jnp.zeros((n,), bool).at[order[:q]].set(True)
 
-  base = {"top_k": ("lax.top_k threshold (concat)", top_k_threshold),
-          "sort": ("jnp.sort threshold (concat)", sort_threshold),
-          "argsort": ("jnp.argsort mask (concat)", argsort_mask)}
+  base = {
+    "top_k": ("lax.top_k threshold (concat)", top_k_threshold),
+    "sort": ("jnp.sort threshold (concat)", sort_threshold),
+    "argsort": ("jnp.argsort mask (concat)", argsort_mask),
+  }
   for b in baselines:
     name, fn = base[b]
     rows.append(Row(name, fn, [g_leaves, leaves], note="threshold only"))
-  log(f"[{size}] {n} eligible of {model_shapes.num_params(model_shapes.SHAPES[size]())}"
-      f" params, Q={q}, {len(rows)} rows")
-  return rows, {"n_params": model_shapes.num_params(
-      model_shapes.SHAPES[size]()), "n_eligible": n, "q": q,
-                "num_leaves": len(jax.tree.leaves(params)),
-                "num_eligible_leaves": len(leaves)}, (params, make_grads, q)
+  log(
+    f"[{size}] {n} eligible of {model_shapes.num_params(model_shapes.SHAPES[size]())}"
+    f" params, Q={q}, {len(rows)} rows"
+  )
+  return (
+    rows,
+    {
+      "n_params": model_shapes.num_params(model_shapes.SHAPES[size]()),
+      "n_eligible": n,
+      "q": q,
+      "num_leaves": len(jax.tree.leaves(params)),
+      "num_eligible_leaves": len(leaves),
+    },
+    (params, make_grads, q),
+  )
 
 
 def search_passes(params, make_grads, q, steps):
@@ -281,17 +309,21 @@ def search_passes(params, make_grads, q, steps):
   def run(gs, ps, last, drift, spread, valid):
     ws = fast_select.warm_start(last, drift, spread, valid)
     _, kth, info = fast_select.select(
-        lambda o, i: selection_lib.scores_to_keys(jnp.abs(o[0][i] * o[1][i])),
-        (gs, ps), shapes, q, hint=ws.hint, sigma=ws.sigma, return_info=True)
+      lambda o, i: selection_lib.scores_to_keys(jnp.abs(o[0][i] * o[1][i])),
+      (gs, ps),
+      shapes,
+      q,
+      hint=ws.hint,
+      sigma=ws.sigma,
+      return_info=True,
+    )
     d, s = fast_select.update_drift(last, kth, drift, spread, valid)
     return kth, info, d, s
 
-  last, drift, spread, valid = (jnp.int32(0), jnp.float32(0),
-                                jnp.float32(0), jnp.bool_(False))
+  last, drift, spread, valid = (jnp.int32(0), jnp.float32(0), jnp.float32(0), jnp.bool_(False))
   out = []
   for t in range(steps):
-    kth, info, drift, spread = run(_eligible(make_grads(t)), leaves,
-                                   last, drift, spread, valid)
+    kth, info, drift, spread = run(_eligible(make_grads(t)), leaves, last, drift, spread, valid)
     out.append([int(x) for x in info])
     last, valid = kth, jnp.bool_(True)
   return out
@@ -299,8 +331,8 @@ def search_passes(params, make_grads, q, steps):
 
 def run_size(size, args, log):
   rows, meta, (params, make_grads, q) = build_rows(
-      size, args.backends, args.baselines, args.compression, args.drift,
-      log, args.max_sort_params)
+    size, args.backends, args.baselines, args.compression, args.drift, log, args.max_sort_params
+  )
   for r in rows:
     r.compile()
     log(f"  compiled {r.name}: {r.compile_s:.1f} s, temp {r.temp_mb} MB")
@@ -321,6 +353,7 @@ def run_size(size, args, log):
         nxt = carry(out, a)
         nxt[1] = fn(nxt[1])
         return nxt
+
       r.carry = carry_with
   # Interleaved round-robin timing.
   while not all(r.done(args.repeats) for r in rows):
@@ -332,11 +365,20 @@ def run_size(size, args, log):
   results = []
   for r in rows:
     w, c = float(np.median(r.wall)), float(np.median(r.cpu))
-    results.append({
-        "row": r.name, "median_ms": w * 1e3, "min_ms": min(r.wall) * 1e3,
-        "cpu_median_ms": c * 1e3, "x_sgd": w / floor_wall,
-        "x_sgd_cpu": c / floor_cpu, "repeats": len(r.wall),
-        "compile_s": r.compile_s, "xla_temp_mb": r.temp_mb, "note": r.note})
+    results.append(
+      {
+        "row": r.name,
+        "median_ms": w * 1e3,
+        "min_ms": min(r.wall) * 1e3,
+        "cpu_median_ms": c * 1e3,
+        "x_sgd": w / floor_wall,
+        "x_sgd_cpu": c / floor_cpu,
+        "repeats": len(r.wall),
+        "compile_s": r.compile_s,
+        "xla_temp_mb": r.temp_mb,
+        "note": r.note,
+      }
+    )
   passes = None
   if any(b in ("auto", "search") for b in args.backends):
     passes = search_passes(params, make_grads, q, args.pass_steps)
@@ -345,52 +387,63 @@ def run_size(size, args, log):
 
 def markdown(all_results, info) -> str:
   lines = [
-      f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}, "
-      f"optax {info['optax']}, backend {info['backend']}; {info['date']}; "
-      f"load average at start {info['loadavg_at_start']}.",
-      "",
-      "| model (params) | row | median ms/step | x sgd | CPU ms | x sgd (CPU) "
-      "| repeats | XLA temp MB | compile s |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}, "
+    f"optax {info['optax']}, backend {info['backend']}; {info['date']}; "
+    f"load average at start {info['loadavg_at_start']}.",
+    "",
+    "| model (params) | row | median ms/step | x sgd | CPU ms | x sgd (CPU) "
+    "| repeats | XLA temp MB | compile s |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for res in all_results:
     model = f"{res['size']} ({res['n_params'] / 1e6:.2f}M)"
     for r in res["rows"]:
       lines.append(
-          f"| {model} | {r['row']} | {r['median_ms']:.1f} | "
-          f"{r['x_sgd']:.2f} | {r['cpu_median_ms']:.1f} | "
-          f"{r['x_sgd_cpu']:.2f} | {r['repeats']} | {r['xla_temp_mb']} | "
-          f"{r['compile_s']:.1f} |")
+        f"| {model} | {r['row']} | {r['median_ms']:.1f} | "
+        f"{r['x_sgd']:.2f} | {r['cpu_median_ms']:.1f} | "
+        f"{r['x_sgd_cpu']:.2f} | {r['repeats']} | {r['xla_temp_mb']} | "
+        f"{r['compile_s']:.1f} |"
+      )
   lines.append("")
   for res in all_results:
     p = res.get("search_passes")
     if p:
       arr = np.array(p)
       lines.append(
-          f"{res['size']}: search passes per step over {len(p)} steady steps "
-          f"(first step cold): key passes {arr[:, 0].tolist()}, masked-min "
-          f"{arr[:, 1].tolist()}, tie-break passes over one leaf "
-          f"{arr[:, 2].tolist()}.")
+        f"{res['size']}: search passes per step over {len(p)} steady steps "
+        f"(first step cold): key passes {arr[:, 0].tolist()}, masked-min "
+        f"{arr[:, 1].tolist()}, tie-break passes over one leaf "
+        f"{arr[:, 2].tolist()}."
+      )
   return "\n".join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", default="lenet300,resnet56,resnet50,100m")
-  parser.add_argument("--backends", default="auto,threshold,top_k",
-                      help="gsm selection backends (auto, search, "
-                      "threshold, top_k)")
-  parser.add_argument("--baselines", default="top_k,sort,argsort",
-                      help="threshold-only baselines over the concatenated "
-                      "scores (top_k, sort, argsort); '' for none")
+  parser.add_argument(
+    "--backends",
+    default="auto,threshold,top_k",
+    help="gsm selection backends (auto, search, threshold, top_k)",
+  )
+  parser.add_argument(
+    "--baselines",
+    default="top_k,sort,argsort",
+    help="threshold-only baselines over the concatenated "
+    "scores (top_k, sort, argsort); '' for none",
+  )
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--compression", type=float, default=5.0)
-  parser.add_argument("--drift", type=float, default=0.005,
-                      help="relative change of the gradient scale per step")
+  parser.add_argument(
+    "--drift", type=float, default=0.005, help="relative change of the gradient scale per step"
+  )
   parser.add_argument("--pass-steps", type=int, default=8)
-  parser.add_argument("--max-sort-params", type=float, default=30e6,
-                      help="skip the sort-based rows (gsm top_k and the "
-                      "baselines) for models larger than this")
+  parser.add_argument(
+    "--max-sort-params",
+    type=float,
+    default=30e6,
+    help="skip the sort-based rows (gsm top_k and the baselines) for models larger than this",
+  )
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
   args.backends = [b for b in args.backends.split(",") if b]
@@ -409,8 +462,7 @@ def main(argv=None):
   print(markdown(all_results, info))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"machine": info, "args": vars(args),
-                 "results": all_results}, f, indent=1)
+      json.dump({"machine": info, "args": vars(args), "results": all_results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def first_k_alive(widths: dict[str, int], keep: dict[str, int]) -> dict:
   out = {}
   for name, c in widths.items():
     a = np.zeros(c, bool)
-    a[:max(1, int(keep[name]))] = True
+    a[: max(1, int(keep[name]))] = True
     out[name] = a
   return out
 
@@ -67,8 +67,9 @@ def time_call(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_config(model_name: str, label: str, keep: dict[str, int],
-                 batch_sizes: list[int], repeats: int) -> list[dict]:
+def bench_config(
+  model_name: str, label: str, keep: dict[str, int], batch_sizes: list[int], repeats: int
+) -> list[dict]:
   """Rows for one pruned configuration of ``model_name``."""
   model = S.build_model(model_name)
   plan = S.plan_for(model)
@@ -97,24 +98,31 @@ def bench_config(model_name: str, label: str, keep: dict[str, int],
 
   rows = []
   for bs in batch_sizes:
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(
-        (bs,) + plan.input_shape), jnp.float32)
-    diff = float(jnp.max(jnp.abs(masked_fn(gm.params, gm.rest, x)
-                                 - slim_fn(slim_state, x))))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((bs,) + plan.input_shape), jnp.float32)
+    diff = float(jnp.max(jnp.abs(masked_fn(gm.params, gm.rest, x) - slim_fn(slim_state, x))))
     t_dense = time_call(dense_fn, gm.params, gm.rest, x, repeats=repeats)
     t_masked = time_call(masked_fn, gm.params, gm.rest, x, repeats=repeats)
     t_slim = time_call(slim_fn, slim_state, x, repeats=repeats)
-    rows.append({
-        "model": model_name, "config": label, "batch_size": bs,
-        "widths": S.alive_widths(alive), "dense_widths": gm.widths,
-        "dense_macs": dense_counts["macs"], "dense_params": dense_counts["params"],
-        "slim_macs": slim_counts["macs"], "slim_params": slim_counts["params"],
+    rows.append(
+      {
+        "model": model_name,
+        "config": label,
+        "batch_size": bs,
+        "widths": S.alive_widths(alive),
+        "dense_widths": gm.widths,
+        "dense_macs": dense_counts["macs"],
+        "dense_params": dense_counts["params"],
+        "slim_macs": slim_counts["macs"],
+        "slim_params": slim_counts["params"],
         "macs_fraction": slim_counts["macs"] / dense_counts["macs"],
         "analytic_macs": counter.count(alive)[0],
-        "dense_ms": 1e3 * t_dense, "masked_ms": 1e3 * t_masked,
-        "slim_ms": 1e3 * t_slim, "speedup_vs_masked": t_masked / t_slim,
+        "dense_ms": 1e3 * t_dense,
+        "masked_ms": 1e3 * t_masked,
+        "slim_ms": 1e3 * t_slim,
+        "speedup_vs_masked": t_masked / t_slim,
         "max_abs_output_diff": diff,
-    })
+      }
+    )
   return rows
 
 
@@ -132,8 +140,7 @@ def configs_from_results(results_dir: Path) -> list[tuple[str, str, dict]]:
     if not model:
       continue
     for level in result.get("levels", []):
-      out.append((model, f"{result['method']} {level['target']}",
-                  level["widths"]))
+      out.append((model, f"{result['method']} {level['target']}", level["widths"]))
     if "widths" in result and "macs" in result and "levels" not in result:
       out.append((model, result["method"], result["widths"]))
   return out
@@ -145,39 +152,50 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
   p.add_argument("--repeats", type=int, default=50)
   p.add_argument("--out", default=None)
-  p.add_argument("--no-vgg", action="store_true",
-                 help="skip the half-width small VGG configuration")
+  p.add_argument(
+    "--no-vgg", action="store_true", help="skip the half-width small VGG configuration"
+  )
   args = p.parse_args(argv)
   configs = configs_from_results(Path(args.results))
   if not configs:
     # No result files yet: a fixed LeNet-5 configuration at about 10% FLOPs.
-    configs.append(("lenet5", "fixed 8-12-100", {"conv1": 8, "conv2": 12,
-                                                 "fc1": 100}))
+    configs.append(("lenet5", "fixed 8-12-100", {"conv1": 8, "conv2": 12, "fc1": 100}))
   if not args.no_vgg:
-    half = {f"convs.{i}": c // 2 for i, c in enumerate(
-        c for c in S.VGG_SMALL_LAYOUT if c != "M")}
+    half = {f"convs.{i}": c // 2 for i, c in enumerate(c for c in S.VGG_SMALL_LAYOUT if c != "M")}
     configs.append(("vgg_small", "half width", half))
   rows = []
   for model, label, widths in configs:
     rows += bench_config(model, label, widths, args.batch_sizes, args.repeats)
-  print("| model | config | batch | MACs dense -> slim | params dense -> slim "
-        "| dense ms | masked ms | slim ms | slim speed-up |")
+  print(
+    "| model | config | batch | MACs dense -> slim | params dense -> slim "
+    "| dense ms | masked ms | slim ms | slim speed-up |"
+  )
   print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")
   for r in rows:
-    print(f"| {r['model']} | {r['config']} | {r['batch_size']} | "
-          f"{r['dense_macs']:,} -> {r['slim_macs']:,} ({r['macs_fraction']:.1%}) | "
-          f"{r['dense_params']:,} -> {r['slim_params']:,} | "
-          f"{r['dense_ms']:.3f} | {r['masked_ms']:.3f} | {r['slim_ms']:.3f} | "
-          f"{r['speedup_vs_masked']:.2f}x |")
+    print(
+      f"| {r['model']} | {r['config']} | {r['batch_size']} | "
+      f"{r['dense_macs']:,} -> {r['slim_macs']:,} ({r['macs_fraction']:.1%}) | "
+      f"{r['dense_params']:,} -> {r['slim_params']:,} | "
+      f"{r['dense_ms']:.3f} | {r['masked_ms']:.3f} | {r['slim_ms']:.3f} | "
+      f"{r['speedup_vs_masked']:.2f}x |"
+    )
   out = Path(args.out) if args.out else Path(args.results) / "latency.json"
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
-      "rows": rows, "repeats": args.repeats,
-      "device": str(jax.devices()[0]), "platform": platform.platform(),
-      "cpu_count": __import__("os").cpu_count(),
-      "command": "python benchmarks/structured_latency.py " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-  }, indent=1) + "\n")
+  out.write_text(
+    json.dumps(
+      {
+        "rows": rows,
+        "repeats": args.repeats,
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "command": "python benchmarks/structured_latency.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+      },
+      indent=1,
+    )
+    + "\n"
+  )
   print(f"wrote {out}")
   return 0
 

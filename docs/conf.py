@@ -33,11 +33,11 @@ version = release
 
 master_doc = "index"
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.viewcode",
 ]
 templates_path = ["_templates"]
 exclude_patterns = ["_build"]
@@ -54,8 +54,8 @@ napoleon_attr_annotations = False
 autosummary_generate = True
 autosummary_imported_members = True
 autodoc_default_options = {
-    "member-order": "bysource",
-    "exclude-members": "__repr__, __str__, __weakref__, __init__, __new__",
+  "member-order": "bysource",
+  "exclude-members": "__repr__, __str__, __weakref__, __init__, __new__",
 }
 # Signatures without annotations: the docstrings say what each argument is,
 # and the library's type aliases (schedules, pytrees) would be printed
@@ -119,8 +119,7 @@ def _public_modules(include_private=False):
   """The public modules of ``optax_gsm`` (no ``_`` in their dotted name)."""
   yield optax_gsm
   for info in pkgutil.walk_packages(optax_gsm.__path__, "optax_gsm."):
-    if (not include_private
-        and any(part.startswith("_") for part in info.name.split("."))):
+    if not include_private and any(part.startswith("_") for part in info.name.split(".")):
       continue
     yield importlib.import_module(info.name)
 
@@ -156,8 +155,12 @@ def _check_api_coverage(app, env):
       if f"{module.__name__}.{name}" not in documented and id(obj) not in covered:
         missing.append(f"{module.__name__}.{name}")
   for fullname in sorted(missing):
-    _LOG.warning("%s is exported but on no page of docs/api/: add it to an "
-                 "autosummary list", fullname, type="optax_gsm", subtype="api")
+    _LOG.warning(
+      "%s is exported but on no page of docs/api/: add it to an autosummary list",
+      fullname,
+      type="optax_gsm",
+      subtype="api",
+    )
 
 
 def setup(app):

@@ -113,6 +113,7 @@ class Group:
       stream), in which case only unread units are removed.
     norm: the BatchNorm between ``writer`` and the ReLU, or None.
   """
+
   site: S.Site
   writer: ModulePath | None
   norm: ModulePath | None
@@ -156,8 +157,7 @@ def _lane_groups(model: CifarResNet) -> list[Group]:
         readers.append((("blocks", nxt, "proj_conv"), 1))
     else:
       readers.append((("fc",), 1))
-    groups.append(Group(S.Site(f"stage{s}", gate, tuple(writers), tuple(readers)),
-                        None, None))
+    groups.append(Group(S.Site(f"stage{s}", gate, tuple(writers), tuple(readers)), None, None))
   return groups
 
 
@@ -176,15 +176,21 @@ def groups_for(model: nnx.Module) -> tuple[Group, ...]:
   """
   if isinstance(model, DenseNet) or not isinstance(model, SUPPORTED):
     raise TypeError(
-        f"`model`: compaction supports {', '.join(c.__name__ for c in SUPPORTED)}; "
-        f"got {type(model).__name__}"
-        + (" (a DenseNet channel is read by every later layer of its block "
-           "through its own BatchNorm, which remove_channels does not slice)"
-           if isinstance(model, DenseNet) else "") + ".")
+      f"`model`: compaction supports {', '.join(c.__name__ for c in SUPPORTED)}; "
+      f"got {type(model).__name__}"
+      + (
+        " (a DenseNet channel is read by every later layer of its block "
+        "through its own BatchNorm, which remove_channels does not slice)"
+        if isinstance(model, DenseNet)
+        else ""
+      )
+      + "."
+    )
   groups = []
   for site in S.plan_for(model).sites:
-    norm = next((p for p in site.producers[1:]
-                 if isinstance(S.module_at(model, p), nnx.BatchNorm)), None)
+    norm = next(
+      (p for p in site.producers[1:] if isinstance(S.module_at(model, p), nnx.BatchNorm)), None
+    )
     groups.append(Group(site, site.producers[0], norm))
   if isinstance(model, CifarResNet):
     groups += _lane_groups(model)
@@ -210,8 +216,9 @@ def _no_padding(padding: Any) -> bool:
     return padding.upper() == "VALID"
   if isinstance(padding, int):
     return padding == 0
-  return all(int(p) == 0 for pair in padding
-             for p in (pair if isinstance(pair, (tuple, list)) else (pair,)))
+  return all(
+    int(p) == 0 for pair in padding for p in (pair if isinstance(pair, (tuple, list)) else (pair,))
+  )
 
 
 def _can_fold(module: Any) -> bool:
@@ -230,25 +237,33 @@ def _constants(model: nnx.Module, g: Group) -> np.ndarray:
   pre = np.zeros(w.out_features, np.float32) if b is None else b
   if g.norm is not None:
     bn = S.module_at(model, g.norm)
-    pre = cl.batch_norm_constant(pre, mean=_np(bn, "mean"), var=_np(bn, "var"),
-                                 epsilon=bn.epsilon, scale=_np(bn, "scale"),
-                                 bias=_np(bn, "bias"))
+    pre = cl.batch_norm_constant(
+      pre,
+      mean=_np(bn, "mean"),
+      var=_np(bn, "var"),
+      epsilon=bn.epsilon,
+      scale=_np(bn, "scale"),
+      bias=_np(bn, "bias"),
+    )
   return np.maximum(pre, 0)
 
 
 @dataclasses.dataclass
 class _Decision:
-  remove: np.ndarray     # bool (C,)
-  unread: np.ndarray     # bool (C,): no outgoing weight
-  constant: np.ndarray   # bool (C,): no incoming weight, removable
-  fold: np.ndarray       # (C,) constants to fold into the readers' biases
-  kept_constant: int     # no incoming weight, not removable (padded reader)
+  remove: np.ndarray  # bool (C,)
+  unread: np.ndarray  # bool (C,): no outgoing weight
+  constant: np.ndarray  # bool (C,): no incoming weight, removable
+  fold: np.ndarray  # (C,) constants to fold into the readers' biases
+  kept_constant: int  # no incoming weight, not removable (padded reader)
 
 
 def _decide(model: nnx.Module, g: Group) -> _Decision:
-  unread = np.logical_and.reduce([
+  unread = np.logical_and.reduce(
+    [
       cl.unread_inputs(_np(S.module_at(model, p), "kernel"), spatial=spatial)
-      for p, spatial in g.site.consumers])
+      for p, spatial in g.site.consumers
+    ]
+  )
   constant = np.zeros_like(unread)
   fold = np.zeros(unread.shape, np.float32)
   kept = 0
@@ -262,8 +277,7 @@ def _decide(model: nnx.Module, g: Group) -> _Decision:
   return _Decision(unread | constant, unread, constant, fold, kept)
 
 
-def _tie_lanes(model: CifarResNet, groups: Sequence[Group],
-               remove: dict[str, np.ndarray]) -> None:
+def _tie_lanes(model: CifarResNet, groups: Sequence[Group], remove: dict[str, np.ndarray]) -> None:
   """Stream channels: removed only where removable in every stage they cross.
 
   With option-A shortcuts stage ``s`` channel ``j`` continues as stage
@@ -285,7 +299,7 @@ def _tie_lanes(model: CifarResNet, groups: Sequence[Group],
     off = carried(s + 1)
     if off is not None:
       here, nxt = remove[names[s]], remove[names[s + 1]]
-      here &= nxt[off:off + len(here)]
+      here &= nxt[off : off + len(here)]
   # Forward: the decision at a channel's first stage holds along it, and the
   # padded channels stay split as before: half (rounded down) first.
   for s in range(1, len(stages)):
@@ -293,15 +307,15 @@ def _tie_lanes(model: CifarResNet, groups: Sequence[Group],
     if off is None:
       continue
     prev, here = remove[names[s - 1]], remove[names[s]]
-    here[off:off + len(prev)] = prev
+    here[off : off + len(prev)] = prev
     before = np.arange(off)
     after = np.arange(off + len(prev), len(here))
     kb, ka = int(np.sum(~here[before])), int(np.sum(~here[after]))
     if ka < kb:
-      for i in after[here[after]][:kb - ka]:
+      for i in after[here[after]][: kb - ka]:
         here[i] = False
     elif ka > kb + 1:
-      for i in before[here[before]][:ka - 1 - kb]:
+      for i in before[here[before]][: ka - 1 - kb]:
         here[i] = False
 
 
@@ -331,8 +345,7 @@ class SelectInputs(nnx.Module):
   def __init__(self, layer: nnx.Linear, index: np.ndarray, in_features: int):
     index = np.asarray(index, np.int32)
     if index.shape != (layer.in_features,):
-      raise ValueError(f"`index` must have shape ({layer.in_features},), got "
-                       f"{index.shape}.")
+      raise ValueError(f"`index` must have shape ({layer.in_features},), got {index.shape}.")
     self.layer = layer
     self.index = Index(jnp.asarray(index))
     self.in_features = int(in_features)
@@ -344,8 +357,7 @@ class SelectInputs(nnx.Module):
   def full(self) -> nnx.Linear:
     """The equivalent ``nnx.Linear`` on every input (zero rows elsewhere)."""
     new = nnx.clone(self.layer)
-    kernel = np.zeros((self.in_features, self.out_features),
-                      _np(self.layer, "kernel").dtype)
+    kernel = np.zeros((self.in_features, self.out_features), _np(self.layer, "kernel").dtype)
     kernel[np.asarray(self.index[...])] = _np(self.layer, "kernel")
     _set(new, "kernel", kernel)
     new.in_features = self.in_features
@@ -385,6 +397,7 @@ class GroupReport:
     kept_constant: units with no incoming weight and a non-zero constant,
       kept because a reader pads (at the last round).
   """
+
   name: str
   width: int
   kept: int
@@ -396,6 +409,7 @@ class GroupReport:
 @dataclasses.dataclass(frozen=True)
 class CompactionReport:
   """The groups' reports, the inputs kept (of how many) and the rounds run."""
+
   groups: tuple[GroupReport, ...]
   inputs: tuple[int, int] | None
   rounds: int
@@ -403,17 +417,22 @@ class CompactionReport:
   def __str__(self) -> str:
     lines = ["group        width   kept unread constant kept_constant"]
     for g in self.groups:
-      lines.append(f"{g.name:<12} {g.width:>5} {g.kept:>6} {g.unread:>6} "
-                   f"{g.constant:>8} {g.kept_constant:>13}")
+      lines.append(
+        f"{g.name:<12} {g.width:>5} {g.kept:>6} {g.unread:>6} {g.constant:>8} {g.kept_constant:>13}"
+      )
     if self.inputs is not None:
       lines.append(f"inputs       {self.inputs[1]:>5} {self.inputs[0]:>6}")
     lines.append(f"rounds: {self.rounds}")
     return "\n".join(lines)
 
 
-def compact(model: nnx.Module, *, on_empty: str = "error",
-            drop_dead_inputs: bool = True,
-            max_rounds: int = 100) -> tuple[nnx.Module, CompactionReport]:
+def compact(
+  model: nnx.Module,
+  *,
+  on_empty: str = "error",
+  drop_dead_inputs: bool = True,
+  max_rounds: int = 100,
+) -> tuple[nnx.Module, CompactionReport]:
   r"""A smaller dense copy of a pruned model without its dead units.
 
   See the module docstring for what is removed. BatchNorm is taken in
@@ -453,12 +472,12 @@ def compact(model: nnx.Module, *, on_empty: str = "error",
     raise ValueError(f"`on_empty` must be one of {ON_EMPTY}, got {on_empty!r}.")
   if not isinstance(max_rounds, int) or max_rounds < 1:
     raise ValueError(f"`max_rounds` must be a positive integer, got {max_rounds!r}.")
-  groups = groups_for(model)          # raises TypeError early
+  groups = groups_for(model)  # raises TypeError early
   model = nnx.clone(model)
   model.eval()
   inputs = None
   if isinstance(model, LeNet300100) and isinstance(model.fc1, SelectInputs):
-    model.fc1 = model.fc1.full()      # a compacted model: start from all inputs
+    model.fc1 = model.fc1.full()  # a compacted model: start from all inputs
   widths = S.site_widths(model, S.Plan(tuple(g.site for g in groups), (1, 1, 1)))
   totals = {g.name: [0, 0] for g in groups}
   kept_constant = {g.name: 0 for g in groups}
@@ -477,12 +496,13 @@ def compact(model: nnx.Module, *, on_empty: str = "error",
       d = decisions[g.name]
       if on_empty == "error":
         raise ValueError(
-            f"compaction would remove every unit of {g.name!r} "
-            f"({int(np.sum(d.unread))} of {len(d.remove)} without outgoing "
-            f"weight, {int(np.sum(d.constant & ~d.unread))} constant): no "
-            "signal passes through it, and the model class needs at least one "
-            "unit there. Pass on_empty='keep_one' to keep its first unit "
-            "unchanged (exact).")
+          f"compaction would remove every unit of {g.name!r} "
+          f"({int(np.sum(d.unread))} of {len(d.remove)} without outgoing "
+          f"weight, {int(np.sum(d.constant & ~d.unread))} constant): no "
+          "signal passes through it, and the model class needs at least one "
+          "unit there. Pass on_empty='keep_one' to keep its first unit "
+          "unchanged (exact)."
+        )
       remove[g.name][0] = False
       if isinstance(model, CifarResNet):
         _tie_lanes(model, groups, remove)
@@ -497,8 +517,13 @@ def compact(model: nnx.Module, *, on_empty: str = "error",
       if np.any(fold != 0):
         for path, spatial in g.site.consumers:
           reader = S.module_at(model, path)
-          _set(reader, "bias", cl.fold_constant_inputs(
-              _np(reader, "kernel"), _np(reader, "bias"), fold, spatial=spatial))
+          _set(
+            reader,
+            "bias",
+            cl.fold_constant_inputs(
+              _np(reader, "kernel"), _np(reader, "bias"), fold, spatial=spatial
+            ),
+          )
     plan = S.Plan(tuple(g.site for g in groups), (1, 1, 1))
     model = S.remove_channels(model, {k: ~r for k, r in remove.items()}, plan)
     if isinstance(model, CifarResNet):
@@ -508,9 +533,13 @@ def compact(model: nnx.Module, *, on_empty: str = "error",
     full = int(model.fc1.in_features)
     inputs = (_select_inputs(model), full)
   report = CompactionReport(
-      tuple(GroupReport(g.name, widths[g.name], final[g.name], *totals[g.name],
-                        kept_constant[g.name]) for g in groups),
-      inputs, rounds)
+    tuple(
+      GroupReport(g.name, widths[g.name], final[g.name], *totals[g.name], kept_constant[g.name])
+      for g in groups
+    ),
+    inputs,
+    rounds,
+  )
   return model, report
 
 
@@ -532,8 +561,14 @@ class SparseLinear(nnx.Module):
     in_features: the width of the layer's input (default: the kernel's).
   """
 
-  def __init__(self, kernel: np.ndarray, bias: np.ndarray | None, *,
-               index: np.ndarray | None = None, in_features: int | None = None):
+  def __init__(
+    self,
+    kernel: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    index: np.ndarray | None = None,
+    in_features: int | None = None,
+  ):
     kernel = np.asarray(kernel)
     rows, cols, values = cl.coo_kernel(kernel)
     if index is not None:
@@ -550,8 +585,7 @@ class SparseLinear(nnx.Module):
     return int(self.values[...].size)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = cl.coo_matmul(x, self.rows[...], self.cols[...], self.values[...],
-                      self.out_features)
+    y = cl.coo_matmul(x, self.rows[...], self.cols[...], self.values[...], self.out_features)
     return y if self.bias is None else y + self.bias[...]
 
 
@@ -571,19 +605,23 @@ class GatherConv(nnx.Module):
 
   def __init__(self, conv: nnx.Conv):
     kernel = _np(conv, "kernel")
-    if kernel.ndim != 4 or conv.feature_group_count != 1 or \
-        getattr(conv, "mask", None) is not None or \
-        _tuple2(conv.input_dilation) != (1, 1):
-      raise ValueError("GatherConv takes a plain 2-D convolution (no groups, "
-                       f"mask or input dilation); got kernel {kernel.shape}.")
-    used = np.any(kernel != 0, axis=3)                 # (kh, kw, cin)
+    if (
+      kernel.ndim != 4
+      or conv.feature_group_count != 1
+      or getattr(conv, "mask", None) is not None
+      or _tuple2(conv.input_dilation) != (1, 1)
+    ):
+      raise ValueError(
+        "GatherConv takes a plain 2-D convolution (no groups, "
+        f"mask or input dilation); got kernel {kernel.shape}."
+      )
+    used = np.any(kernel != 0, axis=3)  # (kh, kw, cin)
     if not used.any():
       used[0, 0, 0] = True
     dh, dw, ch = np.nonzero(used)
     self.taps = Index(jnp.asarray(np.stack([dh, dw, ch], 1).astype(np.int32)))
-    self.kernel = nnx.Param(jnp.asarray(kernel[dh, dw, ch]))     # (F, cout)
-    self.bias = None if conv.bias is None else nnx.Param(
-        jnp.asarray(_np(conv, "bias")))
+    self.kernel = nnx.Param(jnp.asarray(kernel[dh, dw, ch]))  # (F, cout)
+    self.bias = None if conv.bias is None else nnx.Param(jnp.asarray(_np(conv, "bias")))
     self.kernel_size = tuple(int(k) for k in kernel.shape[:2])
     self.strides = _tuple2(conv.strides)
     self.dilation = _tuple2(conv.kernel_dilation)
@@ -610,7 +648,7 @@ class GatherConv(nnx.Module):
     taps = self.taps[...]
     rows = (jnp.arange(ho) * sh)[:, None, None] + (taps[:, 0] * ah)[None, None, :]
     cols = (jnp.arange(wo) * sw)[None, :, None] + (taps[:, 1] * aw)[None, None, :]
-    patches = x[:, rows, cols, taps[:, 2][None, None, :]]        # (N, ho, wo, F)
+    patches = x[:, rows, cols, taps[:, 2][None, None, :]]  # (N, ho, wo, F)
     y = patches @ self.kernel[...].astype(x.dtype)
     return y if self.bias is None else y + self.bias[...]
 
@@ -633,6 +671,7 @@ def _patched(classes: tuple[type, ...], record) -> Iterator[None]:
       out = original(self, x, *args, **kwargs)
       record(self, x, out)
       return out
+
     return __call__
 
   try:
@@ -644,8 +683,9 @@ def _patched(classes: tuple[type, ...], record) -> Iterator[None]:
       cls.__call__ = original
 
 
-def _trace_shapes(model: nnx.Module, input_shape: Sequence[int],
-                  classes: tuple[type, ...]) -> dict[tuple, tuple]:
+def _trace_shapes(
+  model: nnx.Module, input_shape: Sequence[int], classes: tuple[type, ...]
+) -> dict[tuple, tuple]:
   """``{path: (input shape, output shape)}`` of the calls of ``classes``."""
   graphdef, state = nnx.split(model)
   records: dict[tuple, tuple] = {}
@@ -654,8 +694,7 @@ def _trace_shapes(model: nnx.Module, input_shape: Sequence[int],
   def forward(state, x):
     m = nnx.merge(graphdef, state)
     paths.clear()
-    paths.update({id(n): tuple(p) for p, n in nnx.iter_graph(m)
-                  if isinstance(n, classes)})
+    paths.update({id(n): tuple(p) for p, n in nnx.iter_graph(m) if isinstance(n, classes)})
     return m(x)
 
   def record(module, x, out):
@@ -663,8 +702,7 @@ def _trace_shapes(model: nnx.Module, input_shape: Sequence[int],
       records[paths[id(module)]] = (tuple(x.shape), tuple(out.shape))
 
   with _patched(classes, record):
-    jax.eval_shape(forward, state,
-                   jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    jax.eval_shape(forward, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
   return records
 
 
@@ -677,9 +715,12 @@ def layer_inputs(model: nnx.Module, input_shape: Sequence[int]) -> dict[tuple, t
 def sparse_candidate(module: Any) -> nnx.Module | None:
   """The sparse replacement of a layer, or None (a 1-D or grouped conv)."""
   if isinstance(module, SelectInputs):
-    return SparseLinear(_np(module.layer, "kernel"), _np(module.layer, "bias"),
-                        index=np.asarray(module.index[...]),
-                        in_features=module.in_features)
+    return SparseLinear(
+      _np(module.layer, "kernel"),
+      _np(module.layer, "bias"),
+      index=np.asarray(module.index[...]),
+      in_features=module.in_features,
+    )
   if isinstance(module, nnx.Linear):
     return SparseLinear(_np(module, "kernel"), _np(module, "bias"))
   if isinstance(module, nnx.Conv):
@@ -690,8 +731,7 @@ def sparse_candidate(module: Any) -> nnx.Module | None:
   return None
 
 
-def time_interleaved(fns: Mapping[str, Any], *args: Any, repeats: int
-                     ) -> dict[str, list[float]]:
+def time_interleaved(fns: Mapping[str, Any], *args: Any, repeats: int) -> dict[str, list[float]]:
   """Seconds per call of each jitted ``fn(*args)``, the calls interleaved.
 
   Two warm-up calls each, then ``repeats`` rounds that call every function
@@ -715,6 +755,7 @@ def _apply_fn(module: nnx.Module):
   @jax.jit
   def fn(state, x):
     return nnx.merge(graphdef, state)(x)
+
   return fn, state
 
 
@@ -729,16 +770,23 @@ def _set_at(model: nnx.Module, path: ModulePath, value: Any) -> None:
 @dataclasses.dataclass(frozen=True)
 class LayerChoice:
   """The choice of :func:`sparsify` for one layer (times in seconds)."""
+
   path: str
-  kind: str                  # "SparseLinear" or "GatherConv"
+  kind: str  # "SparseLinear" or "GatherConv"
   sparse: bool
   dense_s: float | None
   sparse_s: float | None
 
 
-def sparsify(model: nnx.Module, input_shape: Sequence[int], *,
-             choice: str = "time", repeats: int = 30, margin: float = 1.1,
-             seed: int = 0) -> tuple[nnx.Module, tuple[LayerChoice, ...]]:
+def sparsify(
+  model: nnx.Module,
+  input_shape: Sequence[int],
+  *,
+  choice: str = "time",
+  repeats: int = 30,
+  margin: float = 1.1,
+  seed: int = 0,
+) -> tuple[nnx.Module, tuple[LayerChoice, ...]]:
   r"""A copy of ``model`` with sparse layers where they are faster.
 
   Every ``nnx.Linear`` (or :class:`SelectInputs`) gets a
@@ -782,8 +830,9 @@ def sparsify(model: nnx.Module, input_shape: Sequence[int], *,
   shapes = layer_inputs(model, input_shape)
   rng = np.random.default_rng(seed)
   choices = []
-  inside_select = {p + ("layer",) for p in shapes
-                   if isinstance(S.module_at(model, p), SelectInputs)}
+  inside_select = {
+    p + ("layer",) for p in shapes if isinstance(S.module_at(model, p), SelectInputs)
+  }
   for path in sorted(shapes, key=str):
     if path in inside_select:
       continue
@@ -796,16 +845,17 @@ def sparsify(model: nnx.Module, input_shape: Sequence[int], *,
     if choice == "time":
       x = jnp.asarray(rng.standard_normal(shapes[path]).astype(np.float32))
       (fd, sd), (fs, ss) = _apply_fn(module), _apply_fn(cand)
-      times = time_interleaved({"dense": lambda x: fd(sd, x),
-                                "sparse": lambda x: fs(ss, x)}, x,
-                               repeats=repeats)
+      times = time_interleaved(
+        {"dense": lambda x: fd(sd, x), "sparse": lambda x: fs(ss, x)}, x, repeats=repeats
+      )
       dense_s = statistics.median(times["dense"])
       sparse_s = statistics.median(times["sparse"])
       take = sparse_s * margin < dense_s
     if take:
       _set_at(model, path, cand)
-    choices.append(LayerChoice("/".join(map(str, path)), type(cand).__name__,
-                               take, dense_s, sparse_s))
+    choices.append(
+      LayerChoice("/".join(map(str, path)), type(cand).__name__, take, dense_s, sparse_s)
+    )
   return model, tuple(choices)
 
 

@@ -51,6 +51,7 @@ def _record_outputs(paths: dict[int, tuple], records: dict[tuple, list]):
       if path is not None:
         records.setdefault(path, []).append(tuple(out.shape))
       return out
+
     return __call__
 
   try:
@@ -62,8 +63,9 @@ def _record_outputs(paths: dict[int, tuple], records: dict[tuple, list]):
       cls.__call__ = original
 
 
-def kernel_uses(model: nnx.Module, input_shape: Sequence[int], *,
-                dtype: Any = jnp.float32) -> dict[tuple, int]:
+def kernel_uses(
+  model: nnx.Module, input_shape: Sequence[int], *, dtype: Any = jnp.float32
+) -> dict[tuple, int]:
   """How many times each entry of each Conv/Linear kernel is used per example.
 
   Args:
@@ -77,8 +79,7 @@ def kernel_uses(model: nnx.Module, input_shape: Sequence[int], *,
   """
   input_shape = tuple(int(d) for d in input_shape)
   if not input_shape or input_shape[0] < 1:
-    raise ValueError(f"`input_shape` must start with a batch size >= 1, got "
-                     f"{input_shape!r}.")
+    raise ValueError(f"`input_shape` must start with a batch size >= 1, got {input_shape!r}.")
   graphdef, state = nnx.split(model)
   paths: dict[int, tuple] = {}
   records: dict[tuple, list] = {}
@@ -100,16 +101,21 @@ def kernel_uses(model: nnx.Module, input_shape: Sequence[int], *,
     for shape in shapes:
       if len(shape) < 2 or shape[0] != batch:
         raise ValueError(
-            f"layer {path} returned shape {shape}; expected (batch={batch}, "
-            "..., features).")
+          f"layer {path} returned shape {shape}; expected (batch={batch}, ..., features)."
+        )
       total += int(np.prod(shape[1:-1], dtype=np.int64))
     uses[path] = total
   return uses
 
 
-def flops_cost_tree(model: nnx.Module, input_shape: Sequence[int], *,
-                    dtype: Any = jnp.float32, where: eligibility.Where = None,
-                    default_cost: Optional[int] = None) -> PyTree:
+def flops_cost_tree(
+  model: nnx.Module,
+  input_shape: Sequence[int],
+  *,
+  dtype: Any = jnp.float32,
+  where: eligibility.Where = None,
+  default_cost: Optional[int] = None,
+) -> PyTree:
   """Per-weight MAC costs shaped like ``nnx.state(model, nnx.Param)``.
 
   Args:
@@ -136,31 +142,32 @@ def flops_cost_tree(model: nnx.Module, input_shape: Sequence[int], *,
   missing = []
 
   def per_entry(keystr: str, leaf, path) -> int:
-    keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-                 for k in path)
-    if keys and keys[-1] == "value":   # the Variable's own level
+    keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+    if keys and keys[-1] == "value":  # the Variable's own level
       keys = keys[:-1]
     if keys and keys[-1] == "kernel" and keys[:-1] in uses:
       value = uses[keys[:-1]]
       if value < 1:
-        raise ValueError(f"kernel {keystr} is used {value} times per example "
-                         "by the traced forward pass; its cost must be >= 1.")
+        raise ValueError(
+          f"kernel {keystr} is used {value} times per example "
+          "by the traced forward pass; its cost must be >= 1."
+        )
       return value
     if default_cost is None:
       missing.append(keystr)
       return 1
     return default_cost
 
-  path_of = {jax.tree_util.keystr(p): p
-             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  path_of = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   costs = budget_lib.cost_tree(
-      params, lambda keystr, leaf: per_entry(keystr, leaf, path_of[keystr]),
-      where=where)
+    params, lambda keystr, leaf: per_entry(keystr, leaf, path_of[keystr]), where=where
+  )
   if missing:
     raise ValueError(
-        f"No FLOPs rule for the eligible leaves {missing}: they are not the "
-        "kernel of an nnx.Conv or nnx.Linear called by the forward pass. Pass "
-        "`default_cost` or a `where` that excludes them.")
+      f"No FLOPs rule for the eligible leaves {missing}: they are not the "
+      "kernel of an nnx.Conv or nnx.Linear called by the forward pass. Pass "
+      "`default_cost` or a `where` that excludes them."
+    )
   return costs
 
 

@@ -37,10 +37,14 @@ def _short(path: str) -> str:
   return "/".join(parts) if parts else path
 
 
-def plot_sensitivity(result: Union[SensitivityResult, dict],
-                     path: Optional[Union[str, os.PathLike]] = None, *,
-                     title: Optional[str] = None, labels: Optional[list] = None,
-                     figsize: tuple = (7.0, 3.6)) -> Any:
+def plot_sensitivity(
+  result: Union[SensitivityResult, dict],
+  path: Optional[Union[str, os.PathLike]] = None,
+  *,
+  title: Optional[str] = None,
+  labels: Optional[list] = None,
+  figsize: tuple = (7.0, 3.6),
+) -> Any:
   """Draws the per-layer accuracy drops and GSM's per-layer keep ratio.
 
   Args:
@@ -68,27 +72,41 @@ def plot_sensitivity(result: Union[SensitivityResult, dict],
   width = 0.8 / max(len(ratios), 1)
   for j, r in enumerate(ratios):
     drops = [layer["drops"][j] for layer in layers]
-    ax.bar(x - 0.4 + width * (j + 0.5), drops, width,
-           color=_GREYS[j % len(_GREYS)], edgecolor="black", linewidth=0.6,
-           hatch=_HATCHES[j % len(_HATCHES)],
-           label=f"drop, {100 * r:g}% pruned")
+    ax.bar(
+      x - 0.4 + width * (j + 0.5),
+      drops,
+      width,
+      color=_GREYS[j % len(_GREYS)],
+      edgecolor="black",
+      linewidth=0.6,
+      hatch=_HATCHES[j % len(_HATCHES)],
+      label=f"drop, {100 * r:g}% pruned",
+    )
   ax.axhline(0.0, color="black", linewidth=0.6)
   ax.set_ylabel("accuracy drop (layer pruned alone)")
   ax.set_xticks(x)
-  ax.set_xticklabels(labels, rotation=30 if n > 4 else 0, ha="right"
-                     if n > 4 else "center")
+  ax.set_xticklabels(labels, rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
   handles, names = ax.get_legend_handles_labels()
 
-  lines = [("nonzero_ratio", "GSM non-zero ratio", "o", "-"),
-           ("selection_density", "top-Q selection density (rel.)", "s", "--")]
-  present = [spec for spec in lines
-             if all(layer.get(spec[0]) is not None for layer in layers)]
+  lines = [
+    ("nonzero_ratio", "GSM non-zero ratio", "o", "-"),
+    ("selection_density", "top-Q selection density (rel.)", "s", "--"),
+  ]
+  present = [spec for spec in lines if all(layer.get(spec[0]) is not None for layer in layers)]
   if present:
     ax2 = ax.twinx()
     for key, name, marker, style in present:
-      ax2.plot(x, [layer[key] for layer in layers], color="black",
-               marker=marker, linestyle=style, markerfacecolor="white",
-               markersize=6, linewidth=1.2, label=name)
+      ax2.plot(
+        x,
+        [layer[key] for layer in layers],
+        color="black",
+        marker=marker,
+        linestyle=style,
+        markerfacecolor="white",
+        markersize=6,
+        linewidth=1.2,
+        label=name,
+      )
     values = [layer[key] for key, *_ in present for layer in layers]
     if min(values) > 0 and max(values) > 10 * min(values):
       # The non-zero ratio (~Q/N) and the relative density (~1) differ by
@@ -103,15 +121,13 @@ def plot_sensitivity(result: Union[SensitivityResult, dict],
   rho = {k: v for k, v in d.get("spearman", {}).items() if v is not None}
   heading = [title] if title else []
   if rho:
-    heading.append("Spearman vs mean drop: " + ", ".join(
-        f"{k} {v:+.2f}" for k, v in rho.items()))
+    heading.append("Spearman vs mean drop: " + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()))
   if heading:
     ax.set_title("\n".join(heading), fontsize=9)
   # Below the axes, where it cannot hide a bar or a marker.
   ncol = min(len(handles), 3)
   rows = -(-len(handles) // ncol)
-  fig.legend(handles, names, fontsize=7, loc="lower center", ncol=ncol,
-             frameon=False)
+  fig.legend(handles, names, fontsize=7, loc="lower center", ncol=ncol, frameon=False)
   fig.tight_layout(rect=(0.0, 0.045 * rows + 0.01, 1.0, 1.0))
   if path is not None:
     fig.savefig(os.fspath(path), dpi=150)

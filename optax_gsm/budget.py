@@ -76,10 +76,10 @@ Limbs = tuple[Array, Array, Array]
 
 
 def cost_tree(
-    params: PyTree,
-    per_entry: Union[PyTree, Callable[[str, Any], int]],
-    *,
-    where: eligibility.Where = None,
+  params: PyTree,
+  per_entry: Union[PyTree, Callable[[str, Any], int]],
+  *,
+  where: eligibility.Where = None,
 ) -> PyTree:
   """A cost pytree: every entry of an eligible leaf costs that leaf's value.
 
@@ -108,15 +108,17 @@ def cost_tree(
   flags = eligibility.resolve_where(where, params)
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if callable(per_entry):
-    values = [per_entry(jax.tree_util.keystr(p), leaf) if flag else 0
-              for (p, leaf), flag in zip(path_leaves, flags)]
+    values = [
+      per_entry(jax.tree_util.keystr(p), leaf) if flag else 0
+      for (p, leaf), flag in zip(path_leaves, flags)
+    ]
   else:
     try:
       values = treedef.flatten_up_to(per_entry)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          "`per_entry` must hold one int per leaf of params (or be a "
-          f"callable); details: {e}") from None
+        f"`per_entry` must hold one int per leaf of params (or be a callable); details: {e}"
+      ) from None
   out = []
   for (path, leaf), value, flag in zip(path_leaves, values, flags):
     shape = np.shape(leaf)
@@ -126,15 +128,15 @@ def cost_tree(
     c = _checks.concrete(value)
     if c is None or float(c) != int(c) or not 1 <= int(c) <= _MAX_COST:
       raise ValueError(
-          f"`per_entry` gives leaf {jax.tree_util.keystr(path)} the cost "
-          f"{value!r}; an eligible entry's cost must be an integer in "
-          f"[1, {_MAX_COST}].")
+        f"`per_entry` gives leaf {jax.tree_util.keystr(path)} the cost "
+        f"{value!r}; an eligible entry's cost must be an integer in "
+        f"[1, {_MAX_COST}]."
+      )
     out.append(np.full(shape, int(c), np.int32))
   return jax.tree.unflatten(treedef, out)
 
 
-def bytes_cost_tree(params: PyTree, *, where: eligibility.Where = None
-                    ) -> PyTree:
+def bytes_cost_tree(params: PyTree, *, where: eligibility.Where = None) -> PyTree:
   """Bytes per non-zero in the index encodings of the sparse file.
 
   An entry costs its value bytes plus 2 index bytes: a uint16 index in the
@@ -151,8 +153,10 @@ def bytes_cost_tree(params: PyTree, *, where: eligibility.Where = None
     >>> int(costs['a'][0, 0]), int(costs['b'][0, 0])
     (6, 4)
   """
+
   def per_entry(_, leaf):
     return np.dtype(jnp.result_type(leaf)).itemsize + 2
+
   return cost_tree(params, per_entry, where=where)
 
 
@@ -170,8 +174,7 @@ def total_cost(costs: PyTree, masks: Optional[PyTree] = None) -> int:
     3
   """
   leaves, treedef = jax.tree.flatten(costs)
-  mask_leaves = ([None] * len(leaves) if masks is None
-                 else treedef.flatten_up_to(masks))
+  mask_leaves = [None] * len(leaves) if masks is None else treedef.flatten_up_to(masks)
   total = 0
   for c, m in zip(leaves, mask_leaves):
     c = np.asarray(jax.device_get(c)).astype(np.int64)
@@ -210,8 +213,9 @@ def ratio_keys(scores: Array, costs: Array) -> Array:
   return selection_lib.scores_to_keys(s / lax.optimization_barrier(c))
 
 
-def budget_top_keys(keys: Sequence[Array], costs: Sequence[Array], budget
-                    ) -> tuple[list[Array], Array]:
+def budget_top_keys(
+  keys: Sequence[Array], costs: Sequence[Array], budget
+) -> tuple[list[Array], Array]:
   r"""Selects the longest prefix of the key order whose total cost fits the budget.
 
   The order is: larger key first, ties by lower global flat index (leaf
@@ -257,35 +261,32 @@ def _check_costs(costs: Sequence[Any], shapes: Sequence[tuple]) -> tuple:
   """Checks dtypes, shapes and (when concrete) values of the costs."""
   if len(costs) != len(shapes):
     raise ValueError(
-        f"`costs` must have one array per key array: got {len(costs)} cost "
-        f"arrays for {len(shapes)} key arrays.")
+      f"`costs` must have one array per key array: got {len(costs)} cost "
+      f"arrays for {len(shapes)} key arrays."
+    )
   out = []
   for i, (c, shape) in enumerate(zip(costs, shapes)):
     if not isinstance(c, jax.core.Tracer):
       c = np.asarray(jax.device_get(c))
     if not jnp.issubdtype(c.dtype, jnp.integer):
-      raise TypeError(
-          f"`costs[{i}]` must be an integer array, got dtype {c.dtype}.")
+      raise TypeError(f"`costs[{i}]` must be an integer array, got dtype {c.dtype}.")
     try:
       if np.broadcast_shapes(np.shape(c), shape) != tuple(shape):
         raise ValueError
     except ValueError:
       raise ValueError(
-          f"`costs[{i}]` of shape {np.shape(c)} does not broadcast to the key "
-          f"shape {shape}.") from None
+        f"`costs[{i}]` of shape {np.shape(c)} does not broadcast to the key shape {shape}."
+      ) from None
     if isinstance(c, np.ndarray) and c.size:
       lo, hi = int(c.min()), int(c.max())
       if lo < 1 or hi > _MAX_COST:
-        raise ValueError(
-            f"`costs[{i}]` must be in [1, {_MAX_COST}], got values in "
-            f"[{lo}, {hi}].")
+        raise ValueError(f"`costs[{i}]` must be in [1, {_MAX_COST}], got values in [{lo}, {hi}].")
       c = c.astype(np.int32)
     out.append(c)
   return tuple(out)
 
 
-def budget_select(scores: Sequence[Array], costs: Sequence[Array], budget
-                  ) -> list[Array]:
+def budget_select(scores: Sequence[Array], costs: Sequence[Array], budget) -> list[Array]:
   """Masks of the entries with the best score per unit cost within a budget.
 
   :func:`ratio_keys` then :func:`budget_top_keys`.
@@ -303,12 +304,12 @@ def budget_select(scores: Sequence[Array], costs: Sequence[Array], budget
 
 
 def budget_prune(
-    params: PyTree,
-    costs: PyTree,
-    budget,
-    *,
-    where: eligibility.Where = None,
-    rank: str = "ratio",
+  params: PyTree,
+  costs: PyTree,
+  budget,
+  *,
+  where: eligibility.Where = None,
+  rank: str = "ratio",
 ) -> tuple[PyTree, PyTree]:
   r"""Keeps the eligible weights of largest :math:`|w| / c` (or :math:`|w|`) within a budget.
 
@@ -351,18 +352,14 @@ def budget_prune(
     ([[3.0, 0.0]], [[0.0, 0.0]])
   """
   if rank not in ("ratio", "magnitude"):
-    raise ValueError(
-        f"`rank` must be 'ratio' (|w| / cost) or 'magnitude' (|w|), got "
-        f"{rank!r}.")
+    raise ValueError(f"`rank` must be 'ratio' (|w| / cost) or 'magnitude' (|w|), got {rank!r}.")
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   cost_leaves = cost_leaves_like(costs, params)
   idx = [i for i, f in enumerate(flags) if f]
   eligible = tuple(jnp.asarray(leaves[i]) for i in idx)
-  cost_eligible = _check_costs([cost_leaves[i] for i in idx],
-                               [x.shape for x in eligible])
-  sel, pruned_eligible = _prune(eligible, cost_eligible,
-                                _budget_limbs(budget), rank == "magnitude")
+  cost_eligible = _check_costs([cost_leaves[i] for i in idx], [x.shape for x in eligible])
+  sel, pruned_eligible = _prune(eligible, cost_eligible, _budget_limbs(budget), rank == "magnitude")
   masks = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
   pruned = list(leaves)
   for i, m, p in zip(idx, sel, pruned_eligible):
@@ -404,8 +401,7 @@ def cost_leaves_like(costs: PyTree, params: PyTree) -> list:
   except (ValueError, TypeError) as e:
     detail = str(e)
   cost_paths = jax.tree_util.tree_flatten_with_path(costs)[0]
-  if ([_path_key(p) for p, _ in cost_paths]
-      == [_path_key(p) for p, _ in path_leaves]):
+  if [_path_key(p) for p, _ in cost_paths] == [_path_key(p) for p, _ in path_leaves]:
     return [c for _, c in cost_paths]
   text = repr(costs)
   text = text if len(text) <= 200 else text[:200] + "..."
@@ -416,13 +412,13 @@ def cost_leaves_like(costs: PyTree, params: PyTree) -> list:
     # as a schedule on the step count.
     hint = " " + eligibility.static_args_hint("costs")
   raise ValueError(
-      "`costs` must be a pytree with the structure of params (one integer "
-      f"array per leaf, shaped like it); got costs={text}: "
-      f"{diff or detail[:300]}.{hint}")
+    "`costs` must be a pytree with the structure of params (one integer "
+    f"array per leaf, shaped like it); got costs={text}: "
+    f"{diff or detail[:300]}.{hint}"
+  )
 
 
-def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
-                   ) -> tuple:
+def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]) -> tuple:
   """Checked costs of the eligible leaves, in leaf order.
 
   Args:
@@ -443,25 +439,24 @@ def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
   """
   path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   out = []
-  for (path, leaf), c, flag in zip(path_leaves,
-                                   cost_leaves_like(costs, params), flags):
+  for (path, leaf), c, flag in zip(path_leaves, cost_leaves_like(costs, params), flags):
     if not flag:
       continue
     name = jax.tree_util.keystr(path)
     if c is None:
       raise TypeError(
-          f"`costs` has None at the eligible leaf {name}; give its entries "
-          "integer costs in [1, 2**31) (see optax_gsm.budget.cost_tree).")
+        f"`costs` has None at the eligible leaf {name}; give its entries "
+        "integer costs in [1, 2**31) (see optax_gsm.budget.cost_tree)."
+      )
     if isinstance(c, jax.core.Tracer):
       if not jnp.issubdtype(c.dtype, jnp.integer):
-        raise TypeError(f"`costs` at {name} must be integers, got dtype "
-                        f"{c.dtype}.")
+        raise TypeError(f"`costs` at {name} must be integers, got dtype {c.dtype}.")
     else:
       c = np.asarray(jax.device_get(c))
       if not np.issubdtype(c.dtype, np.integer):
         raise TypeError(
-            f"`costs` at {name} must be integers (the cost of each entry), "
-            f"got dtype {c.dtype}.")
+          f"`costs` at {name} must be integers (the cost of each entry), got dtype {c.dtype}."
+        )
     shape = tuple(np.shape(leaf))
     try:
       ok = np.broadcast_shapes(np.shape(c), shape) == shape
@@ -469,16 +464,18 @@ def eligible_costs(costs: PyTree, params: PyTree, flags: Sequence[bool]
       ok = False
     if not ok:
       raise ValueError(
-          f"`costs` at {name} has shape {np.shape(c)}, which does not "
-          f"broadcast to the leaf's shape {shape}.")
+        f"`costs` at {name} has shape {np.shape(c)}, which does not "
+        f"broadcast to the leaf's shape {shape}."
+      )
     if isinstance(c, jax.core.Tracer):
       c = jnp.clip(c, 1, _MAX_COST).astype(jnp.int32)
     elif c.size:
       lo, hi = int(c.min()), int(c.max())
       if lo < 1 or hi > _MAX_COST:
         raise ValueError(
-            f"`costs` at the eligible leaf {name} must be in [1, {_MAX_COST}]"
-            f", got values in [{lo}, {hi}].")
+          f"`costs` at the eligible leaf {name} must be in [1, {_MAX_COST}]"
+          f", got values in [{lo}, {hi}]."
+        )
       c = np.int32(lo) if lo == hi else c.astype(np.int32)
     out.append(c)
   return tuple(out)
@@ -515,8 +512,7 @@ def _sub(a: Limbs, b: Limbs) -> Limbs:
 
 
 def _gt(a: Limbs, b: Limbs) -> Array:
-  return ((a[2] > b[2]) | ((a[2] == b[2]) & (
-      (a[1] > b[1]) | ((a[1] == b[1]) & (a[0] > b[0])))))
+  return (a[2] > b[2]) | ((a[2] == b[2]) & ((a[1] > b[1]) | ((a[1] == b[1]) & (a[0] > b[0]))))
 
 
 def _block_limbs(s_lo: Array, s_hi: Array) -> Limbs:
@@ -542,8 +538,7 @@ def _budget_limbs(budget) -> Limbs:
       value = min(max(value, 0.0), float(_MAX_BUDGET))
       value = math.floor(value)
     b = min(max(int(value), 0), _MAX_BUDGET)
-    return (jnp.int32(b & _MASK16), jnp.int32((b >> 16) & _MASK16),
-            jnp.int32(b >> 32))
+    return (jnp.int32(b & _MASK16), jnp.int32((b >> 16) & _MASK16), jnp.int32(b >> 32))
   b = jnp.asarray(budget)
   if b.shape != ():
     raise ValueError(f"`budget` must be a scalar, got shape {b.shape}.")
@@ -551,12 +546,13 @@ def _budget_limbs(budget) -> Limbs:
     b = jnp.maximum(b, 0)
     if b.dtype.itemsize <= 4:
       u = b.astype(jnp.uint32)
-      return ((u & _MASK16).astype(jnp.int32),
-              (u >> 16).astype(jnp.int32), jnp.int32(0))
+      return ((u & _MASK16).astype(jnp.int32), (u >> 16).astype(jnp.int32), jnp.int32(0))
     b = jnp.minimum(b, _MAX_BUDGET)
-    return ((b & _MASK16).astype(jnp.int32),
-            ((b >> 16) & _MASK16).astype(jnp.int32),
-            (b >> 32).astype(jnp.int32))
+    return (
+      (b & _MASK16).astype(jnp.int32),
+      ((b >> 16) & _MASK16).astype(jnp.int32),
+      (b >> 32).astype(jnp.int32),
+    )
   if not jnp.issubdtype(b.dtype, jnp.floating):
     raise TypeError(f"`budget` must be an int or a float, got dtype {b.dtype}.")
   b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
@@ -601,8 +597,7 @@ def _prune(leaves: tuple, costs: tuple, budget: Limbs, by_magnitude: bool):
     masks, _ = _select_impl(keys, costs, budget)
   else:
     masks, _ = _ratio_select(scores, costs, budget)
-  pruned = tuple(jnp.where(m, leaf, jnp.zeros([], leaf.dtype))
-                 for m, leaf in zip(masks, leaves))
+  pruned = tuple(jnp.where(m, leaf, jnp.zeros([], leaf.dtype)) for m, leaf in zip(masks, leaves))
   return masks, pruned
 
 
@@ -611,8 +606,9 @@ def _budget_select_stats(keys: tuple, costs: tuple, budget: Limbs):
   return _select_impl(keys, costs, budget, stats=True)
 
 
-def top_keys_with_stats(keys: Sequence[Array], costs: Sequence[Array], budget
-                        ) -> tuple[list[Array], Array, Array, Array]:
+def top_keys_with_stats(
+  keys: Sequence[Array], costs: Sequence[Array], budget
+) -> tuple[list[Array], Array, Array, Array]:
   """:func:`budget_top_keys` plus the smallest selected key and the count.
 
   Used by :func:`optax_gsm.global_top_q`; both statistics come from the
@@ -637,13 +633,11 @@ def top_keys_with_stats(keys: Sequence[Array], costs: Sequence[Array], budget
     if k.dtype != jnp.int32:
       raise TypeError(f"`keys` must be int32 arrays, got dtype {k.dtype}.")
   costs = _check_costs(costs, [k.shape for k in keys])
-  masks, kth, low, count = _budget_select_stats(tuple(keys), costs,
-                                                _budget_limbs(budget))
+  masks, kth, low, count = _budget_select_stats(tuple(keys), costs, _budget_limbs(budget))
   return list(masks), kth, low, count
 
 
-def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
-                 ) -> tuple[Any, ...]:
+def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False) -> tuple[Any, ...]:
   """The selection over the concatenated leaves (in global index order).
 
   Concatenating keeps the compiled program the same size whatever the number
@@ -661,13 +655,11 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
       return masks, nan_key, big_key, jnp.int32(0)
     return masks, nan_key
   if n > _MAX_ENTRIES:
-    raise ValueError(
-        f"budget selection supports up to {_MAX_ENTRIES} entries in all, got "
-        f"{n}.")
+    raise ValueError(f"budget selection supports up to {_MAX_ENTRIES} entries in all, got {n}.")
   flat_k = jnp.concatenate([k.reshape(-1) for k in keys])
-  flat_c = jnp.concatenate([
-      jnp.broadcast_to(c, k.shape).astype(jnp.int32).reshape(-1)
-      for k, c in zip(keys, costs)])
+  flat_c = jnp.concatenate(
+    [jnp.broadcast_to(c, k.shape).astype(jnp.int32).reshape(-1) for k, c in zip(keys, costs)]
+  )
   # (blocks, block) layout; padding entries cost 0, so they change no sum.
   k2 = _blocked(flat_k, selection_lib.NAN_KEY)
   lo = _blocked(flat_c & _MASK16, 0)
@@ -676,10 +668,9 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
   def cost_where(sel) -> Limbs:
     s_lo = jnp.sum(jnp.where(sel, lo, 0), axis=1, dtype=jnp.int32)
     s_hi = jnp.sum(jnp.where(sel, hi, 0), axis=1, dtype=jnp.int32)
-    return _norm(*(jnp.sum(x, dtype=jnp.int32)
-                   for x in _block_limbs(s_lo, s_hi)))
+    return _norm(*(jnp.sum(x, dtype=jnp.int32) for x in _block_limbs(s_lo, s_hi)))
 
-  sign = jnp.int32(-2**31)
+  sign = jnp.int32(-(2**31))
 
   def body(i, prefix_u):
     bit = lax.shift_left(jnp.int32(1), jnp.int32(31) - i)
@@ -697,13 +688,14 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
   tie = k2 == kth
   c_lo = jnp.where(tie, lo, 0)
   c_hi = jnp.where(tie, hi, 0)
-  within = _block_limbs(jnp.cumsum(c_lo, axis=1, dtype=jnp.int32),
-                        jnp.cumsum(c_hi, axis=1, dtype=jnp.int32))
-  blocks = _block_limbs(jnp.sum(c_lo, axis=1, dtype=jnp.int32),
-                        jnp.sum(c_hi, axis=1, dtype=jnp.int32))
+  within = _block_limbs(
+    jnp.cumsum(c_lo, axis=1, dtype=jnp.int32), jnp.cumsum(c_hi, axis=1, dtype=jnp.int32)
+  )
+  blocks = _block_limbs(
+    jnp.sum(c_lo, axis=1, dtype=jnp.int32), jnp.sum(c_hi, axis=1, dtype=jnp.int32)
+  )
   offset = _norm(*(jnp.cumsum(x, dtype=jnp.int32) - x for x in blocks))
-  running = _add(within, (offset[0][:, None], offset[1][:, None],
-                          offset[2][:, None]))
+  running = _add(within, (offset[0][:, None], offset[1][:, None], offset[2][:, None]))
   fits = ~_gt(running, remaining)
   mask = ((k2 > kth) | (tie & fits)).reshape(-1)[:n]
   # Everything fits: select all, NaN included; else NaN is never selected.
@@ -714,7 +706,7 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False
   mask = lax.optimization_barrier(mask)
   out, start = [], 0
   for shape, size in zip(shapes, sizes):
-    out.append(mask[start:start + size].reshape(shape))
+    out.append(mask[start : start + size].reshape(shape))
     start += size
   kth = jnp.where(over, kth, nan_key)
   if stats:

@@ -76,22 +76,22 @@ def _kernel(kernel: ArrayLike, name: str = "kernel") -> np.ndarray:
   k = np.asarray(kernel)
   if k.ndim < 2:
     raise ValueError(
-        f"`{name}` must have at least 2 dimensions (..., inputs, outputs), "
-        f"got shape {k.shape}.")
+      f"`{name}` must have at least 2 dimensions (..., inputs, outputs), got shape {k.shape}."
+    )
   return k
 
 
 def _spatial_view(kernel: np.ndarray, spatial: int) -> np.ndarray:
   """The kernel as ``(taps, positions, channels, outputs)``."""
-  if not isinstance(spatial, (int, np.integer)) or isinstance(spatial, bool) \
-      or spatial < 1:
+  if not isinstance(spatial, (int, np.integer)) or isinstance(spatial, bool) or spatial < 1:
     raise ValueError(f"`spatial` must be a positive integer, got {spatial!r}.")
   cin, cout = kernel.shape[-2:]
   channels = cin // spatial
   if channels * spatial != cin:
     raise ValueError(
-        f"`spatial`={spatial} does not divide the kernel's {cin} inputs "
-        "(expected positions x channels, NHWC flatten order).")
+      f"`spatial`={spatial} does not divide the kernel's {cin} inputs "
+      "(expected positions x channels, NHWC flatten order)."
+    )
   taps = int(np.prod(kernel.shape[:-2], dtype=np.int64))
   return kernel.reshape(taps, spatial, channels, cout)
 
@@ -142,9 +142,15 @@ def unfed_outputs(kernel: ArrayLike) -> np.ndarray:
   return ~np.any(k.reshape(-1, k.shape[-1]) != 0, axis=0)
 
 
-def batch_norm_constant(x: ArrayLike, *, mean: ArrayLike, var: ArrayLike,
-                        epsilon: float, scale: Optional[ArrayLike] = None,
-                        bias: Optional[ArrayLike] = None) -> np.ndarray:
+def batch_norm_constant(
+  x: ArrayLike,
+  *,
+  mean: ArrayLike,
+  var: ArrayLike,
+  epsilon: float,
+  scale: Optional[ArrayLike] = None,
+  bias: Optional[ArrayLike] = None,
+) -> np.ndarray:
   r"""BatchNorm in evaluation mode applied to a per-channel constant.
 
   .. math::
@@ -177,8 +183,9 @@ def batch_norm_constant(x: ArrayLike, *, mean: ArrayLike, var: ArrayLike,
   arrays = {"x": x, "var": var, "scale": scale, "bias": bias}
   for name, value in arrays.items():
     if value is not None and np.shape(value) != mean.shape:
-      raise ValueError(f"`{name}` must have the shape of `mean` "
-                       f"{mean.shape}, got {np.shape(value)}.")
+      raise ValueError(
+        f"`{name}` must have the shape of `mean` {mean.shape}, got {np.shape(value)}."
+      )
   mul = 1 / np.sqrt(np.asarray(var, dtype) + np.asarray(epsilon, dtype))
   if scale is not None:
     mul = mul * np.asarray(scale, dtype)
@@ -188,8 +195,9 @@ def batch_norm_constant(x: ArrayLike, *, mean: ArrayLike, var: ArrayLike,
   return y.astype(dtype)
 
 
-def fold_constant_inputs(kernel: ArrayLike, bias: Optional[ArrayLike],
-                         values: ArrayLike, *, spatial: int = 1) -> np.ndarray:
+def fold_constant_inputs(
+  kernel: ArrayLike, bias: Optional[ArrayLike], values: ArrayLike, *, spatial: int = 1
+) -> np.ndarray:
   r"""The reader's bias with constant input channels folded in.
 
   .. math::
@@ -225,16 +233,15 @@ def fold_constant_inputs(kernel: ArrayLike, bias: Optional[ArrayLike],
   values = np.asarray(values)
   if values.shape != (view.shape[2],):
     raise ValueError(
-        f"`values` must have shape ({view.shape[2]},), one per input channel "
-        f"of the kernel {k.shape} with spatial={spatial}; got {values.shape}.")
+      f"`values` must have shape ({view.shape[2]},), one per input channel "
+      f"of the kernel {k.shape} with spatial={spatial}; got {values.shape}."
+    )
   out_dtype = np.asarray(bias).dtype if bias is not None else k.dtype
   if bias is not None and np.shape(bias) != (k.shape[-1],):
-    raise ValueError(f"`bias` must have shape ({k.shape[-1]},), got "
-                     f"{np.shape(bias)}.")
-  summed = view.astype(np.float64).sum(axis=(0, 1))          # (C, out)
+    raise ValueError(f"`bias` must have shape ({k.shape[-1]},), got {np.shape(bias)}.")
+  summed = view.astype(np.float64).sum(axis=(0, 1))  # (C, out)
   shift = values.astype(np.float64) @ summed
-  base = (np.zeros(k.shape[-1]) if bias is None
-          else np.asarray(bias, np.float64))
+  base = np.zeros(k.shape[-1]) if bias is None else np.asarray(bias, np.float64)
   return (base + shift).astype(out_dtype)
 
 
@@ -255,14 +262,14 @@ def coo_kernel(kernel: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """
   k = np.asarray(kernel)
   if k.ndim != 2:
-    raise ValueError(f"`kernel` must be 2-D (inputs, outputs), got shape "
-                     f"{k.shape}.")
+    raise ValueError(f"`kernel` must be 2-D (inputs, outputs), got shape {k.shape}.")
   rows, cols = np.nonzero(k)
   return rows.astype(np.int32), cols.astype(np.int32), k[rows, cols]
 
 
-def coo_matmul(x: jax.Array, rows: jax.Array, cols: jax.Array,
-               values: jax.Array, out_features: int) -> jax.Array:
+def coo_matmul(
+  x: jax.Array, rows: jax.Array, cols: jax.Array, values: jax.Array, out_features: int
+) -> jax.Array:
   r"""``x @ kernel`` from the kernel's non-zero entries (:func:`coo_kernel`).
 
   .. math::
@@ -289,11 +296,17 @@ def coo_matmul(x: jax.Array, rows: jax.Array, cols: jax.Array,
     [[3.0, 2.0]]
   """
   lead = x.shape[:-1]
-  xt = x.reshape(-1, x.shape[-1]).T                    # (inputs, batch)
-  terms = xt[rows] * values[:, None].astype(x.dtype)   # (nnz, batch)
+  xt = x.reshape(-1, x.shape[-1]).T  # (inputs, batch)
+  terms = xt[rows] * values[:, None].astype(x.dtype)  # (nnz, batch)
   y = jax.ops.segment_sum(terms, cols, num_segments=int(out_features))
   return y.T.reshape(*lead, int(out_features))
 
 
-__all__ = ("batch_norm_constant", "coo_kernel", "coo_matmul",
-           "fold_constant_inputs", "unfed_outputs", "unread_inputs")
+__all__ = (
+  "batch_norm_constant",
+  "coo_kernel",
+  "coo_matmul",
+  "fold_constant_inputs",
+  "unfed_outputs",
+  "unread_inputs",
+)

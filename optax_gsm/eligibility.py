@@ -38,9 +38,10 @@ def default_where(params: PyTree) -> PyTree:
     >>> default_where(params)
     {'dense': {'bias': False, 'kernel': True}}
   """
+
   def eligible(leaf) -> bool:
-    return (jnp.ndim(leaf) >= 2
-            and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+    return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
   return jax.tree.map(eligible, params)
 
 
@@ -83,42 +84,47 @@ def resolve_where(where: Where, params: PyTree) -> list[bool]:
     if _is_leaf(flags_tree) and len(param_leaves) != 1:
       hint = " " + static_args_hint("where")
     raise ValueError(
-        "`where` must be a pytree of bools with the same structure as params "
-        f"(or a callable returning one); got {where_desc}: "
-        f"{diff or _short(str(e), 300)}.{hint}") from None
+      "`where` must be a pytree of bools with the same structure as params "
+      f"(or a callable returning one); got {where_desc}: "
+      f"{diff or _short(str(e), 300)}.{hint}"
+    ) from None
 
   out = []
-  for path_leaf, flag in zip(
-      jax.tree_util.tree_flatten_with_path(params)[0], flags):
+  for path_leaf, flag in zip(jax.tree_util.tree_flatten_with_path(params)[0], flags):
     path, leaf = path_leaf
     if isinstance(flag, jax.core.Tracer):
       raise TypeError(
-          f"`where` holds a traced value at {jax.tree_util.keystr(path)}: "
-          "eligibility must be known when the update is traced. "
-          + static_args_hint("where"))
+        f"`where` holds a traced value at {jax.tree_util.keystr(path)}: "
+        "eligibility must be known when the update is traced. " + static_args_hint("where")
+      )
     if not isinstance(flag, (bool, jnp.bool_)) and not (
-        hasattr(flag, "dtype") and flag.dtype == bool and jnp.ndim(flag) == 0):
+      hasattr(flag, "dtype") and flag.dtype == bool and jnp.ndim(flag) == 0
+    ):
       raise TypeError(
-          f"`where` must hold one Python bool per leaf; at "
-          f"{jax.tree_util.keystr(path)} got {_short(flag)} "
-          f"of type {type(flag).__name__}.")
+        f"`where` must hold one Python bool per leaf; at "
+        f"{jax.tree_util.keystr(path)} got {_short(flag)} "
+        f"of type {type(flag).__name__}."
+      )
     flag = bool(flag)
     if flag and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(
-          f"`where` marks leaf {jax.tree_util.keystr(path)} eligible, but it "
-          f"has dtype {jnp.result_type(leaf)}; only floating-point leaves can "
-          "be pruned. Mark it False in `where`.")
+        f"`where` marks leaf {jax.tree_util.keystr(path)} eligible, but it "
+        f"has dtype {jnp.result_type(leaf)}; only floating-point leaves can "
+        "be pruned. Mark it False in `where`."
+      )
     out.append(flag)
 
   if param_leaves and not any(out):
     hint = ""
     if _looks_like_step_count(params):
-      hint = (f" The params here are {_short(params)}, a step count. "
-              + static_args_hint("where", "costs", "metric"))
+      hint = f" The params here are {_short(params)}, a step count. " + static_args_hint(
+        "where", "costs", "metric"
+      )
     raise ValueError(
-        "No eligible leaf: `where` marks no parameter for selection (the "
-        "default marks float arrays with ndim >= 2). Pass a `where` that marks "
-        f"at least one floating-point leaf.{hint}")
+      "No eligible leaf: `where` marks no parameter for selection (the "
+      "default marks float arrays with ndim >= 2). Pass a `where` that marks "
+      f"at least one floating-point leaf.{hint}"
+    )
   if not param_leaves:
     raise ValueError("params has no leaves, so there is nothing to select.")
   return out
@@ -140,8 +146,7 @@ def count_eligible(params: PyTree, where: Where = None) -> int:
   """
   flags = resolve_where(where, params)
   # math.prod of the shape also serves jax.ShapeDtypeStruct leaves.
-  return sum(math.prod(jnp.shape(leaf))
-             for leaf, f in zip(jax.tree.leaves(params), flags) if f)
+  return sum(math.prod(jnp.shape(leaf)) for leaf, f in zip(jax.tree.leaves(params), flags) if f)
 
 
 def static_args_hint(*names: str) -> str:
@@ -154,15 +159,15 @@ def static_args_hint(*names: str) -> str:
     A sentence naming ``static_args`` of :func:`optax.inject_hyperparams`.
   """
   listed = " / ".join(f"`{n}`" for n in names)
-  static = ", ".join(f'"{n}"' for n in names) + ("," if len(names) == 1
-                                                   else "")
-  return (f"Under optax.inject_hyperparams a callable {listed} is taken for "
-          "a schedule and called with the step count: pass it via "
-          f"optax.inject_hyperparams(factory, static_args=({static})).")
+  static = ", ".join(f'"{n}"' for n in names) + ("," if len(names) == 1 else "")
+  return (
+    f"Under optax.inject_hyperparams a callable {listed} is taken for "
+    "a schedule and called with the step count: pass it via "
+    f"optax.inject_hyperparams(factory, static_args=({static}))."
+  )
 
 
-def structure_difference(params: PyTree, other: PyTree, name: str
-                         ) -> Optional[str]:
+def structure_difference(params: PyTree, other: PyTree, name: str) -> Optional[str]:
   """Describes the first place where ``other`` does not fit ``params``.
 
   ``other`` fits when it has the node structure of ``params`` down to the
@@ -189,8 +194,7 @@ def _children(tree: Any) -> tuple[type, list]:
   """The node type of ``tree`` and its ``(key, child)`` pairs, one level."""
   data = _one_level(tree).node_data()
   kind = type(tree) if data is None else data[0]
-  pairs = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: x is not tree)[0]
+  pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)[0]
   return kind, [(p[-1], c) for p, c in pairs]
 
 
@@ -209,13 +213,14 @@ def _difference(a: Any, b: Any, path: tuple, name: str) -> Optional[str]:
   if _is_leaf(a):
     return None
   if _is_leaf(b) or b is None:
-    return (f"at {where_at} params have {_describe(a)}, `{name}` has "
-            f"{_describe(b)}")
+    return f"at {where_at} params have {_describe(a)}, `{name}` has {_describe(b)}"
   kind_a, pairs_a = _children(a)
   kind_b, pairs_b = _children(b)
   if kind_a is not kind_b:
-    return (f"at {where_at} params have {_describe(a)}, `{name}` has "
-            f"{_describe(b)} (a different node type)")
+    return (
+      f"at {where_at} params have {_describe(a)}, `{name}` has "
+      f"{_describe(b)} (a different node type)"
+    )
   keys_a = [jax.tree_util.keystr((k,)) for k, _ in pairs_a]
   keys_b = [jax.tree_util.keystr((k,)) for k, _ in pairs_b]
   if keys_a != keys_b:
@@ -226,8 +231,7 @@ def _difference(a: Any, b: Any, path: tuple, name: str) -> Optional[str]:
       return f"`{name}` lacks {at}{missing[0]}, which params have"
     if extra:
       return f"`{name}` has {at}{extra[0]}, which params lack"
-    return (f"at {where_at} `{name}` has the keys of params in another "
-            f"order: {', '.join(keys_b)}")
+    return f"at {where_at} `{name}` has the keys of params in another order: {', '.join(keys_b)}"
   for (key, ca), (_, cb) in zip(pairs_a, pairs_b):
     diff = _difference(ca, cb, path + (key,), name)
     if diff is not None:
@@ -235,8 +239,10 @@ def _difference(a: Any, b: Any, path: tuple, name: str) -> Optional[str]:
   if _one_level(a) == _one_level(b):
     return None
   # The children match but the nodes do not (say, different auxiliary data).
-  return (f"at {where_at} params and `{name}` have nodes of type "
-          f"{kind_a.__name__} that differ in their metadata")
+  return (
+    f"at {where_at} params and `{name}` have nodes of type "
+    f"{kind_a.__name__} that differ in their metadata"
+  )
 
 
 def _one_level(tree: Any):
@@ -246,10 +252,14 @@ def _one_level(tree: Any):
 def _looks_like_step_count(params: Any) -> bool:
   """True for a lone integer scalar: what optax passes to a schedule."""
   leaves = jax.tree.leaves(params)
-  return (len(leaves) == 1 and leaves[0] is params and jnp.ndim(params) == 0
-          and jnp.issubdtype(jnp.result_type(params), jnp.integer))
+  return (
+    len(leaves) == 1
+    and leaves[0] is params
+    and jnp.ndim(params) == 0
+    and jnp.issubdtype(jnp.result_type(params), jnp.integer)
+  )
 
 
 def _short(x: Any, limit: int = 120) -> str:
-  text = " ".join(repr(x).split())   # one line (NNX states print on many)
+  text = " ".join(repr(x).split())  # one line (NNX states print on many)
   return text if len(text) <= limit else text[:limit] + "..."

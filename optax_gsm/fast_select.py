@@ -64,9 +64,9 @@ from jax import lax
 
 Array = jax.Array
 
-M = 8           # thresholds per counting pass
-W = 32          # keys per row of a counting pass
-WALK_TIES = 2   # a cut at one of the first WALK_TIES ties: min-index passes
+M = 8  # thresholds per counting pass
+W = 32  # keys per row of a counting pass
+WALK_TIES = 2  # a cut at one of the first WALK_TIES ties: min-index passes
 SKIP_MIN = 1 << 15  # leaves at least this large are skipped when idle
 
 NAN_KEY = np.int32(np.iinfo(np.int32).min)
@@ -80,8 +80,7 @@ _TOP_U = np.uint32(int(TOP_KEY) ^ 0x80000000)
 _SYM = np.array([-12.0, -3.0, -1.0, -0.25, 0.25, 1.0, 3.0, 12.0], np.float32)
 # While one side of the bracket is open: gallop away from the known bound,
 # starting at the reach of the last pattern.
-_GALLOP = np.array([0.5, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0],
-                   np.float32)
+_GALLOP = np.array([0.5, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0], np.float32)
 _GALLOP_GROWTH = np.float32(24.0)
 _F_MAX = np.float32(4.0e9)
 
@@ -93,9 +92,10 @@ _DEBUG = False
 
 class SearchInfo(NamedTuple):
   """Diagnostics of one selection (int32 scalars)."""
-  key_passes: jax.Array    # counting passes over all leaves to find the key
-  min_pass: jax.Array      # 1 if a masked-min pass fixed the exact key
-  tie_passes: jax.Array    # passes over one leaf for the tie-break
+
+  key_passes: jax.Array  # counting passes over all leaves to find the key
+  min_pass: jax.Array  # 1 if a masked-min pass fixed the exact key
+  tie_passes: jax.Array  # passes over one leaf for the tie-break
 
 
 def _to_u(k):
@@ -173,21 +173,22 @@ def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
   rests = [p[1] for p in parts]
   total = jnp.zeros((m,), jnp.int32)
   if mains[0] is not None:
-    pred = pred_fn(*[a[..., None] for a in mains])      # (..., W, m)
-    per_row = jnp.sum(pred, axis=-2, dtype=jnp.int32)    # (..., m), <= W
+    pred = pred_fn(*[a[..., None] for a in mains])  # (..., W, m)
+    per_row = jnp.sum(pred, axis=-2, dtype=jnp.int32)  # (..., m), <= W
     # Four per-row counts (<= 32) are packed into the bytes of one int32,
     # which quarters what the pass writes. The barrier keeps XLA from
     # merging this sum with the next into one that it would run
     # single-threaded through a full-size temporary.
     shifts = np.arange(4, dtype=np.int32) * 8
-    packed = jnp.sum(per_row.reshape(per_row.shape[:-1] + (m // 4, 4))
-                     << shifts, axis=-1, dtype=jnp.int32)   # (..., m / 4)
+    packed = jnp.sum(
+      per_row.reshape(per_row.shape[:-1] + (m // 4, 4)) << shifts, axis=-1, dtype=jnp.int32
+    )  # (..., m / 4)
     packed = lax.optimization_barrier(packed)
-    fields = (packed[..., None] >> shifts) & 255            # (..., m/4, 4)
+    fields = (packed[..., None] >> shifts) & 255  # (..., m/4, 4)
     axes = tuple(range(fields.ndim - 2))
     total = total + jnp.sum(fields, axis=axes, dtype=jnp.int32).reshape(m)
   if rests[0] is not None:
-    pred = pred_fn(*[a[..., None] for a in rests])          # (..., r, m)
+    pred = pred_fn(*[a[..., None] for a in rests])  # (..., r, m)
     axes = tuple(range(pred.ndim - 1))
     total = total + jnp.sum(pred, axis=axes, dtype=jnp.int32)
   return total
@@ -212,46 +213,47 @@ def _min(parts, value_fn: Callable[..., Array]) -> Array:
 
 def _thresholds(lo, hi, center, sigma, mode):
   """8 thresholds (uint32, nondecreasing) strictly inside ``(lo, hi)``."""
-  width = hi - lo                                   # >= 2
-  inner = width - np.uint32(1)                      # offsets 1 .. inner
+  width = hi - lo  # >= 2
+  inner = width - np.uint32(1)  # offsets 1 .. inner
   j = jnp.arange(1, M + 1, dtype=jnp.uint32)
-  enum = jnp.minimum(j, inner)                      # the last few keys
+  enum = jnp.minimum(j, inner)  # the last few keys
   # Evenly spaced: j * width / 9, without overflow.
   q9, r9 = width // np.uint32(M + 1), width % np.uint32(M + 1)
   even = jnp.clip(j * q9 + (j * r9) // np.uint32(M + 1), np.uint32(1), inner)
   # Around the centre.
-  pat = jnp.where(mode == _UP, jnp.asarray(_GALLOP),
-                  jnp.where(mode == _DOWN, -jnp.asarray(_GALLOP[::-1]),
-                            jnp.asarray(_SYM)))
+  pat = jnp.where(
+    mode == _UP,
+    jnp.asarray(_GALLOP),
+    jnp.where(mode == _DOWN, -jnp.asarray(_GALLOP[::-1]), jnp.asarray(_SYM)),
+  )
   off = jnp.clip(sigma * pat, -_F_MAX, _F_MAX)
-  c = jnp.clip(center - lo, np.uint32(1), inner)    # centre, offset from lo
+  c = jnp.clip(center - lo, np.uint32(1), inner)  # centre, offset from lo
   up = jnp.floor(jnp.maximum(off, 0.0)).astype(jnp.uint32)
   dn = jnp.floor(jnp.maximum(-off, 0.0)).astype(jnp.uint32)
-  plus = c + jnp.minimum(up, inner - c)             # capped at inner
-  minus = c - jnp.minimum(dn, c - np.uint32(1))     # floored at 1
+  plus = c + jnp.minimum(up, inner - c)  # capped at inner
+  minus = c - jnp.minimum(dn, c - np.uint32(1))  # floored at 1
   around = jnp.where(off >= 0, plus, minus)
-  offs = jnp.where(width <= np.uint32(M + 1), enum,
-                   jnp.where(mode == _EVEN, even, around))
+  offs = jnp.where(width <= np.uint32(M + 1), enum, jnp.where(mode == _EVEN, even, around))
   return lo + offs
 
 
 class _S(NamedTuple):
-  lo: Array        # uint32: count(>= lo) >= q
-  hi: Array        # uint32: count(>= hi) < q
-  c_lo: Array      # int32
-  c_hi: Array      # int32
-  leaf_lo: Array   # (L,) int32 per-leaf count(>= lo)
-  leaf_hi: Array   # (L,) int32 per-leaf count(>= hi)
-  sigma: Array     # float32, the spread used for the next thresholds
-  ts: Array        # (M,) int32 keys: the thresholds of the next pass
-  passes: Array    # int32
+  lo: Array  # uint32: count(>= lo) >= q
+  hi: Array  # uint32: count(>= hi) < q
+  c_lo: Array  # int32
+  c_hi: Array  # int32
+  leaf_lo: Array  # (L,) int32 per-leaf count(>= lo)
+  leaf_hi: Array  # (L,) int32 per-leaf count(>= hi)
+  sigma: Array  # float32, the spread used for the next thresholds
+  ts: Array  # (M,) int32 keys: the thresholds of the next pass
+  passes: Array  # int32
 
 
 def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
   """Centre, spread and mode of the next pass, from the current bracket."""
   width = hi - lo
-  nb = c_lo - c_hi                       # keys in [lo, hi), >= 1
-  need = q - c_hi                        # 1 .. nb
+  nb = c_lo - c_hi  # keys in [lo, hi), >= 1
+  need = q - c_hi  # 1 .. nb
   lo_open = lo == np.uint32(0)
   hi_open = hi == _TOP_U
   nb_f = nb.astype(jnp.float32)
@@ -262,36 +264,41 @@ def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
   sd = jnp.sqrt(jnp.maximum(nb_f * frac * (1.0 - frac), 1.0))
   sigma_interp = jnp.maximum(sd * width_f / nb_f, 0.5)
   # A pass that shrank neither the width nor the count by 4x: go even.
-  slow = ((width > prev_width // np.uint32(4)) & (nb > prev_nb // 4)
-          & ~lo_open & ~hi_open)
-  mode = jnp.where(hi_open, _UP, jnp.where(lo_open, _DOWN,
-                                           jnp.where(slow, _EVEN, _INTERP)))
+  slow = (width > prev_width // np.uint32(4)) & (nb > prev_nb // 4) & ~lo_open & ~hi_open
+  mode = jnp.where(hi_open, _UP, jnp.where(lo_open, _DOWN, jnp.where(slow, _EVEN, _INTERP)))
   grow = jnp.minimum(sigma * _GALLOP_GROWTH, _F_MAX)
   center = jnp.where(hi_open, lo, jnp.where(lo_open, hi, center_interp))
   sigma = jnp.where(hi_open | lo_open, grow, sigma_interp)
   return center, sigma, mode.astype(jnp.int32)
 
 
-def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center,
-                sigma):
+def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigma):
   """Interpolation search for the Q-th largest key (``q`` in [1, n])."""
   lo0, hi0 = jnp.uint32(0), jnp.asarray(_TOP_U)
   # The thresholds of a pass are computed at the end of the previous one
   # and carried in the loop state: computed in the pass itself, XLA would
   # fuse their scalar arithmetic into the counting loops, once per key.
   ts0 = _to_i(_thresholds(lo0, hi0, center, sigma, jnp.int32(_INTERP)))
-  s0 = _S(lo=lo0, hi=hi0, c_lo=jnp.int32(n), c_hi=jnp.int32(0),
-          leaf_lo=leaf_sizes, leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
-          sigma=sigma, ts=ts0, passes=jnp.int32(0))
+  s0 = _S(
+    lo=lo0,
+    hi=hi0,
+    c_lo=jnp.int32(n),
+    c_hi=jnp.int32(0),
+    leaf_lo=leaf_sizes,
+    leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
+    sigma=sigma,
+    ts=ts0,
+    passes=jnp.int32(0),
+  )
 
   def cond(s):
     return (s.c_lo != q) & (s.hi - s.lo > np.uint32(1))
 
   def body(s):
     ts = _to_u(s.ts)
-    per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)   # (L, M)
-    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)   # nonincreasing
-    n_ok = jnp.sum(counts >= q, dtype=jnp.int32)   # a prefix of the 8
+    per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)  # (L, M)
+    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)  # nonincreasing
+    n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
     new_lo = n_ok > 0
@@ -300,23 +307,36 @@ def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center,
     c_lo = jnp.where(new_lo, counts[i_lo], s.c_lo)
     hi = jnp.where(new_hi, ts[i_hi], s.hi)
     c_hi = jnp.where(new_hi, counts[i_hi], s.c_hi)
-    center, sigma, mode = _next_guess(lo, hi, c_lo, c_hi, s.sigma, q,
-                                      s.hi - s.lo, s.c_lo - s.c_hi)
+    center, sigma, mode = _next_guess(lo, hi, c_lo, c_hi, s.sigma, q, s.hi - s.lo, s.c_lo - s.c_hi)
     # Thresholds of the next pass (unused if the loop stops): keep them
     # inside (lo, hi), which needs hi - lo >= 2.
     safe_hi = jnp.maximum(hi, lo + np.uint32(2))
     nxt = _to_i(_thresholds(lo, safe_hi, center, sigma, mode))
     if _DEBUG:
       jax.debug.print(
-          "pass {p} active {a} ts {t} counts-q {c} -> lo {lo} hi {hi} nb {nb} "
-          "need {nd} next mode {m}", p=s.passes + 1, m=mode, t=s.ts,
-          c=counts - q, a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi,
-                                            leaf_sizes, 0)) / n,
-          lo=_to_i(lo), hi=_to_i(hi), nb=c_lo - c_hi, nd=q - c_hi)
-    return _S(lo=lo, hi=hi, c_lo=c_lo, c_hi=c_hi,
-              leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
-              leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
-              sigma=sigma, ts=nxt, passes=s.passes + 1)
+        "pass {p} active {a} ts {t} counts-q {c} -> lo {lo} hi {hi} nb {nb} "
+        "need {nd} next mode {m}",
+        p=s.passes + 1,
+        m=mode,
+        t=s.ts,
+        c=counts - q,
+        a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi, leaf_sizes, 0)) / n,
+        lo=_to_i(lo),
+        hi=_to_i(hi),
+        nb=c_lo - c_hi,
+        nd=q - c_hi,
+      )
+    return _S(
+      lo=lo,
+      hi=hi,
+      c_lo=c_lo,
+      c_hi=c_hi,
+      leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
+      leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
+      sigma=sigma,
+      ts=nxt,
+      passes=s.passes + 1,
+    )
 
   return lax.while_loop(cond, body, s0)
 
@@ -334,11 +354,16 @@ def _cold_center_sigma():
   return center, jnp.float32(2 * 2**23 / 12.0)
 
 
-def select(key_fn: Callable[[Any, int], Array], operands: Any,
-           shapes: Sequence[Sequence[int]], q, *,
-           hint: Optional[Array] = None,
-           sigma: Optional[Array] = None,
-           return_info: bool = False) -> tuple[Any, ...]:
+def select(
+  key_fn: Callable[[Any, int], Array],
+  operands: Any,
+  shapes: Sequence[Sequence[int]],
+  q,
+  *,
+  hint: Optional[Array] = None,
+  sigma: Optional[Array] = None,
+  return_info: bool = False,
+) -> tuple[Any, ...]:
   """Exact top-Q masks over the keys ``key_fn(operands, i)``, ``i < len(shapes)``.
 
   Args:
@@ -369,12 +394,17 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     # index, so the search runs over the other leaves only (a reduction
     # such as the masked min has no identity over an empty leaf).
     full = [i for i, size in enumerate(sizes) if size]
-    out = select(lambda ops, j: key_fn(ops, full[j]), operands,
-                 [shapes[i] for i in full], q, hint=hint, sigma=sigma,
-                 return_info=return_info)
+    out = select(
+      lambda ops, j: key_fn(ops, full[j]),
+      operands,
+      [shapes[i] for i in full],
+      q,
+      hint=hint,
+      sigma=sigma,
+      return_info=return_info,
+    )
     it = iter(out[0])
-    masks = [next(it) if size else jnp.zeros(s, bool)
-             for s, size in zip(shapes, sizes)]
+    masks = [next(it) if size else jnp.zeros(s, bool) for s, size in zip(shapes, sizes)]
     return (masks,) + tuple(out[1:])
   n = sum(sizes)
   q = jnp.clip(jnp.asarray(q, jnp.int32), 0, n)
@@ -382,7 +412,7 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     masks = [jnp.zeros(s, bool) for s in shapes]
     out = (masks, jnp.int32(NAN_KEY))
     return out + (SearchInfo(*(jnp.int32(0),) * 3),) if return_info else out
-  q1 = jnp.maximum(q, 1)                  # Q = 0 is masked at the end
+  q1 = jnp.maximum(q, 1)  # Q = 0 is masked at the end
 
   def tied(token):
     # Ties the operands to a loop counter, so that XLA recomputes the keys
@@ -403,13 +433,16 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     rows = []
     for i in range(num_leaves):
       count_leaf = functools.partial(
-          lambda i, ops: _count([_blocks(keys_at(i, ops))],
-                                lambda a: a >= ts, M), i, ops)
-      if sizes[i] < SKIP_MIN:     # not worth a branch
+        lambda i, ops: _count([_blocks(keys_at(i, ops))], lambda a: a >= ts, M), i, ops
+      )
+      if sizes[i] < SKIP_MIN:  # not worth a branch
         rows.append(count_leaf())
         continue
-      rows.append(lax.cond(leaf_lo[i] != leaf_hi[i], count_leaf,
-                           lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32)))
+      rows.append(
+        lax.cond(
+          leaf_lo[i] != leaf_hi[i], count_leaf, lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32)
+        )
+      )
     return jnp.stack(rows)
 
   # -- the Q-th key.
@@ -418,8 +451,9 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     center, sig = cold_center, cold_sigma
   else:
     hint = jnp.asarray(hint, jnp.int32)
-    sig0 = jnp.float32(4096.0) if sigma is None else jnp.maximum(
-        jnp.asarray(sigma, jnp.float32), 0.5)
+    sig0 = (
+      jnp.float32(4096.0) if sigma is None else jnp.maximum(jnp.asarray(sigma, jnp.float32), 0.5)
+    )
     no_hint = hint == NAN_KEY
     center = jnp.where(no_hint, cold_center, _to_u(hint))
     sig = jnp.where(no_hint, cold_sigma, sig0)
@@ -434,16 +468,17 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     out = jnp.asarray(_INT_MAX)
     for i in range(num_leaves):
       leaf_min = functools.partial(
-          lambda i: _min([_blocks(keys_at(i))],
-                         lambda a: jnp.where(a >= lo, a, _INT_MAX)), i)
+        lambda i: _min([_blocks(keys_at(i))], lambda a: jnp.where(a >= lo, a, _INT_MAX)), i
+      )
       if sizes[i] < SKIP_MIN:
         out = jnp.minimum(out, leaf_min())
         continue
-      out = jnp.minimum(out, lax.cond(s.leaf_lo[i] != s.leaf_hi[i], leaf_min,
-                                      lambda: jnp.asarray(_INT_MAX)))
+      out = jnp.minimum(
+        out, lax.cond(s.leaf_lo[i] != s.leaf_hi[i], leaf_min, lambda: jnp.asarray(_INT_MAX))
+      )
     return out
 
-  need_min = s.hi - s.lo > np.uint32(1)           # then c_lo == q
+  need_min = s.hi - s.lo > np.uint32(1)  # then c_lo == q
   # (A cond output is materialised: computed outside, XLA would fuse the
   # scalar arithmetic into the elementwise masks below, once per entry.)
   kth = lax.cond(need_min, masked_min, lambda: _to_i(s.lo))
@@ -452,12 +487,11 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
   # the first ones in global index order: the per-leaf counts at the bracket
   # ends give the leaf of the cut; passes over that leaf only give the index
   # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-  ties = s.leaf_lo - s.leaf_hi                    # per leaf, keys == kth
+  ties = s.leaf_lo - s.leaf_hi  # per leaf, keys == kth
   take = q1 - s.c_hi
   cum = jnp.cumsum(ties, dtype=jnp.int32)
   need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
-  cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32),
-                       jnp.int32(num_leaves))
+  cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32), jnp.int32(num_leaves))
   pick = jnp.minimum(cut_leaf, num_leaves - 1)
   t_local = take - (cum - ties)[pick]
   size_local = leaf_sizes[pick]
@@ -465,47 +499,47 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
   def probes(lo, hi):
     width = jnp.maximum(hi - lo, 2)
     j = jnp.arange(1, M + 1, dtype=jnp.int32)
-    return lo + jnp.clip(j * (width // (M + 1))
-                         + (j * (width % (M + 1))) // (M + 1), 1, width - 1)
+    return lo + jnp.clip(j * (width // (M + 1)) + (j * (width % (M + 1))) // (M + 1), 1, width - 1)
 
   def tie_count(i, ps, token):
     k = keys_at(i, tied(token))
-    return _count([_blocks(k), _blocked_index(k)],
-                  lambda kk, ii: (kk == kth) & (ii < ps), M)
+    return _count([_blocks(k), _blocked_index(k)], lambda kk, ii: (kk == kth) & (ii < ps), M)
 
   def tie_body(c):
     # Invariant: #(ties with index < lo) < t <= #(ties with index < hi); the
     # probes of a pass are computed by the previous one (see _search_key).
     lo, hi, ps, passes = c
-    cnt = lax.switch(pick, [functools.partial(tie_count, i, ps, passes)
-                            for i in range(num_leaves)])
-    below = jnp.sum(cnt < t_local, dtype=jnp.int32)      # a prefix
+    cnt = lax.switch(pick, [functools.partial(tie_count, i, ps, passes) for i in range(num_leaves)])
+    below = jnp.sum(cnt < t_local, dtype=jnp.int32)  # a prefix
     lo2 = jnp.where(below > 0, ps[jnp.maximum(below - 1, 0)], lo)
     hi2 = jnp.where(below < M, ps[jnp.minimum(below, M - 1)], hi)
     return lo2, hi2, probes(lo2, hi2), passes + 1
 
   def radix():
     lo, _, _, passes = lax.while_loop(
-        lambda c: c[1] - c[0] > 1, tie_body,
-        (jnp.int32(0), size_local, probes(jnp.int32(0), size_local),
-         jnp.int32(0)))
+      lambda c: c[1] - c[0] > 1,
+      tie_body,
+      (jnp.int32(0), size_local, probes(jnp.int32(0), size_local), jnp.int32(0)),
+    )
     return lo, passes
 
   def next_tie(i, cur, token):
     # The smallest index > cur of an entry equal to kth (one 1-lane pass).
     k = keys_at(i, tied(token))
-    return _min([_blocks(k), _blocked_index(k)],
-                lambda kk, ii: jnp.where((kk == kth) & (ii > cur), ii,
-                                         _INT_MAX))
+    return _min(
+      [_blocks(k), _blocked_index(k)],
+      lambda kk, ii: jnp.where((kk == kth) & (ii > cur), ii, _INT_MAX),
+    )
 
   def walk():
     # The usual case: the cut is at the first or second tie of the leaf.
     def body(c):
       cur, passes = c
-      return lax.switch(pick, [functools.partial(next_tie, i, cur, passes)
-                               for i in range(num_leaves)]), passes + 1
-    return lax.while_loop(lambda c: c[1] < t_local, body,
-                          (jnp.int32(-1), jnp.int32(0)))
+      return lax.switch(
+        pick, [functools.partial(next_tie, i, cur, passes) for i in range(num_leaves)]
+      ), passes + 1
+
+    return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
 
   def tie_search():
     cut, passes = lax.cond(t_local <= WALK_TIES, walk, radix)
@@ -513,8 +547,8 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
 
   # The cond's outputs are materialised scalars (see kth above).
   cut, tie_passes, cut_leaf = lax.cond(
-      need_tie, tie_search,
-      lambda: (jnp.int32(0), jnp.int32(0), cut_leaf))
+    need_tie, tie_search, lambda: (jnp.int32(0), jnp.int32(0), cut_leaf)
+  )
   q_pos, everything = q > 0, q >= n
 
   # -- masks: elementwise in the keys, fused into whatever consumes them.
@@ -526,24 +560,24 @@ def select(key_fn: Callable[[Any, int], Array], operands: Any,
     masks.append(sel & q_pos & ((k != NAN_KEY) | everything))
   kth = jnp.where(q > 0, kth, NAN_KEY)
   if return_info:
-    info = SearchInfo(key_passes=s.passes,
-                      min_pass=need_min.astype(jnp.int32),
-                      tie_passes=tie_passes)
+    info = SearchInfo(
+      key_passes=s.passes, min_pass=need_min.astype(jnp.int32), tie_passes=tie_passes
+    )
     return masks, kth, info
   return masks, kth
 
 
 class WarmStart(NamedTuple):
   """Where the next search starts: ``hint`` key and its uncertainty."""
-  hint: jax.Array    # int32 key (NAN_KEY: no hint)
-  sigma: jax.Array   # float32, in keys
+
+  hint: jax.Array  # int32 key (NAN_KEY: no hint)
+  sigma: jax.Array  # float32, in keys
 
 
 def _key_distance(a, b):
   """``b - a`` in the (unsigned) key order, as float32."""
   ua, ub = _to_u(a), _to_u(b)
-  return jnp.where(ub >= ua, (ub - ua).astype(jnp.float32),
-                   -(ua - ub).astype(jnp.float32))
+  return jnp.where(ub >= ua, (ub - ua).astype(jnp.float32), -(ua - ub).astype(jnp.float32))
 
 
 def warm_start(threshold_key, drift, spread, valid) -> WarmStart:
@@ -558,12 +592,13 @@ def warm_start(threshold_key, drift, spread, valid) -> WarmStart:
   threshold_key = jnp.asarray(threshold_key, jnp.int32)
   ok = valid & (threshold_key != NAN_KEY)
   u = _to_u(threshold_key)
-  d = jnp.clip(jnp.round(drift), -2.0**30, 2.0**30).astype(jnp.int32)
+  d = jnp.clip(jnp.round(drift), -(2.0**30), 2.0**30).astype(jnp.int32)
   up = lax.bitcast_convert_type(jnp.maximum(d, 0), jnp.uint32)
   dn = lax.bitcast_convert_type(jnp.maximum(-d, 0), jnp.uint32)
   u = jnp.clip(u, np.uint32(1), _TOP_U - np.uint32(1))
-  u = jnp.where(d >= 0, u + jnp.minimum(up, _TOP_U - np.uint32(1) - u),
-                u - jnp.minimum(dn, u - np.uint32(1)))
+  u = jnp.where(
+    d >= 0, u + jnp.minimum(up, _TOP_U - np.uint32(1) - u), u - jnp.minimum(dn, u - np.uint32(1))
+  )
   hint = jnp.where(ok, _to_i(u), NAN_KEY)
   return WarmStart(hint=hint, sigma=jnp.maximum(spread, 64.0))
 
@@ -577,5 +612,7 @@ def update_drift(prev_key, new_key, drift, spread, valid):
   delta = _key_distance(prev_key, new_key)
   new_drift = 0.5 * drift + 0.5 * delta
   new_spread = 0.5 * spread + 0.5 * jnp.abs(delta - drift)
-  return (jnp.where(ok, new_drift, 0.0).astype(jnp.float32),
-          jnp.where(ok, new_spread, spread).astype(jnp.float32))
+  return (
+    jnp.where(ok, new_drift, 0.0).astype(jnp.float32),
+    jnp.where(ok, new_spread, spread).astype(jnp.float32),
+  )

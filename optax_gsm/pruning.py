@@ -15,12 +15,12 @@ PyTree = Any
 
 
 def magnitude_prune(
-    params: PyTree,
-    num_nonzero: Optional[int] = None,
-    *,
-    compression: Optional[float] = None,
-    where: eligibility.Where = None,
-    selection: str = "auto",
+  params: PyTree,
+  num_nonzero: Optional[int] = None,
+  *,
+  compression: Optional[float] = None,
+  where: eligibility.Where = None,
+  selection: str = "auto",
 ) -> tuple[PyTree, PyTree]:
   r"""Keeps the Q eligible entries of largest :math:`|w|` globally, zeroes the rest.
 
@@ -58,8 +58,9 @@ def magnitude_prune(
   _checks.check_target(num_nonzero, compression)
   _checks.check_choice("selection", selection, selection_lib.SELECTIONS)
   if callable(num_nonzero) or callable(compression):
-    raise TypeError("magnitude_prune takes a number, not a schedule, for "
-                    "`num_nonzero` / `compression`.")
+    raise TypeError(
+      "magnitude_prune takes a number, not a schedule, for `num_nonzero` / `compression`."
+    )
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   n = sum(int(leaf.size) for leaf, f in zip(leaves, flags) if f)
@@ -68,17 +69,18 @@ def magnitude_prune(
   eligible_leaves = [leaf for leaf, f in zip(leaves, flags) if f]
   eligible_masks = _prune_masks(eligible_leaves, q, method)
   it = iter(eligible_masks)
-  masks = [next(it) if f else jnp.ones(jnp.shape(leaf), bool)
-           for leaf, f in zip(leaves, flags)]
-  pruned = [jnp.where(m, leaf, jnp.zeros([], leaf.dtype)) if f else leaf
-            for leaf, m, f in zip(leaves, masks, flags)]
+  masks = [next(it) if f else jnp.ones(jnp.shape(leaf), bool) for leaf, f in zip(leaves, flags)]
+  pruned = [
+    jnp.where(m, leaf, jnp.zeros([], leaf.dtype)) if f else leaf
+    for leaf, m, f in zip(leaves, masks, flags)
+  ]
   return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef, masks)
 
 
 def _prune_masks(leaves, q: int, method: str):
   @jax.jit
   def run(leaves):
-    keys = [selection_lib.scores_to_keys(jnp.abs(leaf.astype(jnp.float32)))
-            for leaf in leaves]
+    keys = [selection_lib.scores_to_keys(jnp.abs(leaf.astype(jnp.float32))) for leaf in leaves]
     return selection_lib.top_q_keys(keys, q, method=method)[0]
+
   return run(leaves)

@@ -17,6 +17,7 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class LeafSparsity:
   """Sparsity of one leaf (or of a total)."""
+
   path: str
   shape: tuple[int, ...]
   size: int
@@ -33,9 +34,15 @@ class LeafSparsity:
     return self.size / self.nonzeros if self.nonzeros else None
 
   def to_dict(self) -> dict:
-    return {"path": self.path, "shape": list(self.shape), "size": self.size,
-            "nonzeros": self.nonzeros, "nonzero_ratio": self.nonzero_ratio,
-            "compression": self.compression, "eligible": self.eligible}
+    return {
+      "path": self.path,
+      "shape": list(self.shape),
+      "size": self.size,
+      "nonzeros": self.nonzeros,
+      "nonzero_ratio": self.nonzero_ratio,
+      "compression": self.compression,
+      "eligible": self.eligible,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +54,18 @@ class SparsityReport:
     eligible: the total over the eligible leaves (what GSM compresses).
     total: the total over every leaf.
   """
+
   leaves: tuple[LeafSparsity, ...]
   eligible: LeafSparsity
   total: LeafSparsity
 
   def to_dict(self) -> dict:
     """A JSON-ready dict: ``{'leaves': [...], 'eligible': {...}, 'total': {...}}``."""
-    return {"leaves": [leaf.to_dict() for leaf in self.leaves],
-            "eligible": self.eligible.to_dict(),
-            "total": self.total.to_dict()}
+    return {
+      "leaves": [leaf.to_dict() for leaf in self.leaves],
+      "eligible": self.eligible.to_dict(),
+      "total": self.total.to_dict(),
+    }
 
   def to_json(self, **kwargs) -> str:
     return json.dumps(self.to_dict(), **kwargs)
@@ -64,17 +74,16 @@ class SparsityReport:
     """A fixed-width table with one row per leaf and the two totals."""
     rows = [("leaf", "shape", "size", "non-zeros", "ratio", "compression")]
     for r in (*self.leaves, self.eligible, self.total):
-      name = r.path + ("" if r.eligible or r in (self.eligible, self.total)
-                       else " (not eligible)")
+      name = r.path + ("" if r.eligible or r in (self.eligible, self.total) else " (not eligible)")
       shape = "x".join(map(str, r.shape)) if r.shape else "-"
       comp = f"{r.compression:.2f}x" if r.compression is not None else "inf"
-      rows.append((name, shape, f"{r.size:,}", f"{r.nonzeros:,}",
-                   f"{100 * r.nonzero_ratio:.2f}%", comp))
+      rows.append(
+        (name, shape, f"{r.size:,}", f"{r.nonzeros:,}", f"{100 * r.nonzero_ratio:.2f}%", comp)
+      )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
-      cells = [row[0].ljust(widths[0])] + [
-          c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+      cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
       lines.append("  ".join(cells))
       if j == 0 or j == len(self.leaves):
         lines.append("  ".join("-" * w for w in widths))
@@ -84,8 +93,7 @@ class SparsityReport:
     return self.table()
 
 
-def sparsity_report(params: PyTree, where: eligibility.Where = None
-                    ) -> SparsityReport:
+def sparsity_report(params: PyTree, where: eligibility.Where = None) -> SparsityReport:
   """Counts the non-zero entries of each leaf, of the eligible leaves and of all.
 
   Args:
@@ -117,16 +125,27 @@ def sparsity_report(params: PyTree, where: eligibility.Where = None
   rows = []
   for (path, leaf), flag in zip(path_leaves, flags):
     arr = np.asarray(jax.device_get(leaf))
-    rows.append(LeafSparsity(
-        path=jax.tree_util.keystr(path), shape=tuple(arr.shape),
-        size=int(arr.size), nonzeros=int(np.count_nonzero(arr)),
-        eligible=flag))
+    rows.append(
+      LeafSparsity(
+        path=jax.tree_util.keystr(path),
+        shape=tuple(arr.shape),
+        size=int(arr.size),
+        nonzeros=int(np.count_nonzero(arr)),
+        eligible=flag,
+      )
+    )
 
   def total(name, selected):
-    return LeafSparsity(path=name, shape=(), eligible=True,
-                        size=sum(r.size for r in selected),
-                        nonzeros=sum(r.nonzeros for r in selected))
-  return SparsityReport(leaves=tuple(rows),
-                        eligible=total("eligible", [r for r in rows
-                                                    if r.eligible]),
-                        total=total("total", rows))
+    return LeafSparsity(
+      path=name,
+      shape=(),
+      eligible=True,
+      size=sum(r.size for r in selected),
+      nonzeros=sum(r.nonzeros for r in selected),
+    )
+
+  return SparsityReport(
+    leaves=tuple(rows),
+    eligible=total("eligible", [r for r in rows if r.eligible]),
+    total=total("total", rows),
+  )

@@ -96,8 +96,7 @@ def keys_to_scores(keys: Array) -> Array:
   return jnp.where(keys == NAN_KEY, jnp.nan, out)
 
 
-def top_q_keys(keys: Sequence[Array], q, *, method: str = "threshold"
-               ) -> tuple[list[Array], Array]:
+def top_q_keys(keys: Sequence[Array], q, *, method: str = "threshold") -> tuple[list[Array], Array]:
   """Selects the Q largest keys across all arrays together.
 
   Args:
@@ -131,15 +130,13 @@ def top_q_keys(keys: Sequence[Array], q, *, method: str = "threshold"
   n = sum(int(k.size) for k in keys)
   q = jnp.clip(jnp.asarray(q, jnp.int32), 0, n)
   if method in ("auto", "search"):
-    masks, kth = fast_select.select(lambda ks, i: ks[i], keys,
-                                    [k.shape for k in keys], q)
+    masks, kth = fast_select.select(lambda ks, i: ks[i], keys, [k.shape for k in keys], q)
   elif method == "threshold":
     masks, kth = _threshold_select(keys, q)
   elif method == "top_k":
     masks, kth = _top_k_select(keys, q)
   else:
-    raise ValueError(
-        f"method must be 'search', 'threshold' or 'top_k', got {method!r}.")
+    raise ValueError(f"method must be 'search', 'threshold' or 'top_k', got {method!r}.")
   # NaN is never selected unless everything is.
   everything = q >= n
   masks = [m & ((k != NAN_KEY) | everything) for m, k in zip(masks, keys)]
@@ -161,14 +158,14 @@ def kth_largest_key(keys: Sequence[Array], q: Array) -> Array:
   ``key ^ 0x80000000``: 32 counting passes over the keys.
   Returns ``NAN_KEY`` when ``Q <= 0``.
   """
-  sign = jnp.int32(-2**31)
+  sign = jnp.int32(-(2**31))
 
   def body(i, prefix_u):
     # prefix_u holds the answer's top i bits in the unsigned domain (stored in
     # an int32 register); try setting the next bit.
     bit = lax.shift_left(jnp.int32(1), jnp.int32(31) - i)
     cand_u = prefix_u | bit
-    cand = cand_u ^ sign          # back to the signed key domain
+    cand = cand_u ^ sign  # back to the signed key domain
     ok = _count_ge(keys, cand) >= q
     return jnp.where(ok, cand_u, prefix_u)
 
@@ -184,7 +181,7 @@ def _threshold_select(keys, q):
   for k in keys:
     n_greater = n_greater + jnp.sum(k > kth, dtype=jnp.int32)
     n_equal = n_equal + jnp.sum(k == kth, dtype=jnp.int32)
-  take = q - n_greater    # how many entries equal to kth are selected
+  take = q - n_greater  # how many entries equal to kth are selected
 
   def all_ties():
     return [k >= kth for k in keys]
@@ -210,8 +207,7 @@ def _threshold_select(keys, q):
       return jnp.where(count < take, cand, last)
 
     last = lax.fori_loop(jnp.int32(0), jnp.int32(nbits), body, jnp.int32(0))
-    return [(k > kth) | ((k == kth) & (idx <= last))
-            for k, idx in zip(keys, index)]
+    return [(k > kth) | ((k == kth) & (idx <= last)) for k, idx in zip(keys, index)]
 
   masks = lax.cond(take == n_equal, all_ties, first_ties)
   return [m & (q > 0) for m in masks], kth
@@ -246,14 +242,13 @@ def _top_k_select(keys, q):
     # A traced Q cannot size top_k's output; rank everything with a stable
     # sort on descending key, which orders ties by index exactly as top_k.
     order = jnp.argsort(_descending(flat), stable=True)
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(
-        jnp.arange(n, dtype=jnp.int32))
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
     sel = rank < q
     sorted_keys = flat[order]
     kth = jnp.where(q > 0, sorted_keys[jnp.maximum(q - 1, 0)], NAN_KEY)
   masks, start = [], 0
   for k in keys:
-    masks.append(sel[start:start + k.size].reshape(k.shape))
+    masks.append(sel[start : start + k.size].reshape(k.shape))
     start += k.size
   return masks, kth
 

@@ -78,9 +78,7 @@ def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
   x = np.asarray(x, np.float64).reshape(-1)
   y = np.asarray(y, np.float64).reshape(-1)
   if x.size != y.size:
-    raise ValueError(
-        f"spearman needs x and y of the same length, got {x.size} and "
-        f"{y.size}.")
+    raise ValueError(f"spearman needs x and y of the same length, got {x.size} and {y.size}.")
   if np.isnan(x).any() or np.isnan(y).any():
     raise ValueError("spearman: x and y must not contain NaN.")
   if x.size < 2:
@@ -93,8 +91,9 @@ def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
   return float(np.clip(np.sum(rx * ry) / denom, -1.0, 1.0))
 
 
-def accumulate_selection_counts(masks: Iterable[PyTree],
-                                initial: Optional[PyTree] = None) -> PyTree:
+def accumulate_selection_counts(
+  masks: Iterable[PyTree], initial: Optional[PyTree] = None
+) -> PyTree:
   """Counts, per weight, how many of the given masks select it.
 
   Args:
@@ -116,11 +115,13 @@ def accumulate_selection_counts(masks: Iterable[PyTree],
     >>> counts['w'].tolist()
     [2, 1]
   """
-  counts = None if initial is None else jax.tree.map(
-      lambda c: np.array(jax.device_get(c), np.int32), initial)
+  counts = (
+    None
+    if initial is None
+    else jax.tree.map(lambda c: np.array(jax.device_get(c), np.int32), initial)
+  )
   for i, m in enumerate(masks):
-    m = jax.tree.map(lambda a: np.asarray(jax.device_get(a)).astype(np.int32),
-                     m)
+    m = jax.tree.map(lambda a: np.asarray(jax.device_get(a)).astype(np.int32), m)
     if counts is None:
       counts = m
       continue
@@ -128,11 +129,10 @@ def accumulate_selection_counts(masks: Iterable[PyTree],
       counts = jax.tree.map(np.add, counts, m)
     except ValueError as e:
       raise ValueError(
-          f"mask {i} does not match the structure or shapes of the earlier "
-          f"masks: {e}") from None
+        f"mask {i} does not match the structure or shapes of the earlier masks: {e}"
+      ) from None
   if counts is None:
-    raise ValueError("accumulate_selection_counts needs at least one mask "
-                     "(or `initial`).")
+    raise ValueError("accumulate_selection_counts needs at least one mask (or `initial`).")
   return counts
 
 
@@ -151,6 +151,7 @@ class LayerSensitivity:
     selection_density: the leaf's selections per weight relative to the
       average over all eligible weights (1 = its proportional share), or None.
   """
+
   path: str
   size: int
   accuracies: tuple[float, ...]
@@ -183,6 +184,7 @@ class SensitivityResult:
       signal that was given (``"nonzero_ratio"``, ``"selection_share"``,
       ``"selection_density"``); NaN when undefined (a constant side).
   """
+
   ratios: tuple[float, ...]
   baseline: float
   layers: tuple[LayerSensitivity, ...]
@@ -190,19 +192,20 @@ class SensitivityResult:
 
   def to_dict(self) -> dict:
     """A JSON-ready dict (NaN becomes None)."""
-    return {"ratios": list(self.ratios), "baseline": self.baseline,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "spearman": {k: _json_float(v) for k, v in self.spearman.items()}}
+    return {
+      "ratios": list(self.ratios),
+      "baseline": self.baseline,
+      "layers": [layer.to_dict() for layer in self.layers],
+      "spearman": {k: _json_float(v) for k, v in self.spearman.items()},
+    }
 
   def to_json(self, **kwargs) -> str:
     return json.dumps(self.to_dict(), **kwargs)
 
   def table(self) -> str:
     """A fixed-width table: drop per layer and ratio, GSM signals, rho."""
-    head = (["layer", "size"] + [f"drop@{r:g}" for r in self.ratios]
-            + ["mean drop"])
-    signals = [s for s in SIGNALS
-               if any(getattr(l, s) is not None for l in self.layers)]
+    head = ["layer", "size"] + [f"drop@{r:g}" for r in self.ratios] + ["mean drop"]
+    signals = [s for s in SIGNALS if any(getattr(l, s) is not None for l in self.layers)]
     head += signals
     rows = [head]
     for layer in self.layers:
@@ -213,8 +216,7 @@ class SensitivityResult:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for j, row in enumerate(rows):
-      cells = [row[0].ljust(widths[0])] + [
-          c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+      cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
       lines.append("  ".join(cells))
       if j == 0:
         lines.append("  ".join("-" * w for w in widths))
@@ -228,15 +230,15 @@ class SensitivityResult:
 
 
 def layer_sensitivity(
-    params: PyTree,
-    eval_fn: Callable[[PyTree], Any],
-    *,
-    ratios: Sequence[float] = (0.5, 0.7, 0.9),
-    where: eligibility.Where = None,
-    gsm_params: Optional[PyTree] = None,
-    num_nonzero: Optional[int] = None,
-    compression: Optional[float] = None,
-    selection_counts: Optional[PyTree] = None,
+  params: PyTree,
+  eval_fn: Callable[[PyTree], Any],
+  *,
+  ratios: Sequence[float] = (0.5, 0.7, 0.9),
+  where: eligibility.Where = None,
+  gsm_params: Optional[PyTree] = None,
+  num_nonzero: Optional[int] = None,
+  compression: Optional[float] = None,
+  selection_counts: Optional[PyTree] = None,
 ) -> SensitivityResult:
   r"""Per-layer pruning sensitivity and its rank correlation with GSM's choice.
 
@@ -290,23 +292,17 @@ def layer_sensitivity(
   if not ratios:
     raise ValueError("`ratios` must hold at least one fraction in [0, 1].")
   if not callable(eval_fn):
-    raise TypeError(f"`eval_fn` must be a callable params -> float, got "
-                    f"{eval_fn!r}.")
-  if gsm_params is None and (num_nonzero is not None
-                             or compression is not None):
-    raise ValueError("`num_nonzero` / `compression` apply to `gsm_params`, "
-                     "which was not given.")
+    raise TypeError(f"`eval_fn` must be a callable params -> float, got {eval_fn!r}.")
+  if gsm_params is None and (num_nonzero is not None or compression is not None):
+    raise ValueError("`num_nonzero` / `compression` apply to `gsm_params`, which was not given.")
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
-  paths = [jax.tree_util.keystr(p)
-           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   # Check the optional inputs before the (expensive) evaluations.
   if gsm_params is not None:
-    gsm_leaves = _same_structure(gsm_params, treedef, "gsm_params", leaves,
-                                 paths)
+    gsm_leaves = _same_structure(gsm_params, treedef, "gsm_params", leaves, paths)
   if selection_counts is not None:
-    count_leaves = _same_structure(selection_counts, treedef,
-                                   "selection_counts", leaves, paths)
+    count_leaves = _same_structure(selection_counts, treedef, "selection_counts", leaves, paths)
   baseline = _as_float(eval_fn(params), "eval_fn(params)")
 
   rows = []
@@ -325,34 +321,35 @@ def layer_sensitivity(
         pruned_leaf = _prune_leaf(leaf, jnp.int32(keep))
       trial = list(leaves)
       trial[i] = pruned_leaf
-      accs.append(_as_float(eval_fn(jax.tree.unflatten(treedef, trial)),
-                            f"eval_fn(params with {paths[i]} pruned)"))
-    rows.append(dict(path=paths[i], size=n, accuracies=tuple(accs),
-                     drops=tuple(baseline - a for a in accs)))
+      accs.append(
+        _as_float(
+          eval_fn(jax.tree.unflatten(treedef, trial)), f"eval_fn(params with {paths[i]} pruned)"
+        )
+      )
+    rows.append(
+      dict(path=paths[i], size=n, accuracies=tuple(accs), drops=tuple(baseline - a for a in accs))
+    )
 
   if gsm_params is not None:
     if num_nonzero is not None or compression is not None:
       _, masks = pruning.magnitude_prune(
-          gsm_params, num_nonzero, compression=compression, where=where)
+        gsm_params, num_nonzero, compression=compression, where=where
+      )
       kept = [np.asarray(m) for m in treedef.flatten_up_to(masks)]
-      kept = [np.asarray(m) & (np.asarray(g) != 0)
-              for m, g in zip(kept, gsm_leaves)]
+      kept = [np.asarray(m) & (np.asarray(g) != 0) for m, g in zip(kept, gsm_leaves)]
     else:
       kept = [np.asarray(g) != 0 for g in gsm_leaves]
     for row, i in zip(rows, eligible):
-      row["nonzero_ratio"] = (float(np.count_nonzero(kept[i])) / row["size"]
-                              if row["size"] else 0.0)
+      row["nonzero_ratio"] = float(np.count_nonzero(kept[i])) / row["size"] if row["size"] else 0.0
 
   if selection_counts is not None:
-    sums = [float(np.sum(np.asarray(count_leaves[i], np.float64)))
-            for i in eligible]
+    sums = [float(np.sum(np.asarray(count_leaves[i], np.float64))) for i in eligible]
     total = sum(sums)
     n_total = sum(row["size"] for row in rows)
     for row, s in zip(rows, sums):
       share = s / total if total else 0.0
       row["selection_share"] = share
-      row["selection_density"] = (share * n_total / row["size"]
-                                  if row["size"] else 0.0)
+      row["selection_density"] = share * n_total / row["size"] if row["size"] else 0.0
 
   layers = tuple(LayerSensitivity(**row) for row in rows)
   mean_drops = [layer.mean_drop for layer in layers]
@@ -360,8 +357,7 @@ def layer_sensitivity(
   for s in SIGNALS:
     if all(getattr(layer, s) is not None for layer in layers) and layers:
       rho[s] = spearman(mean_drops, [getattr(layer, s) for layer in layers])
-  return SensitivityResult(ratios=ratios, baseline=baseline, layers=layers,
-                           spearman=rho)
+  return SensitivityResult(ratios=ratios, baseline=baseline, layers=layers, spearman=rho)
 
 
 @jax.jit
@@ -388,24 +384,19 @@ def _as_float(value, what: str) -> float:
   try:
     v = float(np.asarray(jax.device_get(value)))
   except (TypeError, ValueError):
-    raise TypeError(f"{what} must return a scalar number, got "
-                    f"{value!r}.") from None
+    raise TypeError(f"{what} must return a scalar number, got {value!r}.") from None
   return v
 
 
-def _same_structure(tree: PyTree, treedef, name: str, like: list,
-                    paths: list) -> list:
+def _same_structure(tree: PyTree, treedef, name: str, like: list, paths: list) -> list:
   try:
     leaves = treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"`{name}` must have the structure of params: {e}"
-                     ) from None
+    raise ValueError(f"`{name}` must have the structure of params: {e}") from None
   out = [np.asarray(jax.device_get(x)) for x in leaves]
   for x, p, path in zip(out, like, paths):
     if x.shape != np.shape(p):
-      raise ValueError(
-          f"`{name}` has shape {x.shape} at {path}, but params have "
-          f"{np.shape(p)}.")
+      raise ValueError(f"`{name}` has shape {x.shape} at {path}, but params have {np.shape(p)}.")
   return out
 
 

@@ -60,12 +60,12 @@ AxisSpec = Union[str, Sequence[str]]
 _AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 __all__ = (
-    "fsdp_partition_specs",
-    "make_mesh",
-    "mesh_axis_sizes",
-    "named_shardings",
-    "parse_mesh_shape",
-    "validate_partition_specs",
+  "fsdp_partition_specs",
+  "make_mesh",
+  "mesh_axis_sizes",
+  "named_shardings",
+  "parse_mesh_shape",
+  "validate_partition_specs",
 )
 
 
@@ -100,46 +100,46 @@ def parse_mesh_shape(spec: str) -> dict[str, int]:
   """
   if not isinstance(spec, str):
     raise TypeError(
-        f"mesh shape must be a string like \"data=4,model=2\", got "
-        f"{spec!r} of type {type(spec).__name__}.")
+      f"mesh shape must be a string like \"data=4,model=2\", got "
+      f"{spec!r} of type {type(spec).__name__}."
+    )
   if not spec.strip():
     raise ValueError(
-        f"mesh shape {spec!r} is empty; expected \"name=size,...\" such as "
-        "\"data=4,model=2\".")
+      f"mesh shape {spec!r} is empty; expected \"name=size,...\" such as \"data=4,model=2\"."
+    )
   out: dict[str, int] = {}
   for entry in spec.split(","):
     entry = entry.strip()
     if entry.count("=") != 1:
       raise ValueError(
-          f"mesh shape {spec!r}: entry {entry!r} is not of the form name=size "
-          "(e.g. \"data=4,model=2\").")
+        f"mesh shape {spec!r}: entry {entry!r} is not of the form name=size "
+        "(e.g. \"data=4,model=2\")."
+      )
     name, size = (part.strip() for part in entry.split("="))
     if not _AXIS_NAME.match(name):
-      raise ValueError(
-          f"mesh shape {spec!r}: axis name {name!r} is not a Python "
-          "identifier.")
+      raise ValueError(f"mesh shape {spec!r}: axis name {name!r} is not a Python identifier.")
     if name in out:
-      raise ValueError(
-          f"mesh shape {spec!r}: axis name {name!r} appears more than once.")
+      raise ValueError(f"mesh shape {spec!r}: axis name {name!r} appears more than once.")
     try:
       value = int(size)
     except ValueError:
       raise ValueError(
-          f"mesh shape {spec!r}: size {size!r} of axis {name!r} is not an "
-          "integer.") from None
+        f"mesh shape {spec!r}: size {size!r} of axis {name!r} is not an integer."
+      ) from None
     if value < 1 and value != -1:
       raise ValueError(
-          f"mesh shape {spec!r}: size {value} of axis {name!r} must be >= 1 "
-          "(or -1 for all remaining devices).")
+        f"mesh shape {spec!r}: size {value} of axis {name!r} must be >= 1 "
+        "(or -1 for all remaining devices)."
+      )
     out[name] = value
   if sum(v == -1 for v in out.values()) > 1:
-    raise ValueError(
-        f"mesh shape {spec!r}: at most one axis size may be -1.")
+    raise ValueError(f"mesh shape {spec!r}: at most one axis size may be -1.")
   return out
 
 
-def make_mesh(spec: Union[str, Mapping[str, int]], *,
-              devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(
+  spec: Union[str, Mapping[str, int]], *, devices: Optional[Sequence[Any]] = None
+) -> Mesh:
   """Builds a :class:`jax.sharding.Mesh` over all devices from a shape spec.
 
   The mesh covers *every* device (of all processes, under
@@ -183,23 +183,25 @@ def make_mesh(spec: Union[str, Mapping[str, int]], *,
       raise ValueError("mesh shape mapping is empty; give at least one axis.")
     for k, v in spec.items():
       if not isinstance(k, str) or not _AXIS_NAME.match(k):
-        raise ValueError(
-            f"mesh shape {shown}: axis name {k!r} is not a Python identifier.")
+        raise ValueError(f"mesh shape {shown}: axis name {k!r} is not a Python identifier.")
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(
-            f"mesh shape {shown}: size of axis {k!r} must be an int, got "
-            f"{v!r} of type {type(v).__name__}.")
+          f"mesh shape {shown}: size of axis {k!r} must be an int, got "
+          f"{v!r} of type {type(v).__name__}."
+        )
       if v < 1 and v != -1:
         raise ValueError(
-            f"mesh shape {shown}: size {v} of axis {k!r} must be >= 1 (or -1 "
-            "for all remaining devices).")
+          f"mesh shape {shown}: size {v} of axis {k!r} must be >= 1 (or -1 "
+          "for all remaining devices)."
+        )
     if sum(v == -1 for v in spec.values()) > 1:
       raise ValueError(f"mesh shape {shown}: at most one axis size may be -1.")
     shape = {k: int(v) for k, v in spec.items()}
   else:
     raise TypeError(
-        f"mesh shape must be a string like \"data=4,model=2\" or a mapping "
-        f"name -> size, got {spec!r} of type {type(spec).__name__}.")
+      f"mesh shape must be a string like \"data=4,model=2\" or a mapping "
+      f"name -> size, got {spec!r} of type {type(spec).__name__}."
+    )
   if devices is None:
     devices = jax.devices()
   devices = list(devices)
@@ -208,28 +210,32 @@ def make_mesh(spec: Union[str, Mapping[str, int]], *,
   if -1 in shape.values():
     if known == 0 or n % known:
       raise ValueError(
-          f"mesh shape {shown}: the other axes have {known} devices, which "
-          f"does not divide the {n} devices available, so the -1 axis cannot "
-          "be sized.")
+        f"mesh shape {shown}: the other axes have {known} devices, which "
+        f"does not divide the {n} devices available, so the -1 axis cannot "
+        "be sized."
+      )
     shape = {k: (n // known if v == -1 else v) for k, v in shape.items()}
   total = math.prod(shape.values())
   if total != n:
     raise ValueError(
-        f"mesh shape {shown} has {' x '.join(map(str, shape.values()))} = "
-        f"{total} devices, but there are {n} devices "
-        f"({devices[0].platform if devices else 'none'}); the product of the "
-        "axis sizes must equal the device count. On CPU, emulate more devices "
-        "with jax.config.update('jax_num_cpu_devices', N) or "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
-        "starts.")
+      f"mesh shape {shown} has {' x '.join(map(str, shape.values()))} = "
+      f"{total} devices, but there are {n} devices "
+      f"({devices[0].platform if devices else 'none'}); the product of the "
+      "axis sizes must equal the device count. On CPU, emulate more devices "
+      "with jax.config.update('jax_num_cpu_devices', N) or "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
+      "starts."
+    )
   axis_type = getattr(jax.sharding, "AxisType", None)
   if axis_type is None:
     # jax < 0.5 has no axis types: every mesh axis is what later became Auto.
-    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
-                         devices=devices)
-  return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
-                       axis_types=(axis_type.Auto,) * len(shape),
-                       devices=devices)
+    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()), devices=devices)
+  return jax.make_mesh(
+    tuple(shape.values()),
+    tuple(shape.keys()),
+    axis_types=(axis_type.Auto,) * len(shape),
+    devices=devices,
+  )
 
 
 def mesh_axis_sizes(mesh: MeshLike) -> dict[str, int]:
@@ -243,35 +249,35 @@ def mesh_axis_sizes(mesh: MeshLike) -> dict[str, int]:
     >>> mesh_axis_sizes({'data': 4, 'model': 2})
     {'data': 4, 'model': 2}
   """
-  shape = getattr(mesh, "shape", None) if not isinstance(mesh, Mapping) \
-      else mesh
+  shape = getattr(mesh, "shape", None) if not isinstance(mesh, Mapping) else mesh
   if not isinstance(shape, Mapping):
     raise TypeError(
-        f"mesh must be a jax.sharding.Mesh, an AbstractMesh or a mapping "
-        f"axis name -> size, got {mesh!r} of type {type(mesh).__name__}.")
+      f"mesh must be a jax.sharding.Mesh, an AbstractMesh or a mapping "
+      f"axis name -> size, got {mesh!r} of type {type(mesh).__name__}."
+    )
   out = {}
   for k, v in shape.items():
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise TypeError(
-          f"mesh axis {k!r} must have a positive int size, got {v!r}.")
+      raise TypeError(f"mesh axis {k!r} must have a positive int size, got {v!r}.")
     out[str(k)] = int(v)
   return out
 
 
-def _axis_names(axis: Any, sizes: Mapping[str, int], argname: str
-                ) -> tuple[str, ...]:
+def _axis_names(axis: Any, sizes: Mapping[str, int], argname: str) -> tuple[str, ...]:
   """Normalises a mesh-axis entry (a name or a tuple of names); checks it."""
   names = (axis,) if isinstance(axis, str) else axis
-  if not isinstance(names, (tuple, list)) or not names or not all(
-      isinstance(a, str) for a in names):
+  if (
+    not isinstance(names, (tuple, list)) or not names or not all(isinstance(a, str) for a in names)
+  ):
     raise TypeError(
-        f"`{argname}` must be a mesh axis name or a tuple of names, got "
-        f"{axis!r} of type {type(axis).__name__}.")
+      f"`{argname}` must be a mesh axis name or a tuple of names, got "
+      f"{axis!r} of type {type(axis).__name__}."
+    )
   for a in names:
     if a not in sizes:
       raise ValueError(
-          f"`{argname}`={axis!r}: {a!r} is not an axis of the mesh; the mesh "
-          f"axes are {tuple(sizes)}.")
+        f"`{argname}`={axis!r}: {a!r} is not an axis of the mesh; the mesh axes are {tuple(sizes)}."
+      )
   if len(set(names)) != len(names):
     raise ValueError(f"`{argname}`={axis!r} names a mesh axis twice.")
   return tuple(names)
@@ -286,9 +292,9 @@ def _shape_of(leaf: Any) -> Optional[tuple[int, ...]]:
   return tuple(int(d) for d in shape)
 
 
-def fsdp_partition_specs(tree: PyTree, mesh: MeshLike,
-                         axis: AxisSpec = "model", *,
-                         min_size: int = 2 ** 14) -> PyTree:
+def fsdp_partition_specs(
+  tree: PyTree, mesh: MeshLike, axis: AxisSpec = "model", *, min_size: int = 2**14
+) -> PyTree:
   r"""FSDP-style specs: shard the largest divisible axis of each large leaf.
 
   For every leaf with :math:`\mathrm{size} \ge` ``min_size`` the spec shards
@@ -365,8 +371,9 @@ def fsdp_partition_specs(tree: PyTree, mesh: MeshLike,
   return jax.tree.map(spec, tree)
 
 
-def validate_partition_specs(tree: PyTree, specs: PyTree, mesh: MeshLike,
-                             *, name: str = "specs") -> None:
+def validate_partition_specs(
+  tree: PyTree, specs: PyTree, mesh: MeshLike, *, name: str = "specs"
+) -> None:
   """Checks that ``specs`` can shard ``tree`` on ``mesh``; raises otherwise.
 
   A spec is valid for a leaf when it is a :class:`~jax.sharding.PartitionSpec`
@@ -412,21 +419,23 @@ def validate_partition_specs(tree: PyTree, specs: PyTree, mesh: MeshLike,
       spec_leaves = treedef.flatten_up_to(specs)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          f"`{name}` must be a pytree of PartitionSpec with the structure of "
-          f"the arrays ({treedef}); details: {e}") from None
+        f"`{name}` must be a pytree of PartitionSpec with the structure of "
+        f"the arrays ({treedef}); details: {e}"
+      ) from None
   for (path, leaf), spec in zip(leaves_with_path, spec_leaves):
     where = f"{name}{jax.tree_util.keystr(path)}"
     if not isinstance(spec, PartitionSpec):
       raise TypeError(
-          f"{where} must be a jax.sharding.PartitionSpec, got {spec!r} of "
-          f"type {type(spec).__name__}.")
+        f"{where} must be a jax.sharding.PartitionSpec, got {spec!r} of type {type(spec).__name__}."
+      )
     shape = _shape_of(leaf)
     if shape is None:
       continue
     if len(spec) > len(shape):
       raise ValueError(
-          f"{where} = {_fmt(spec)} has {len(spec)} entries, but the leaf has "
-          f"only {len(shape)} dimensions (shape {shape}).")
+        f"{where} = {_fmt(spec)} has {len(spec)} entries, but the leaf has "
+        f"only {len(shape)} dimensions (shape {shape})."
+      )
     used: list[str] = []
     for dim, entry in enumerate(spec):
       if entry is None or entry is PartitionSpec.UNCONSTRAINED:
@@ -435,17 +444,21 @@ def validate_partition_specs(tree: PyTree, specs: PyTree, mesh: MeshLike,
       for a in names:
         if a in used:
           raise ValueError(
-              f"{where} = {_fmt(spec)} uses mesh axis {a!r} for more than one "
-              "dimension.")
+            f"{where} = {_fmt(spec)} uses mesh axis {a!r} for more than one dimension."
+          )
         used.append(a)
       s = math.prod(sizes[a] for a in names)
       if shape[dim] % s:
-        what = (f"the size of mesh axis {names[0]!r}" if len(names) == 1
-                else f"the product of the sizes of mesh axes {names}")
+        what = (
+          f"the size of mesh axis {names[0]!r}"
+          if len(names) == 1
+          else f"the product of the sizes of mesh axes {names}"
+        )
         raise ValueError(
-            f"{where} = {_fmt(spec)}: dimension {dim} of the leaf (shape "
-            f"{shape}) has size {shape[dim]}, which is not divisible by {s}, "
-            f"{what}.")
+          f"{where} = {_fmt(spec)}: dimension {dim} of the leaf (shape "
+          f"{shape}) has size {shape[dim]}, which is not divisible by {s}, "
+          f"{what}."
+        )
 
 
 def _fmt(spec: PartitionSpec) -> str:
@@ -476,15 +489,16 @@ def named_shardings(specs: PyTree, mesh: Mesh) -> PyTree:
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(
-        f"`mesh` must be a concrete jax.sharding.Mesh, got {mesh!r} of type "
-        f"{type(mesh).__name__}.")
+      f"`mesh` must be a concrete jax.sharding.Mesh, got {mesh!r} of type {type(mesh).__name__}."
+    )
   is_spec = lambda x: isinstance(x, PartitionSpec)
 
   def to_sharding(spec):
     if not is_spec(spec):
       raise TypeError(
-          f"`specs` must hold jax.sharding.PartitionSpec leaves, got {spec!r}"
-          f" of type {type(spec).__name__}.")
+        f"`specs` must hold jax.sharding.PartitionSpec leaves, got {spec!r}"
+        f" of type {type(spec).__name__}."
+      )
     return NamedSharding(mesh, spec)
 
   return jax.tree.map(to_sharding, specs, is_leaf=is_spec)

@@ -90,8 +90,7 @@ MEMBER_OVERHEAD_BYTES = 128 + 30 + 46 + 2 * 12
 
 
 class SparseFileError(ValueError):
-  """A sparse model file is corrupt, truncated, of another format or mismatched.
-  """
+  """A sparse model file is corrupt, truncated, of another format or mismatched."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +107,7 @@ class SparseLeafInfo:
     payload_bytes: bytes of its arrays in the sparse file.
     dense_payload_bytes: bytes of its values stored densely.
   """
+
   path: str
   shape: tuple[int, ...]
   dtype: str
@@ -134,6 +134,7 @@ class SparseFileInfo:
       (one uncompressed ``.npy`` member per leaf, no header).
     leaves: one row per leaf, in ``jax.tree.leaves`` order.
   """
+
   path: str
   file_bytes: int
   dense_file_bytes: int
@@ -147,32 +148,50 @@ class SparseFileInfo:
   @property
   def encodings(self) -> dict[str, int]:
     """How many leaves use each encoding."""
-    return {e: sum(leaf.encoding == e for leaf in self.leaves)
-            for e in ENCODINGS}
+    return {e: sum(leaf.encoding == e for leaf in self.leaves) for e in ENCODINGS}
 
   def to_dict(self) -> dict:
     """A JSON-ready dict."""
-    return {"path": self.path, "file_bytes": self.file_bytes,
-            "dense_file_bytes": self.dense_file_bytes, "ratio": self.ratio,
-            "encodings": self.encodings,
-            "leaves": [leaf.to_dict() for leaf in self.leaves]}
+    return {
+      "path": self.path,
+      "file_bytes": self.file_bytes,
+      "dense_file_bytes": self.dense_file_bytes,
+      "ratio": self.ratio,
+      "encodings": self.encodings,
+      "leaves": [leaf.to_dict() for leaf in self.leaves],
+    }
 
   def table(self) -> str:
     """A fixed-width table: one row per leaf, then the file totals."""
-    rows = [("leaf", "shape", "dtype", "non-zeros", "encoding", "bytes",
-             "dense bytes")]
+    rows = [("leaf", "shape", "dtype", "non-zeros", "encoding", "bytes", "dense bytes")]
     for r in self.leaves:
       shape = "x".join(map(str, r.shape)) if r.shape else "-"
-      rows.append((r.path, shape, r.dtype, f"{r.nonzeros:,}/{r.size:,}",
-                   r.encoding, f"{r.payload_bytes:,}",
-                   f"{r.dense_payload_bytes:,}"))
-    rows.append(("file", "", "", "", f"{self.ratio:.2f}x smaller",
-                 f"{self.file_bytes:,}", f"{self.dense_file_bytes:,}"))
+      rows.append(
+        (
+          r.path,
+          shape,
+          r.dtype,
+          f"{r.nonzeros:,}/{r.size:,}",
+          r.encoding,
+          f"{r.payload_bytes:,}",
+          f"{r.dense_payload_bytes:,}",
+        )
+      )
+    rows.append(
+      (
+        "file",
+        "",
+        "",
+        "",
+        f"{self.ratio:.2f}x smaller",
+        f"{self.file_bytes:,}",
+        f"{self.dense_file_bytes:,}",
+      )
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
-      cells = [row[0].ljust(widths[0])] + [
-          c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+      cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
       lines.append("  ".join(cells).rstrip())
       if j == 0 or j == len(rows) - 2:
         lines.append("  ".join("-" * w for w in widths))
@@ -196,8 +215,9 @@ def coo_index_dtype(size: int) -> np.dtype:
   return np.dtype("<i8")
 
 
-def save_sparse(path: str | os.PathLike, params: PyTree, *,
-                keep_negative_zeros: bool = True) -> SparseFileInfo:
+def save_sparse(
+  path: str | os.PathLike, params: PyTree, *, keep_negative_zeros: bool = True
+) -> SparseFileInfo:
   r"""Saves a (pruned) parameter pytree as a sparse ``.npz`` file.
 
   Each leaf is stored with the smallest of the ``dense``, ``bitmask``,
@@ -260,36 +280,50 @@ def save_sparse(path: str | os.PathLike, params: PyTree, *,
     encoding, arrays = _encode(bits)
     names = {role: f"{i}.{role}" for role in arrays}
     payload = sum(a.nbytes for a in arrays.values())
-    nonzeros = int(arrays["values"].size) if encoding != "dense" else int(
-        np.count_nonzero(bits))
-    meta = {"path": keystr, "shape": list(arr.shape), "dtype": arr.dtype.name,
-            "encoding": encoding, "nonzeros": nonzeros,
-            "arrays": {role: names[role] for role in _ROLES[encoding]},
-            "payload_bytes": payload}
-    meta["sha256"] = _sha256(meta, [arrays[role]
-                                    for role in _ROLES[encoding]])
+    nonzeros = int(arrays["values"].size) if encoding != "dense" else int(np.count_nonzero(bits))
+    meta = {
+      "path": keystr,
+      "shape": list(arr.shape),
+      "dtype": arr.dtype.name,
+      "encoding": encoding,
+      "nonzeros": nonzeros,
+      "arrays": {role: names[role] for role in _ROLES[encoding]},
+      "payload_bytes": payload,
+    }
+    meta["sha256"] = _sha256(meta, [arrays[role] for role in _ROLES[encoding]])
     metas.append(meta)
-    infos.append(SparseLeafInfo(
-        path=keystr, shape=tuple(arr.shape), dtype=arr.dtype.name,
-        size=int(arr.size), nonzeros=nonzeros, encoding=encoding,
-        payload_bytes=payload, dense_payload_bytes=int(bits.nbytes)))
+    infos.append(
+      SparseLeafInfo(
+        path=keystr,
+        shape=tuple(arr.shape),
+        dtype=arr.dtype.name,
+        size=int(arr.size),
+        nonzeros=nonzeros,
+        encoding=encoding,
+        payload_bytes=payload,
+        dense_payload_bytes=int(bits.nbytes),
+      )
+    )
     members.extend((names[role], arrays[role]) for role in _ROLES[encoding])
     dense_members.append((f"{i}.values", bits))
 
   counter = _SizeOnly()
   _write_zip(counter, dense_members)
   dense_bytes = counter.size
-  header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "tree": skeleton, "tree_sha256": _tree_sha256(skeleton),
-            "dense_file_bytes": dense_bytes, "leaves": metas}
-  header_arr = np.frombuffer(
-      json.dumps(header, separators=(",", ":")).encode("utf-8"), np.uint8)
+  header = {
+    "format": FORMAT_NAME,
+    "version": FORMAT_VERSION,
+    "tree": skeleton,
+    "tree_sha256": _tree_sha256(skeleton),
+    "dense_file_bytes": dense_bytes,
+    "leaves": metas,
+  }
+  header_arr = np.frombuffer(json.dumps(header, separators=(",", ":")).encode("utf-8"), np.uint8)
   members.insert(0, (HEADER_NAME, header_arr))
 
   folder = os.path.dirname(os.path.abspath(path))
   _remove_stale_temps(folder, os.path.basename(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path),
-                             suffix=_TMP_SUFFIX)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=_TMP_SUFFIX)
   moved = False
   try:
     with os.fdopen(fd, "wb") as f:
@@ -310,12 +344,12 @@ def save_sparse(path: str | os.PathLike, params: PyTree, *,
   finally:
     if not moved and os.path.lexists(tmp):
       os.remove(tmp)
-  return SparseFileInfo(path=path, file_bytes=os.path.getsize(path),
-                        dense_file_bytes=dense_bytes, leaves=tuple(infos))
+  return SparseFileInfo(
+    path=path, file_bytes=os.path.getsize(path), dense_file_bytes=dense_bytes, leaves=tuple(infos)
+  )
 
 
-def load_sparse(path: str | os.PathLike, target: Optional[PyTree] = None
-                ) -> PyTree:
+def load_sparse(path: str | os.PathLike, target: Optional[PyTree] = None) -> PyTree:
   """Loads a file written by :func:`save_sparse`, verifying every leaf.
 
   Args:
@@ -386,24 +420,37 @@ def sparse_file_report(path: str | os.PathLike) -> SparseFileInfo:
     shape = tuple(meta["shape"])
     dtype = _parse_dtype(meta["dtype"], meta["path"], path)
     size = math.prod(shape)
-    infos.append(SparseLeafInfo(
-        path=meta["path"], shape=shape, dtype=dtype.name, size=size,
-        nonzeros=meta["nonzeros"], encoding=meta["encoding"],
+    infos.append(
+      SparseLeafInfo(
+        path=meta["path"],
+        shape=shape,
+        dtype=dtype.name,
+        size=size,
+        nonzeros=meta["nonzeros"],
+        encoding=meta["encoding"],
         payload_bytes=meta["payload_bytes"],
-        dense_payload_bytes=size * dtype.itemsize))
-  return SparseFileInfo(path=path, file_bytes=os.path.getsize(path),
-                        dense_file_bytes=header["dense_file_bytes"],
-                        leaves=tuple(infos))
+        dense_payload_bytes=size * dtype.itemsize,
+      )
+    )
+  return SparseFileInfo(
+    path=path,
+    file_bytes=os.path.getsize(path),
+    dense_file_bytes=header["dense_file_bytes"],
+    leaves=tuple(infos),
+  )
 
 
 # --------------------------------------------------------------------------
 # Encoding.
 
 # The arrays of each encoding, in checksum order.
-_ROLES = {"dense": ("values",), "bitmask": ("mask", "values"),
-          "coo": ("indices", "values"), "csr": ("indptr", "indices", "values")}
-_BITS_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"),
-                8: np.dtype("<u8")}
+_ROLES = {
+  "dense": ("values",),
+  "bitmask": ("mask", "values"),
+  "coo": ("indices", "values"),
+  "csr": ("indptr", "indices", "values"),
+}
+_BITS_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def _supported(dtype: np.dtype) -> bool:
@@ -413,8 +460,7 @@ def _supported(dtype: np.dtype) -> bool:
     return True
   # ml_dtypes (bfloat16, float8_*, int4, ...) have kind 'V' in numpy.
   try:
-    return bool(jnp.issubdtype(dtype, jnp.floating)
-                or jnp.issubdtype(dtype, jnp.integer))
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
   except TypeError:
     return False
 
@@ -423,9 +469,10 @@ def _as_native_array(leaf: Any, keystr: str) -> np.ndarray:
   arr = np.asarray(jax.device_get(leaf))
   if not _supported(arr.dtype):
     raise TypeError(
-        f"save_sparse: leaf {keystr} has dtype {arr.dtype}; supported are "
-        "bool, integer and floating-point (incl. bfloat16) dtypes of 1, 2, 4 "
-        "or 8 bytes per entry.")
+      f"save_sparse: leaf {keystr} has dtype {arr.dtype}; supported are "
+      "bool, integer and floating-point (incl. bfloat16) dtypes of 1, 2, 4 "
+      "or 8 bytes per entry."
+    )
   if not arr.dtype.isnative:
     arr = arr.astype(arr.dtype.newbyteorder("="))
   return arr
@@ -443,12 +490,18 @@ def _encode(bits: np.ndarray) -> tuple[str, dict[str, np.ndarray]]:
   nonzero = bits != 0
   k = int(np.count_nonzero(nonzero))
   index_dtype = coo_index_dtype(n)
-  cost = {"dense": n * width,
-          "bitmask": (n + 7) // 8 + k * width + MEMBER_OVERHEAD_BYTES,
-          "coo": k * (index_dtype.itemsize + width) + MEMBER_OVERHEAD_BYTES,
-          "csr": (_csr_indptr_dtype(n).itemsize * (_csr_rows(n) + 1)
-                  + k * (2 + width) + 2 * MEMBER_OVERHEAD_BYTES
-                  if n > CSR_ROW else math.inf)}
+  cost = {
+    "dense": n * width,
+    "bitmask": (n + 7) // 8 + k * width + MEMBER_OVERHEAD_BYTES,
+    "coo": k * (index_dtype.itemsize + width) + MEMBER_OVERHEAD_BYTES,
+    "csr": (
+      _csr_indptr_dtype(n).itemsize * (_csr_rows(n) + 1)
+      + k * (2 + width)
+      + 2 * MEMBER_OVERHEAD_BYTES
+      if n > CSR_ROW
+      else math.inf
+    ),
+  }
   encoding = min(ENCODINGS, key=lambda e: (cost[e], ENCODINGS.index(e)))
   if encoding == "dense":
     return encoding, {"values": bits}
@@ -460,9 +513,11 @@ def _encode(bits: np.ndarray) -> tuple[str, dict[str, np.ndarray]]:
     return encoding, {"indices": flat.astype(index_dtype), "values": values}
   counts = np.bincount(flat // CSR_ROW, minlength=_csr_rows(n))
   indptr = np.concatenate([[0], np.cumsum(counts)])
-  return encoding, {"indptr": indptr.astype(_csr_indptr_dtype(n)),
-                    "indices": (flat % CSR_ROW).astype("<u2"),
-                    "values": values}
+  return encoding, {
+    "indptr": indptr.astype(_csr_indptr_dtype(n)),
+    "indices": (flat % CSR_ROW).astype("<u2"),
+    "values": values,
+  }
 
 
 def _csr_rows(n: int) -> int:
@@ -524,13 +579,11 @@ class _SizeOnly(io.RawIOBase):
 
 
 def _write_zip(fileobj, members: Sequence[tuple[str, np.ndarray]]) -> None:
-  with zipfile.ZipFile(fileobj, mode="w", compression=zipfile.ZIP_STORED,
-                       allowZip64=True) as zf:
+  with zipfile.ZipFile(fileobj, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
     for name, arr in members:
       big = arr.nbytes > (1 << 30)
       with zf.open(name + ".npy", "w", force_zip64=big) as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(arr),
-                                  allow_pickle=False)
+        np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 # --------------------------------------------------------------------------
@@ -547,13 +600,15 @@ class _open_npz:
       npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
       raise SparseFileError(
-          f"{path} is not a readable .npz (zip) file; it may be truncated or "
-          f"not a sparse model file: {e}") from None
+        f"{path} is not a readable .npz (zip) file; it may be truncated or "
+        f"not a sparse model file: {e}"
+      ) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
       raise SparseFileError(
-          f"{path} is a single .npy array ({type(npz).__name__}), not a "
-          "sparse model .npz file (a zip of .npy arrays with a 'header' "
-          "entry).")
+        f"{path} is a single .npy array ({type(npz).__name__}), not a "
+        "sparse model .npz file (a zip of .npy arrays with a 'header' "
+        "entry)."
+      )
     self.npz = npz
 
   def __enter__(self):
@@ -568,58 +623,60 @@ def _member(npz, name: str, what: str) -> np.ndarray:
   """Entry ``name`` of the archive as an array, or a SparseFileError."""
   try:
     out = npz[name]
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError,
-          TypeError) as e:
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as e:
     raise SparseFileError(f"{what}: {e}") from None
   if not isinstance(out, np.ndarray):
     # numpy hands back the raw bytes of a member that is not a .npy array
     # (a pickle, a text file): never unpickled, refused.
     raise SparseFileError(
-        f"{what}: the entry is not a .npy array but {len(out)} raw bytes "
-        f"starting {bytes(out[:8])!r} (a pickle or another file); expected a "
-        ".npy array.")
+      f"{what}: the entry is not a .npy array but {len(out)} raw bytes "
+      f"starting {bytes(out[:8])!r} (a pickle or another file); expected a "
+      ".npy array."
+    )
   return out
 
 
 def _read_header(npz, path: str) -> dict:
   if HEADER_NAME not in npz.files:
     raise SparseFileError(
-        f"{path} has no '{HEADER_NAME}' entry, so it is not a sparse model "
-        f"file written by optax_gsm.save_sparse (entries: "
-        f"{sorted(npz.files)[:8]}).")
+      f"{path} has no '{HEADER_NAME}' entry, so it is not a sparse model "
+      f"file written by optax_gsm.save_sparse (entries: "
+      f"{sorted(npz.files)[:8]})."
+    )
   raw = _member(npz, HEADER_NAME, f"{path}: cannot read the header")
   if raw.dtype != np.uint8 or raw.ndim != 1:
     raise SparseFileError(
-        f"{path}: the header must be a 1-D uint8 array of UTF-8 JSON, got "
-        f"dtype {raw.dtype} and shape {raw.shape}.")
+      f"{path}: the header must be a 1-D uint8 array of UTF-8 JSON, got "
+      f"dtype {raw.dtype} and shape {raw.shape}."
+    )
   try:
     header = json.loads(raw.tobytes().decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-    raise SparseFileError(
-        f"{path}: the header is not valid UTF-8 JSON: {e}") from None
+    raise SparseFileError(f"{path}: the header is not valid UTF-8 JSON: {e}") from None
   if not isinstance(header, dict):
-    raise SparseFileError(
-        f"{path}: the header must be a JSON object, got "
-        f"{type(header).__name__}.")
+    raise SparseFileError(f"{path}: the header must be a JSON object, got {type(header).__name__}.")
   if header.get("format") != FORMAT_NAME:
-    raise SparseFileError(
-        f"{path}: format is {header.get('format')!r}, expected "
-        f"{FORMAT_NAME!r}.")
+    raise SparseFileError(f"{path}: format is {header.get('format')!r}, expected {FORMAT_NAME!r}.")
   version = header.get("version")
   if isinstance(version, bool) or version not in READ_VERSIONS:
     raise SparseFileError(
-        f"{path}: format version {version!r} is not supported; this reader "
-        f"reads versions {', '.join(map(str, READ_VERSIONS))}.")
+      f"{path}: format version {version!r} is not supported; this reader "
+      f"reads versions {', '.join(map(str, READ_VERSIONS))}."
+    )
   if version >= 2 and not isinstance(header.get("tree_sha256"), str):
     raise SparseFileError(
-        f"{path}: a version {version} header needs 'tree_sha256' (a str), "
-        f"got {header.get('tree_sha256')!r}.")
+      f"{path}: a version {version} header needs 'tree_sha256' (a str), "
+      f"got {header.get('tree_sha256')!r}."
+    )
   leaves = header.get("leaves")
-  if (not isinstance(leaves, list) or "tree" not in header
-      or not isinstance(header.get("dense_file_bytes"), int)):
+  if (
+    not isinstance(leaves, list)
+    or "tree" not in header
+    or not isinstance(header.get("dense_file_bytes"), int)
+  ):
     raise SparseFileError(
-        f"{path}: the header lacks 'leaves' (a list), 'tree' or "
-        "'dense_file_bytes'.")
+      f"{path}: the header lacks 'leaves' (a list), 'tree' or 'dense_file_bytes'."
+    )
   for i, meta in enumerate(leaves):
     _check_meta(meta, i, path)
   return header
@@ -629,42 +686,47 @@ def _check_meta(meta: Any, i: int, path: str) -> None:
   where = f"{path}: header entry of leaf {i}"
   if not isinstance(meta, dict):
     raise SparseFileError(f"{where} is not a JSON object.")
-  want = {"path": str, "shape": list, "dtype": str, "encoding": str,
-          "nonzeros": int, "arrays": dict, "payload_bytes": int, "sha256": str}
+  want = {
+    "path": str,
+    "shape": list,
+    "dtype": str,
+    "encoding": str,
+    "nonzeros": int,
+    "arrays": dict,
+    "payload_bytes": int,
+    "sha256": str,
+  }
   for key, typ in want.items():
     if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
-      raise SparseFileError(
-          f"{where} needs '{key}' of type {typ.__name__}, got "
-          f"{meta.get(key)!r}.")
-  if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-             for d in meta["shape"]):
+      raise SparseFileError(f"{where} needs '{key}' of type {typ.__name__}, got {meta.get(key)!r}.")
+  if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in meta["shape"]):
     raise SparseFileError(f"{where} has an invalid shape {meta['shape']!r}.")
   if meta["encoding"] not in ENCODINGS:
     raise SparseFileError(
-        f"{where} has encoding {meta['encoding']!r}; expected one of "
-        f"{ENCODINGS}.")
+      f"{where} has encoding {meta['encoding']!r}; expected one of {ENCODINGS}."
+    )
   roles = _ROLES[meta["encoding"]]
   if sorted(meta["arrays"]) != sorted(roles) or not all(
-      isinstance(v, str) for v in meta["arrays"].values()):
+    isinstance(v, str) for v in meta["arrays"].values()
+  ):
     raise SparseFileError(
-        f"{where}: encoding {meta['encoding']!r} needs arrays {roles}, got "
-        f"{meta['arrays']!r}.")
+      f"{where}: encoding {meta['encoding']!r} needs arrays {roles}, got {meta['arrays']!r}."
+    )
 
 
-def _csr_flat(indptr: np.ndarray, idx: np.ndarray, n: int, k: int,
-              where: str) -> np.ndarray:
+def _csr_flat(indptr: np.ndarray, idx: np.ndarray, n: int, k: int, where: str) -> np.ndarray:
   """Flat indices from the csr row offsets and in-row positions."""
   rows = _csr_rows(n)
   want = _csr_indptr_dtype(n)
   if n <= CSR_ROW or indptr.dtype != want or indptr.shape != (rows + 1,):
     raise SparseFileError(
-        f"{where}: csr needs more than {CSR_ROW} entries and indptr of "
-        f"{want} with shape ({rows + 1},); got {n} entries and {indptr.dtype} "
-        f"of shape {indptr.shape}.")
+      f"{where}: csr needs more than {CSR_ROW} entries and indptr of "
+      f"{want} with shape ({rows + 1},); got {n} entries and {indptr.dtype} "
+      f"of shape {indptr.shape}."
+    )
   counts = np.diff(indptr.astype(np.int64))
   if indptr[0] != 0 or indptr[-1] != k or np.any(counts < 0):
-    raise SparseFileError(
-        f"{where}: indptr must rise from 0 to the {k} non-zeros.")
+    raise SparseFileError(f"{where}: indptr must rise from 0 to the {k} non-zeros.")
   return np.repeat(np.arange(rows, dtype=np.int64) * CSR_ROW, counts) + idx
 
 
@@ -674,8 +736,7 @@ def _parse_dtype(name: str, leaf: str, path: str) -> np.dtype:
   except (TypeError, ValueError):
     dtype = None
   if dtype is None or dtype.name != name or not _supported(dtype):
-    raise SparseFileError(
-        f"{path}: leaf {leaf} has unsupported dtype {name!r}.")
+    raise SparseFileError(f"{path}: leaf {leaf} has unsupported dtype {name!r}.")
   return dtype
 
 
@@ -694,21 +755,23 @@ def _decode_leaf(npz, meta: dict, i: int, path: str) -> np.ndarray:
     if name not in npz.files:
       raise SparseFileError(f"{where}: the file has no entry {name!r}.")
     arrays[role] = _member(
-        npz, name,
-        f"{where}: cannot read entry {name!r} (corrupt or truncated file)")
+      npz, name, f"{where}: cannot read entry {name!r} (corrupt or truncated file)"
+    )
   digest = _sha256(meta, [arrays[r] for r in roles])
   if digest != meta["sha256"]:
     raise SparseFileError(
-        f"{where}: sha256 checksum mismatch (file {digest}, header "
-        f"{meta['sha256']}); the file is corrupt.")
+      f"{where}: sha256 checksum mismatch (file {digest}, header "
+      f"{meta['sha256']}); the file is corrupt."
+    )
 
   bits_dtype = _BITS_DTYPES[dtype.itemsize]
   values = arrays["values"]
   n_values = n if encoding == "dense" else k
   if values.dtype != bits_dtype or values.shape != (n_values,):
     raise SparseFileError(
-        f"{where}: values must be {bits_dtype} of shape ({n_values},), got "
-        f"{values.dtype} of shape {values.shape}.")
+      f"{where}: values must be {bits_dtype} of shape ({n_values},), got "
+      f"{values.dtype} of shape {values.shape}."
+    )
   if not 0 <= k <= n:
     raise SparseFileError(f"{where}: {k} non-zeros for {n} entries.")
   if encoding == "dense":
@@ -719,27 +782,25 @@ def _decode_leaf(npz, meta: dict, i: int, path: str) -> np.ndarray:
       mask = arrays["mask"]
       if mask.dtype != np.uint8 or mask.shape != ((n + 7) // 8,):
         raise SparseFileError(
-            f"{where}: the bitmask must be uint8 of shape ({(n + 7) // 8},), "
-            f"got {mask.dtype} of shape {mask.shape}.")
+          f"{where}: the bitmask must be uint8 of shape ({(n + 7) // 8},), "
+          f"got {mask.dtype} of shape {mask.shape}."
+        )
       nonzero = np.unpackbits(mask, count=n).astype(bool)
-      if int(np.count_nonzero(nonzero)) != k or int(
-          np.count_nonzero(np.unpackbits(mask)[n:])):
-        raise SparseFileError(
-            f"{where}: the bitmask does not have exactly {k} set bits.")
+      if int(np.count_nonzero(nonzero)) != k or int(np.count_nonzero(np.unpackbits(mask)[n:])):
+        raise SparseFileError(f"{where}: the bitmask does not have exactly {k} set bits.")
       bits[nonzero] = values
     else:
       idx = arrays["indices"]
       want = coo_index_dtype(n) if encoding == "coo" else np.dtype("<u2")
       if idx.dtype != want or idx.shape != (k,):
         raise SparseFileError(
-            f"{where}: indices must be {want} of shape ({k},), got "
-            f"{idx.dtype} of shape {idx.shape}.")
+          f"{where}: indices must be {want} of shape ({k},), got {idx.dtype} of shape {idx.shape}."
+        )
       idx = idx.astype(np.int64)
       if encoding == "csr":
         idx = _csr_flat(arrays["indptr"], idx, n, k, where)
       if k and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
-        raise SparseFileError(
-            f"{where}: indices must be strictly increasing in [0, {n}).")
+        raise SparseFileError(f"{where}: indices must be strictly increasing in [0, {n}).")
       bits[idx] = values
     if np.any(values == 0):
       raise SparseFileError(f"{where}: a stored non-zero entry is zero.")
@@ -764,12 +825,11 @@ def _key_entry(k) -> dict:
 
 
 def _json_key(key):
-  if isinstance(key, str) or (isinstance(key, int)
-                              and not isinstance(key, bool)):
+  if isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool)):
     return key
   raise TypeError(
-      f"save_sparse: dict keys must be str or int, got {key!r} of type "
-      f"{type(key).__name__}.")
+    f"save_sparse: dict keys must be str or int, got {key!r} of type {type(key).__name__}."
+  )
 
 
 def _skeleton(x: Any, leaves: list) -> dict:
@@ -779,19 +839,24 @@ def _skeleton(x: Any, leaves: list) -> dict:
   t = type(x)
   if t is dict:
     keys = sorted(x)  # the order jax flattens dicts in
-    return {"kind": "dict", "keys": [_json_key(k) for k in keys],
-            "children": [_skeleton(x[k], leaves) for k in keys]}
+    return {
+      "kind": "dict",
+      "keys": [_json_key(k) for k in keys],
+      "children": [_skeleton(x[k], leaves) for k in keys],
+    }
   if t in (list, tuple):
     return {"kind": t.__name__, "children": [_skeleton(c, leaves) for c in x]}
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(x)):
     leaves.append(x)
     return {"kind": "leaf"}
   # Any other pytree node: one level of its flattening, with its key paths.
-  children = jax.tree_util.tree_flatten_with_path(
-      x, is_leaf=lambda y: y is not x)[0]
-  return {"kind": "node", "type": f"{t.__module__}.{t.__qualname__}",
-          "keys": [_key_entry(p[0]) for p, _ in children],
-          "children": [_skeleton(c, leaves) for _, c in children]}
+  children = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]
+  return {
+    "kind": "node",
+    "type": f"{t.__module__}.{t.__qualname__}",
+    "keys": [_key_entry(p[0]) for p, _ in children],
+    "children": [_skeleton(c, leaves) for _, c in children],
+  }
 
 
 def _rebuild(node: dict, leaves, paths, prefix: str = "") -> Any:
@@ -803,18 +868,16 @@ def _rebuild(node: dict, leaves, paths, prefix: str = "") -> Any:
     want = next(paths)
     if want != prefix:
       raise ValueError(
-          f"the tree places a leaf at {prefix or '(root)'} but the leaf "
-          f"stored there has path {want}")
+        f"the tree places a leaf at {prefix or '(root)'} but the leaf stored there has path {want}"
+      )
     return next(leaves)
   if kind == "dict":
     keys, children = node["keys"], node["children"]
     if len(keys) != len(children):
       raise ValueError("dict keys and children differ in length")
-    return {k: _rebuild(c, leaves, paths, f"{prefix}[{k!r}]")
-            for k, c in zip(keys, children)}
+    return {k: _rebuild(c, leaves, paths, f"{prefix}[{k!r}]") for k, c in zip(keys, children)}
   if kind in ("list", "tuple"):
-    out = [_rebuild(c, leaves, paths, f"{prefix}[{i}]")
-           for i, c in enumerate(node["children"])]
+    out = [_rebuild(c, leaves, paths, f"{prefix}[{i}]") for i, c in enumerate(node["children"])]
     return out if kind == "list" else tuple(out)
   if kind == "node":
     entries, children = node["keys"], node["children"]
@@ -822,7 +885,7 @@ def _rebuild(node: dict, leaves, paths, prefix: str = "") -> Any:
       raise ValueError("node keys and children differ in length")
     out = {}
     for e, c in zip(entries, children):
-      (how, k), = e.items()
+      ((how, k),) = e.items()
       step = {"dict": f"[{k!r}]", "attr": f".{k}", "index": f"[{k}]"}[how]
       out[k] = _rebuild(c, leaves, paths, prefix + step)
     return out
@@ -835,10 +898,14 @@ def _tree_sha256(tree: dict) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-_NODE_FIELDS = {"none": {"kind"}, "leaf": {"kind"},
-                "dict": {"kind", "keys", "children"},
-                "list": {"kind", "children"}, "tuple": {"kind", "children"},
-                "node": {"kind", "type", "keys", "children"}}
+_NODE_FIELDS = {
+  "none": {"kind"},
+  "leaf": {"kind"},
+  "dict": {"kind", "keys", "children"},
+  "list": {"kind", "children"},
+  "tuple": {"kind", "children"},
+  "node": {"kind", "type", "keys", "children"},
+}
 
 
 def _is_int(x: Any) -> bool:
@@ -851,14 +918,16 @@ def _check_skeleton(node: Any, at: str) -> None:
   if not isinstance(node, dict) or node.get("kind") not in _NODE_FIELDS:
     kind = node.get("kind") if isinstance(node, dict) else node
     raise ValueError(
-        f"at {place}: expected a node {{'kind': one of "
-        f"{sorted(_NODE_FIELDS)}, ...}}, got kind {kind!r}")
+      f"at {place}: expected a node {{'kind': one of "
+      f"{sorted(_NODE_FIELDS)}, ...}}, got kind {kind!r}"
+    )
   kind = node["kind"]
   fields = set(node)
   if fields != _NODE_FIELDS[kind]:
     raise ValueError(
-        f"at {place}: a {kind!r} node has the fields "
-        f"{sorted(_NODE_FIELDS[kind])}, got {sorted(fields)}")
+      f"at {place}: a {kind!r} node has the fields "
+      f"{sorted(_NODE_FIELDS[kind])}, got {sorted(fields)}"
+    )
   if kind in ("none", "leaf"):
     return
   children = node["children"]
@@ -870,8 +939,7 @@ def _check_skeleton(node: Any, at: str) -> None:
     return
   keys = node["keys"]
   if not isinstance(keys, list) or len(keys) != len(children):
-    raise ValueError(
-        f"at {place}: 'keys' must be a list as long as 'children'")
+    raise ValueError(f"at {place}: 'keys' must be a list as long as 'children'")
   if kind == "dict":
     if not all(isinstance(k, str) or _is_int(k) for k in keys):
       raise ValueError(f"at {place}: dict keys must be str or int")
@@ -885,14 +953,17 @@ def _check_skeleton(node: Any, at: str) -> None:
   for e, c in zip(keys, children):
     ok = isinstance(e, dict) and len(e) == 1
     if ok:
-      (how, k), = e.items()
-      ok = ((how == "dict" and (isinstance(k, str) or _is_int(k)))
-            or (how == "attr" and isinstance(k, str))
-            or (how == "index" and _is_int(k)))
+      ((how, k),) = e.items()
+      ok = (
+        (how == "dict" and (isinstance(k, str) or _is_int(k)))
+        or (how == "attr" and isinstance(k, str))
+        or (how == "index" and _is_int(k))
+      )
     if not ok:
       raise ValueError(
-          f"at {place}: a key entry must be {{'dict': str or int}}, "
-          f"{{'attr': str}} or {{'index': int}}, got {e!r}")
+        f"at {place}: a key entry must be {{'dict': str or int}}, "
+        f"{{'attr': str}} or {{'index': int}}, got {e!r}"
+      )
     step = {"dict": f"[{k!r}]", "attr": f".{k}", "index": f"[{k}]"}[how]
     _check_skeleton(c, at + step)
 
@@ -910,23 +981,31 @@ def _checked_tree(header: dict, leaves: list, path: str) -> PyTree:
   try:
     _check_skeleton(tree_node, "")
     tree = _rebuild(tree_node, it, iter(m["path"] for m in metas))
-  except (KeyError, TypeError, ValueError, IndexError, StopIteration,
-          AttributeError, RecursionError) as e:
+  except (
+    KeyError,
+    TypeError,
+    ValueError,
+    IndexError,
+    StopIteration,
+    AttributeError,
+    RecursionError,
+  ) as e:
     text = str(e) or "it ends before the stored leaves are placed"
     raise SparseFileError(
-        f"{path}: the tree structure in the header is malformed: "
-        f"{type(e).__name__}: {text}") from None
+      f"{path}: the tree structure in the header is malformed: {type(e).__name__}: {text}"
+    ) from None
   if next(it, _END) is not _END:
     raise SparseFileError(
-        f"{path}: the header's tree structure has fewer leaves than the "
-        f"{len(leaves)} stored.")
+      f"{path}: the header's tree structure has fewer leaves than the {len(leaves)} stored."
+    )
   if header["version"] >= 2:
     digest = _tree_sha256(tree_node)
     if digest != header["tree_sha256"]:
       raise SparseFileError(
-          f"{path}: the tree structure in the header does not match its "
-          f"checksum (tree_sha256 {header['tree_sha256']}, tree {digest}): "
-          "the header was edited or is corrupt.")
+        f"{path}: the tree structure in the header does not match its "
+        f"checksum (tree_sha256 {header['tree_sha256']}, tree {digest}): "
+        "the header was edited or is corrupt."
+      )
   return tree
 
 
@@ -948,8 +1027,8 @@ def _remove_stale_temps(folder: str, basename: str) -> None:
   if fcntl is None:  # pragma: no cover - not POSIX
     return
   pattern = re.compile(
-      "^" + re.escape("." + basename) + r"[A-Za-z0-9_]{8}"
-      + re.escape(_TMP_SUFFIX) + "$")
+    "^" + re.escape("." + basename) + r"[A-Za-z0-9_]{8}" + re.escape(_TMP_SUFFIX) + "$"
+  )
   try:
     names = os.listdir(folder)
   except OSError:
@@ -968,7 +1047,7 @@ def _remove_stale_temps(folder: str, basename: str) -> None:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      continue          # a live writer holds it
+      continue  # a live writer holds it
     else:
       try:
         os.remove(tmp)
@@ -978,24 +1057,22 @@ def _remove_stale_temps(folder: str, basename: str) -> None:
       os.close(fd)
 
 
-def _unflatten_into(target: PyTree, leaves: list, metas: list, path: str
-                    ) -> PyTree:
+def _unflatten_into(target: PyTree, leaves: list, metas: list, path: str) -> PyTree:
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
   if len(path_leaves) != len(leaves):
-    raise SparseFileError(
-        f"{path} holds {len(leaves)} leaves but target has "
-        f"{len(path_leaves)}.")
+    raise SparseFileError(f"{path} holds {len(leaves)} leaves but target has {len(path_leaves)}.")
   for (key_path, t), arr, meta in zip(path_leaves, leaves, metas):
     keystr = jax.tree_util.keystr(key_path)
     if keystr != meta["path"]:
       raise SparseFileError(
-          f"{path}: leaf {meta['path']} of the file is at {keystr} in target; "
-          "the structures differ.")
+        f"{path}: leaf {meta['path']} of the file is at {keystr} in target; the structures differ."
+      )
     t_shape = tuple(np.shape(t))
     t_dtype = getattr(t, "dtype", None)
     t_dtype = np.dtype(np.asarray(t).dtype if t_dtype is None else t_dtype)
     if t_shape != arr.shape or t_dtype != arr.dtype:
       raise SparseFileError(
-          f"{path}: leaf {keystr} is {arr.dtype}{list(arr.shape)} in the file "
-          f"but {t_dtype}{list(t_shape)} in target.")
+        f"{path}: leaf {keystr} is {arr.dtype}{list(arr.shape)} in the file "
+        f"but {t_dtype}{list(t_shape)} in target."
+      )
   return jax.tree.unflatten(treedef, leaves)

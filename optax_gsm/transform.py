@@ -54,6 +54,7 @@ class GlobalTopQState(NamedTuple):
       counting pass of the next step's ``selection="search"``. Stays 0 with
       a ``budget``.
   """
+
   count: jax.Array
   num_nonzero: jax.Array
   threshold: jax.Array
@@ -100,9 +101,10 @@ def _target_q(num_nonzero, compression, count, n_eligible: int, last_q):
     if qc is not None:
       if not math.isfinite(qc) or qc < 1:
         raise ValueError(
-            f"num_nonzero={num_nonzero!r} gives Q={qc!r} at step "
-            f"{_checks.concrete(count)}; Q must be a number >= 1 of weights "
-            "to keep.")
+          f"num_nonzero={num_nonzero!r} gives Q={qc!r} at step "
+          f"{_checks.concrete(count)}; Q must be a number >= 1 of weights "
+          "to keep."
+        )
       return int(round(qc))
     q = jnp.asarray(q, jnp.float32)
     ok = jnp.isfinite(q) & (q >= 1)
@@ -113,8 +115,9 @@ def _target_q(num_nonzero, compression, count, n_eligible: int, last_q):
   if cc is not None:
     if not math.isfinite(cc) or cc < 1:
       raise ValueError(
-          f"compression={compression!r} gives C={cc!r} at step "
-          f"{_checks.concrete(count)}; C must be a finite ratio >= 1.")
+        f"compression={compression!r} gives C={cc!r} at step "
+        f"{_checks.concrete(count)}; C must be a finite ratio >= 1."
+      )
     return int(round(n_eligible / cc))
   c = jnp.asarray(c, jnp.float32)
   ok = jnp.isfinite(c) & (c >= 1)
@@ -126,8 +129,7 @@ def _resolve_costs(costs: Costs, params: PyTree) -> PyTree:
   return costs(params) if callable(costs) else costs
 
 
-def _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay,
-                 count) -> list:
+def _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay, count) -> list:
   """``B * g (+ eta_u (1 - B) w)`` on the eligible leaves; others unchanged."""
   out = list(grad_leaves)
   if unselected_decay is not None:
@@ -142,16 +144,16 @@ def _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay,
 
 
 def global_top_q(
-    num_nonzero: Optional[Union[int, Schedule]] = None,
-    *,
-    compression: Optional[ScalarOrSchedule] = None,
-    where: eligibility.Where = None,
-    metric: Metric = "taylor",
-    selection: str = "auto",
-    unselected_decay: Optional[ScalarOrSchedule] = None,
-    score_momentum: Optional[ScalarOrSchedule] = None,
-    budget: Optional[ScalarOrSchedule] = None,
-    costs: Optional[Costs] = None,
+  num_nonzero: Optional[Union[int, Schedule]] = None,
+  *,
+  compression: Optional[ScalarOrSchedule] = None,
+  where: eligibility.Where = None,
+  metric: Metric = "taylor",
+  selection: str = "auto",
+  unselected_decay: Optional[ScalarOrSchedule] = None,
+  score_momentum: Optional[ScalarOrSchedule] = None,
+  budget: Optional[ScalarOrSchedule] = None,
+  costs: Optional[Costs] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the gradient of the Q globally most important weights, zeroes the rest.
 
@@ -270,16 +272,22 @@ def global_top_q(
     https://arxiv.org/abs/1909.12778
   """
   init_fn, select_fn, check_fn = _top_q_parts(
-      num_nonzero, compression=compression, where=where, metric=metric,
-      selection=selection, unselected_decay=unselected_decay,
-      score_momentum=score_momentum, budget=budget, costs=costs)
+    num_nonzero,
+    compression=compression,
+    where=where,
+    metric=metric,
+    selection=selection,
+    unselected_decay=unselected_decay,
+    score_momentum=score_momentum,
+    budget=budget,
+    costs=costs,
+  )
 
   def update_fn(updates, state, params=None):
     out, new_state, _ = select_fn(updates, state, params)
     return out, new_state
 
-  return optax.GradientTransformationExtraArgs(
-      init_fn, _jit_when_eager(update_fn, check_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _jit_when_eager(update_fn, check_fn))
 
 
 def _has_tracer(tree) -> bool:
@@ -308,8 +316,18 @@ def _jit_when_eager(update_fn, check_fn):
   return update
 
 
-def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
-                 unselected_decay, score_momentum, budget, costs):
+def _top_q_parts(
+  num_nonzero,
+  *,
+  compression,
+  where,
+  metric,
+  selection,
+  unselected_decay,
+  score_momentum,
+  budget,
+  costs,
+):
   """``(init_fn, select_fn, check_fn)`` of :func:`global_top_q`.
 
   ``select_fn(updates, state, params)`` returns ``(updates, state, masks)``:
@@ -318,19 +336,19 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
   ``check_fn(state, params)`` raises where a concrete schedule gives an
   invalid Q at ``state.count`` (see :func:`_jit_when_eager`).
   """
-  _checks.check_target(num_nonzero, compression, budget=budget, costs=costs,
-                       accepts_budget=True)
+  _checks.check_target(num_nonzero, compression, budget=budget, costs=costs, accepts_budget=True)
   if budget is not None and selection != "auto":
     raise ValueError(
-        f"selection={selection!r} applies to `num_nonzero` / `compression`; "
-        "a `budget` is always selected by the exact weighted threshold "
-        "search of optax_gsm.budget. Leave selection='auto'.")
+      f"selection={selection!r} applies to `num_nonzero` / `compression`; "
+      "a `budget` is always selected by the exact weighted threshold "
+      "search of optax_gsm.budget. Leave selection='auto'."
+    )
   _checks.check_choice("metric", metric, METRICS, allow_callable=True)
   _checks.check_choice("selection", selection, selection_lib.SELECTIONS)
-  _checks.check_range("unselected_decay", unselected_decay, 0.0, float("inf"),
-                      allow_schedule=True, open_hi=True)
-  _checks.check_range("score_momentum", score_momentum, 0.0, 1.0,
-                      allow_schedule=True, open_hi=True)
+  _checks.check_range(
+    "unselected_decay", unselected_decay, 0.0, float("inf"), allow_schedule=True, open_hi=True
+  )
+  _checks.check_range("score_momentum", score_momentum, 0.0, 1.0, allow_schedule=True, open_hi=True)
   score = _score_fn(metric)
   method = resolve_selection(selection)
 
@@ -341,15 +359,15 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
       # Shaped like params (every leaf, so that
       # optax.tree_utils.tree_map_params maps it like a momentum buffer);
       # only the eligible leaves are ever updated.
-      ema = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                         params)
+      ema = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     state = GlobalTopQState(
-        count=jnp.zeros([], jnp.int32),
-        num_nonzero=jnp.zeros([], jnp.int32),
-        threshold=jnp.zeros([], jnp.float32),
-        score_ema=ema,
-        threshold_drift=jnp.zeros([], jnp.float32),
-        threshold_spread=jnp.zeros([], jnp.float32))
+      count=jnp.zeros([], jnp.int32),
+      num_nonzero=jnp.zeros([], jnp.int32),
+      threshold=jnp.zeros([], jnp.float32),
+      score_ema=ema,
+      threshold_drift=jnp.zeros([], jnp.float32),
+      threshold_spread=jnp.zeros([], jnp.float32),
+    )
     leaves = jax.tree.leaves(params)
     if not leaves:
       # optax.tree_utils.tree_map_params calls init on a placeholder with
@@ -359,8 +377,7 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
     flags = eligibility.resolve_where(where, params)
     n = _num_eligible(leaves, flags)
     if budget is not None:
-      _checks.check_budget(_checks.resolve_schedule(budget, 0),
-                           name="`budget` (at step 0)")
+      _checks.check_budget(_checks.resolve_schedule(budget, 0), name="`budget` (at step 0)")
       budget_lib.eligible_costs(_resolve_costs(costs, params), params, flags)
     else:
       q0 = _target_q(num_nonzero, compression, 0, n, 0)
@@ -376,19 +393,18 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
     """The update, the new state and ``{eligible leaf index: mask}``."""
     if params is None:
       raise ValueError(
-          "global_top_q scores weights by their values, so update() needs "
-          "params: call tx.update(grads, state, params).")
+        "global_top_q scores weights by their values, so update() needs "
+        "params: call tx.update(grads, state, params)."
+      )
     param_leaves, treedef = jax.tree.flatten(params)
     try:
       grad_leaves = treedef.flatten_up_to(updates)
     except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"updates and params must have the same structure: {e}") from None
+      raise ValueError(f"updates and params must have the same structure: {e}") from None
     flags = eligibility.resolve_where(where, params)
     n = _num_eligible(param_leaves, flags)
     if budget is None:
-      q = _target_q(num_nonzero, compression, state.count, n,
-                    state.num_nonzero)
+      q = _target_q(num_nonzero, compression, state.count, n, state.num_nonzero)
 
     eligible = [i for i, f in enumerate(flags) if f]
     scores = []
@@ -396,14 +412,14 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
       s = score(grad_leaves[i], param_leaves[i])
       if jnp.shape(s) != param_leaves[i].shape:
         raise ValueError(
-            f"metric must return one score per weight: for a leaf of shape "
-            f"{param_leaves[i].shape} it returned shape {jnp.shape(s)}.")
+          f"metric must return one score per weight: for a leaf of shape "
+          f"{param_leaves[i].shape} it returned shape {jnp.shape(s)}."
+        )
       scores.append(jnp.asarray(s, jnp.float32))
 
     new_ema = state.score_ema
     if score_momentum is not None:
-      m = jnp.asarray(
-          _checks.resolve_schedule(score_momentum, state.count), jnp.float32)
+      m = jnp.asarray(_checks.resolve_schedule(score_momentum, state.count), jnp.float32)
       ema_leaves = treedef.flatten_up_to(state.score_ema)
       for j, i in enumerate(eligible):
         e, s = ema_leaves[i], scores[j]
@@ -414,23 +430,23 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
       new_ema = jax.tree.unflatten(treedef, ema_leaves)
 
     if budget is not None:
-      cost_leaves = budget_lib.eligible_costs(
-          _resolve_costs(costs, params), params, flags)
+      cost_leaves = budget_lib.eligible_costs(_resolve_costs(costs, params), params, flags)
       keys = [budget_lib.ratio_keys(s, c) for s, c in zip(scores, cost_leaves)]
       masks, first_out, low, selected = budget_lib.top_keys_with_stats(
-          keys, cost_leaves, _checks.resolve_schedule(budget, state.count))
-      out = _apply_masks(grad_leaves, param_leaves, eligible, masks,
-                         unselected_decay, state.count)
+        keys, cost_leaves, _checks.resolve_schedule(budget, state.count)
+      )
+      out = _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay, state.count)
       # The smallest selected ratio, as the count target's Q-th largest
       # score; the largest ratio (the first one left out) if none fit.
       kth = jnp.where(selected > 0, low, first_out)
       new_state = GlobalTopQState(
-          count=_checks.increment(state.count),
-          num_nonzero=jnp.asarray(selected, jnp.int32),
-          threshold=selection_lib.keys_to_scores(kth),
-          score_ema=new_ema,
-          threshold_drift=state.threshold_drift,
-          threshold_spread=state.threshold_spread)
+        count=_checks.increment(state.count),
+        num_nonzero=jnp.asarray(selected, jnp.int32),
+        threshold=selection_lib.keys_to_scores(kth),
+        score_ema=new_ema,
+        threshold_drift=state.threshold_drift,
+        threshold_spread=state.threshold_spread,
+      )
       return jax.tree.unflatten(treedef, out), new_state, dict(zip(eligible, masks))
 
     keys = [selection_lib.scores_to_keys(s) for s in scores]
@@ -439,43 +455,43 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
       # Static Q >= N keeps everything: exactly momentum SGD.
       masks = [jnp.ones(k.shape, bool) for k in keys]
       # `initial`: a zero-size leaf has no minimum.
-      kth = jnp.min(jnp.stack([jnp.min(k, initial=jnp.iinfo(jnp.int32).max)
-                               for k in keys]))
+      kth = jnp.min(jnp.stack([jnp.min(k, initial=jnp.iinfo(jnp.int32).max) for k in keys]))
     elif method == "search":
       # Warm start from the last threshold; the keys are recomputed inside
       # every counting pass from (g, w) rather than stored.
       if score_momentum is None:
-        operands = ([grad_leaves[i] for i in eligible],
-                    [param_leaves[i] for i in eligible])
+        operands = ([grad_leaves[i] for i in eligible], [param_leaves[i] for i in eligible])
+
         def key_fn(ops, j):
-          return selection_lib.scores_to_keys(
-              jnp.asarray(score(ops[0][j], ops[1][j]), jnp.float32))
+          return selection_lib.scores_to_keys(jnp.asarray(score(ops[0][j], ops[1][j]), jnp.float32))
       else:
         operands = list(scores)
+
         def key_fn(ops, j):
           return selection_lib.scores_to_keys(ops[j])
+
       warm = fast_select.warm_start(
-          last_key, state.threshold_drift, state.threshold_spread,
-          state.count > 0)
+        last_key, state.threshold_drift, state.threshold_spread, state.count > 0
+      )
       masks, kth = fast_select.select(
-          key_fn, operands, [k.shape for k in keys], q, hint=warm.hint,
-          sigma=warm.sigma)
+        key_fn, operands, [k.shape for k in keys], q, hint=warm.hint, sigma=warm.sigma
+      )
     else:
       masks, kth = selection_lib.top_q_keys(keys, q, method=method)
 
-    out = _apply_masks(grad_leaves, param_leaves, eligible, masks,
-                       unselected_decay, state.count)
+    out = _apply_masks(grad_leaves, param_leaves, eligible, masks, unselected_decay, state.count)
 
     drift, spread = fast_select.update_drift(
-        last_key, kth, state.threshold_drift, state.threshold_spread,
-        state.count > 0)
+      last_key, kth, state.threshold_drift, state.threshold_spread, state.count > 0
+    )
     new_state = GlobalTopQState(
-        count=_checks.increment(state.count),
-        num_nonzero=jnp.clip(jnp.asarray(q, jnp.int32), 0, n),
-        threshold=selection_lib.keys_to_scores(kth),
-        score_ema=new_ema,
-        threshold_drift=drift,
-        threshold_spread=spread)
+      count=_checks.increment(state.count),
+      num_nonzero=jnp.clip(jnp.asarray(q, jnp.int32), 0, n),
+      threshold=selection_lib.keys_to_scores(kth),
+      score_ema=new_ema,
+      threshold_drift=drift,
+      threshold_spread=spread,
+    )
     return jax.tree.unflatten(treedef, out), new_state, dict(zip(eligible, masks))
 
   def check_fn(state, params):
@@ -488,21 +504,21 @@ def _top_q_parts(num_nonzero, *, compression, where, metric, selection,
 
 
 def gsm(
-    learning_rate: ScalarOrSchedule,
-    *,
-    num_nonzero: Optional[Union[int, Schedule]] = None,
-    compression: Optional[ScalarOrSchedule] = None,
-    momentum: float = 0.98,
-    weight_decay: float = 1e-4,
-    nesterov: bool = False,
-    where: eligibility.Where = None,
-    selection: str = "auto",
-    metric: Metric = "taylor",
-    unselected_decay: Optional[ScalarOrSchedule] = None,
-    score_momentum: Optional[ScalarOrSchedule] = None,
-    budget: Optional[ScalarOrSchedule] = None,
-    costs: Optional[Costs] = None,
-    unselected_shrink: Optional[ScalarOrSchedule] = DEFAULT_UNSELECTED_SHRINK,
+  learning_rate: ScalarOrSchedule,
+  *,
+  num_nonzero: Optional[Union[int, Schedule]] = None,
+  compression: Optional[ScalarOrSchedule] = None,
+  momentum: float = 0.98,
+  weight_decay: float = 1e-4,
+  nesterov: bool = False,
+  where: eligibility.Where = None,
+  selection: str = "auto",
+  metric: Metric = "taylor",
+  unselected_decay: Optional[ScalarOrSchedule] = None,
+  score_momentum: Optional[ScalarOrSchedule] = None,
+  budget: Optional[ScalarOrSchedule] = None,
+  costs: Optional[Costs] = None,
+  unselected_shrink: Optional[ScalarOrSchedule] = DEFAULT_UNSELECTED_SHRINK,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
 
@@ -646,26 +662,33 @@ def gsm(
     https://arxiv.org/abs/1909.12778
   """
   _checks.check_range("momentum", momentum, 0.0, 1.0)
-  _checks.check_range("weight_decay", weight_decay, 0.0, float("inf"),
-                      allow_schedule=True)
+  _checks.check_range("weight_decay", weight_decay, 0.0, float("inf"), allow_schedule=True)
   if not callable(learning_rate):
     _checks.check_range("learning_rate", learning_rate, 0.0, float("inf"))
 
-  _checks.check_range("unselected_shrink", unselected_shrink, 0.0, 1.0,
-                      allow_schedule=True, open_hi=True)
+  _checks.check_range(
+    "unselected_shrink", unselected_shrink, 0.0, 1.0, allow_schedule=True, open_hi=True
+  )
 
   def decay_mask(params):
     return eligibility.where_tree(where, params)
 
   rest = optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate))
-  top_q_args = dict(compression=compression, where=where, metric=metric,
-                    selection=selection, unselected_decay=unselected_decay,
-                    score_momentum=score_momentum, budget=budget, costs=costs)
-  top_q_init, top_q_select, top_q_check = _top_q_parts(num_nonzero,
-                                                       **top_q_args)
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+  top_q_args = dict(
+    compression=compression,
+    where=where,
+    metric=metric,
+    selection=selection,
+    unselected_decay=unselected_decay,
+    score_momentum=score_momentum,
+    budget=budget,
+    costs=costs,
+  )
+  top_q_init, top_q_select, top_q_check = _top_q_parts(num_nonzero, **top_q_args)
 
   def init_fn(params):
     # The flat tuple of states of the optax.chain of the four parts, so
@@ -677,7 +700,7 @@ def gsm(
     masked, top_q_state, masks = top_q_select(updates, state[0], params)
     out, rest_state = rest.update(masked, tuple(state[1:]), params)
     new_state = (top_q_state,) + tuple(rest_state)  # pyright: ignore[reportArgumentType]
-    if unselected_shrink is None:   # the paper's rule
+    if unselected_shrink is None:  # the paper's rule
       return out, new_state
     rho = _checks.resolve_schedule(unselected_shrink, state[0].count)
     param_leaves, treedef = jax.tree.flatten(params)
@@ -691,5 +714,5 @@ def gsm(
     return jax.tree.unflatten(treedef, out_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(
-      init_fn, _jit_when_eager(update_fn, lambda state, params: top_q_check(
-          state[0], params)))
+    init_fn, _jit_when_eager(update_fn, lambda state, params: top_q_check(state[0], params))
+  )

@@ -19,31 +19,35 @@ from experiments.training import cross_entropy_loss
 
 
 def saliency_scores(ctx: Context, params: common.Params) -> common.Params:
-    """``sum_b |g_b * w|`` over the calibration batches."""
-    apply = ctx.apply
+  """``sum_b |g_b * w|`` over the calibration batches."""
+  apply = ctx.apply
 
-    @jax.jit
-    def add(scores, params, images, labels):
-        grads = jax.grad(lambda p: cross_entropy_loss(apply(p, images), labels).mean())(params)
-        return baselines.accumulate_saliency(scores, grads, params)
+  @jax.jit
+  def add(scores, params, images, labels):
+    grads = jax.grad(lambda p: cross_entropy_loss(apply(p, images), labels).mean())(params)
+    return baselines.accumulate_saliency(scores, grads, params)
 
-    scores = baselines.init_saliency(params)
-    for batch in common.calibration_batches(ctx):
-        scores = add(scores, params, batch.image, batch.label)
-    return scores
+  scores = baselines.init_saliency(params)
+  for batch in common.calibration_batches(ctx):
+    scores = add(scores, params, batch.image, batch.label)
+  return scores
 
 
 def run_saliency(ctx: Context) -> MethodResult:
-    t0 = time.perf_counter()
-    scores = saliency_scores(ctx, ctx.base_params)
-    pruned, masks = baselines.saliency_prune(ctx.base_params, scores, ctx.num_nonzero)
-    acc0 = common.evaluate(ctx, pruned)
-    out = common.retrain_fixed_mask(ctx, pruned, masks, ctx.budget.epochs)
-    return ctx.result("saliency_retrain", out.params, epochs=ctx.budget.epochs,
-                      starts_from="base", wall_seconds=time.perf_counter() - t0,
-                      train_seconds=out.seconds,
-                      extra={"acc_before_retrain": acc0,
-                             "calib_batches": ctx.budget.calib_batches})
+  t0 = time.perf_counter()
+  scores = saliency_scores(ctx, ctx.base_params)
+  pruned, masks = baselines.saliency_prune(ctx.base_params, scores, ctx.num_nonzero)
+  acc0 = common.evaluate(ctx, pruned)
+  out = common.retrain_fixed_mask(ctx, pruned, masks, ctx.budget.epochs)
+  return ctx.result(
+    "saliency_retrain",
+    out.params,
+    epochs=ctx.budget.epochs,
+    starts_from="base",
+    wall_seconds=time.perf_counter() - t0,
+    train_seconds=out.seconds,
+    extra={"acc_before_retrain": acc0, "calib_batches": ctx.budget.calib_batches},
+  )
 
 
 METHODS = {"saliency_retrain": run_saliency}

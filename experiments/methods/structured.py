@@ -83,14 +83,26 @@ def run_autoprune(ctx: Context) -> MethodResult:
   t0 = time.perf_counter()
   steps = ctx.budget.epochs * ctx.steps_per_epoch
   params, info = structured.autoprune_to_count(
-      ctx.apply, ctx.base_params, ctx.train, num_nonzero=ctx.num_nonzero,
-      steps=steps, lr=ctx.budget.lr, momentum=ctx.budget.momentum,
-      log=ctx.log)
+    ctx.apply,
+    ctx.base_params,
+    ctx.train,
+    num_nonzero=ctx.num_nonzero,
+    steps=steps,
+    lr=ctx.budget.lr,
+    momentum=ctx.budget.momentum,
+    log=ctx.log,
+  )
   seconds = time.perf_counter() - t0
   info.pop("history")
-  return ctx.result("autoprune", params, epochs=ctx.budget.epochs,
-                    starts_from="base", wall_seconds=seconds,
-                    train_seconds=seconds, extra=info)
+  return ctx.result(
+    "autoprune",
+    params,
+    epochs=ctx.budget.epochs,
+    starts_from="base",
+    wall_seconds=seconds,
+    train_seconds=seconds,
+    extra=info,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -109,8 +121,7 @@ def kernel_count(model: nnx.Module) -> int:
   return optax_gsm.count_eligible(param_dict(model))
 
 
-def smallest_structure(model: nnx.Module, plan: structured.Plan
-                       ) -> tuple[int, int]:
+def smallest_structure(model: nnx.Module, plan: structured.Plan) -> tuple[int, int]:
   """``(kernels, other parameters)`` with one channel left per site."""
   widths = structured.site_widths(model, plan)
   one = {k: np.arange(c) == 0 for k, c in widths.items()}
@@ -119,8 +130,9 @@ def smallest_structure(model: nnx.Module, plan: structured.Plan
   return kernels, param_counts(tiny)["total"] - kernels
 
 
-def finetune_slim(ctx: Context, slim: nnx.Module, steps: int, first_step: int
-                  ) -> tuple[nnx.Module, float]:
+def finetune_slim(
+  ctx: Context, slim: nnx.Module, steps: int, first_step: int
+) -> tuple[nnx.Module, float]:
   """``steps`` updates of the sliced model: lr ``budget.lr`` cosine to 0.
 
   Training reads the comparison's batches from overall update ``first_step``
@@ -133,8 +145,13 @@ def finetune_slim(ctx: Context, slim: nnx.Module, steps: int, first_step: int
     return structured.GatedModel(slim).to_model(), 0.0
   t0 = time.perf_counter()
   tuned = structured.train_dense(
-      slim, ctx.train, steps=steps, first_step=first_step, log=ctx.log,
-      tx=common.sgd(common.cosine(ctx.budget.lr, steps), ctx.budget))
+    slim,
+    ctx.train,
+    steps=steps,
+    first_step=first_step,
+    log=ctx.log,
+    tx=common.sgd(common.cosine(ctx.budget.lr, steps), ctx.budget),
+  )
   seconds = time.perf_counter() - t0
   ctx.log(f"  [fine-tune slim] {steps} steps, {seconds:.1f} s")
   return tuned, seconds
@@ -153,8 +170,9 @@ def run_greedy(ctx: Context, criterion: str) -> MethodResult:
   min_kernels, min_other = smallest_structure(model, plan)
   if q < min_kernels:
     raise NotApplicable(
-        f"Q={q} is below the {min_kernels} kernel weights of {ctx.model} with "
-        "one channel left per prunable layer")
+      f"Q={q} is below the {min_kernels} kernel weights of {ctx.model} with "
+      "one channel left per prunable layer"
+    )
   b = ctx.budget
   spe = ctx.steps_per_epoch
   n_kernels = kernel_count(model)
@@ -164,25 +182,30 @@ def run_greedy(ctx: Context, criterion: str) -> MethodResult:
   max_removals = sum(widths.values()) - len(widths)
   spr = max(1, int(PRUNE_SHARE * total) // max_removals)
   cfg = structured.GreedyConfig(
-      criterion=criterion, flops_targets=(), param_targets=(target,),
-      steps_per_removal=spr, cost_weight=0.0, lr=b.lr, momentum=b.momentum,
-      weight_decay=b.weight_decay, finetune_steps=0)
-  ctx.log(f"  [{criterion}] Q={q} of {n_kernels} kernels: parameter target "
-          f"{q + min_other} of {dense_params} ({target:.4%}), "
-          f"{spr} updates per removal (at most {max_removals} removals)")
-  out = structured.greedy_prune(model, ctx.train, ctx.test, cfg, seed=0,
-                                log=ctx.log)
+    criterion=criterion,
+    flops_targets=(),
+    param_targets=(target,),
+    steps_per_removal=spr,
+    cost_weight=0.0,
+    lr=b.lr,
+    momentum=b.momentum,
+    weight_decay=b.weight_decay,
+    finetune_steps=0,
+  )
+  ctx.log(
+    f"  [{criterion}] Q={q} of {n_kernels} kernels: parameter target "
+    f"{q + min_other} of {dense_params} ({target:.4%}), "
+    f"{spr} updates per removal (at most {max_removals} removals)"
+  )
+  out = structured.greedy_prune(model, ctx.train, ctx.test, cfg, seed=0, log=ctx.log)
   if not out["levels"]:  # cannot happen: Q >= min_kernels is reachable
     raise RuntimeError(f"{criterion} did not reach {q} kernel weights")
   (level,) = out["levels"]
   prune_steps = level["removals"] * spr
-  ft_steps = max(total - prune_steps,
-                 int(round((1 - PRUNE_SHARE) * total)))
-  slim, ft_seconds = finetune_slim(ctx, out["models"][level["target"]],
-                                   ft_steps, prune_steps)
+  ft_steps = max(total - prune_steps, int(round((1 - PRUNE_SHARE) * total)))
+  slim, ft_seconds = finetune_slim(ctx, out["models"][level["target"]], ft_steps, prune_steps)
   slim_gm = structured.GatedModel(slim)
-  acc = structured.evaluate(slim_gm, slim_gm.params, slim_gm.rest,
-                            ctx.test)["acc"]
+  acc = structured.evaluate(slim_gm, slim_gm.params, slim_gm.rest, ctx.test)["acc"]
   kernels = kernel_count(slim)
   if kernels > q:
     raise RuntimeError(f"{criterion}: {kernels} kernel weights left > Q={q}")
@@ -191,28 +214,47 @@ def run_greedy(ctx: Context, criterion: str) -> MethodResult:
   epochs = (prune_steps + ft_steps) / spe
   wall = time.perf_counter() - t0
   res = MethodResult(
-      method=criterion, model=ctx.model, dataset=ctx.dataset,
-      compression=ctx.compression, num_nonzero=q, nonzeros=nonzeros,
-      num_eligible=ctx.num_eligible, test_acc=acc, epochs=round(epochs, 3),
-      starts_from="base", wall_seconds=wall,
-      train_seconds=out["prune_seconds"] + ft_seconds,
-      extra={
-          "slim_kernels": kernels, "widths": level["widths"],
-          "dense_widths": widths, "macs_before": out["dense_macs"],
-          "macs_after": measured["macs"], "params_after": measured["params"],
-          "acc_before_finetune": level["slim_acc"],
-          "max_abs_output_diff": level["max_abs_output_diff"],
-          "removals": level["removals"], "steps_per_removal": spr,
-          "prune_updates": prune_steps, "finetune_updates": ft_steps,
-          "prune_epochs": prune_steps / spe, "finetune_epochs": ft_steps / spe,
-          "param_target": q + min_other, "non_kernel_params_min": min_other,
-          "normalize": out["normalize"], "cost_weight": 0.0,
-          "prune_seconds": out["prune_seconds"],
-          "finetune_seconds": ft_seconds})
-  ctx.log(f"[{criterion}] {ctx.model} {ctx.compression:g}x: test acc "
-          f"{100 * acc:.2f}% kernels {kernels} (target <= {q}) widths "
-          f"{level['widths']} MACs {measured['macs']} of {out['dense_macs']} "
-          f"epochs {epochs:.2f} wall {wall:.1f} s")
+    method=criterion,
+    model=ctx.model,
+    dataset=ctx.dataset,
+    compression=ctx.compression,
+    num_nonzero=q,
+    nonzeros=nonzeros,
+    num_eligible=ctx.num_eligible,
+    test_acc=acc,
+    epochs=round(epochs, 3),
+    starts_from="base",
+    wall_seconds=wall,
+    train_seconds=out["prune_seconds"] + ft_seconds,
+    extra={
+      "slim_kernels": kernels,
+      "widths": level["widths"],
+      "dense_widths": widths,
+      "macs_before": out["dense_macs"],
+      "macs_after": measured["macs"],
+      "params_after": measured["params"],
+      "acc_before_finetune": level["slim_acc"],
+      "max_abs_output_diff": level["max_abs_output_diff"],
+      "removals": level["removals"],
+      "steps_per_removal": spr,
+      "prune_updates": prune_steps,
+      "finetune_updates": ft_steps,
+      "prune_epochs": prune_steps / spe,
+      "finetune_epochs": ft_steps / spe,
+      "param_target": q + min_other,
+      "non_kernel_params_min": min_other,
+      "normalize": out["normalize"],
+      "cost_weight": 0.0,
+      "prune_seconds": out["prune_seconds"],
+      "finetune_seconds": ft_seconds,
+    },
+  )
+  ctx.log(
+    f"[{criterion}] {ctx.model} {ctx.compression:g}x: test acc "
+    f"{100 * acc:.2f}% kernels {kernels} (target <= {q}) widths "
+    f"{level['widths']} MACs {measured['macs']} of {out['dense_macs']} "
+    f"epochs {epochs:.2f} wall {wall:.1f} s"
+  )
   return res
 
 
@@ -231,5 +273,9 @@ def run_fisher(ctx: Context) -> MethodResult:
   return run_greedy(ctx, "fisher")
 
 
-METHODS = {"autoprune": run_autoprune, "taylor": run_taylor,
-           "taylor_gate": run_taylor_gate, "fisher": run_fisher}
+METHODS = {
+  "autoprune": run_autoprune,
+  "taylor": run_taylor,
+  "taylor_gate": run_taylor_gate,
+  "fisher": run_fisher,
+}

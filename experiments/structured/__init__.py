@@ -68,35 +68,105 @@ Example:
 
 from experiments.structured.baseline import gsm_baseline
 from experiments.structured.checkpoints import load_params, save_params, write_result
-from experiments.structured.cli import (REPO_ROOT, RESULTS_DIR, WORK_DIR_ENV, build_parser,
-                                        main, output_path, run)
+from experiments.structured.cli import (
+  REPO_ROOT,
+  RESULTS_DIR,
+  WORK_DIR_ENV,
+  build_parser,
+  main,
+  output_path,
+  run,
+)
 from experiments.structured.counting import StructureCounter, count_structure
-from experiments.structured.gating import (GatedModel, GatePoint, PyTree, gate_vectors,
-                                           gates_on, per_example_gate_grads)
+from experiments.structured.gating import (
+  GatedModel,
+  GatePoint,
+  PyTree,
+  gate_vectors,
+  gates_on,
+  per_example_gate_grads,
+)
 from experiments.structured.greedy import CRITERIA, GreedyConfig, greedy_prune
-from experiments.structured.masking import (AutoPruneConfig, autoprune, autoprune_to_count,
-                                            site_masked_params)
+from experiments.structured.masking import (
+  AutoPruneConfig,
+  autoprune,
+  autoprune_to_count,
+  site_masked_params,
+)
 from experiments.structured.plans import ModulePath, Plan, Site, module_at, plan_for, site_widths
 from experiments.structured.surgery import alive_widths, remove_channels
-from experiments.structured.tuning import (batches, evaluate, logits_fn, make_tx,
-                                           max_output_difference, model_accuracy,
-                                           probe_inputs, train_dense)
-from experiments.structured.zoo import (MODEL_NAMES, VGG_SMALL_LAYOUT, build_model, dataset_of,
-                                        load_pipelines)
+from experiments.structured.tuning import (
+  batches,
+  evaluate,
+  logits_fn,
+  make_tx,
+  max_output_difference,
+  model_accuracy,
+  probe_inputs,
+  train_dense,
+)
+from experiments.structured.zoo import (
+  MODEL_NAMES,
+  VGG_SMALL_LAYOUT,
+  build_model,
+  dataset_of,
+  load_pipelines,
+)
 
 from experiments.training import cross_entropy_loss as cross_entropy
 
 # Private names that tests and benchmarks/structured_latency.py reach for.
 from experiments.structured.masking import _site_leaves as _site_leaves
+
 _gate_vectors = gate_vectors
 
 __all__ = [
-    "AutoPruneConfig", "CRITERIA", "GatePoint", "GatedModel", "GreedyConfig", "MODEL_NAMES",
-    "ModulePath", "Plan", "PyTree", "REPO_ROOT", "RESULTS_DIR", "Site", "StructureCounter", "VGG_SMALL_LAYOUT",
-    "WORK_DIR_ENV", "alive_widths", "autoprune", "autoprune_to_count", "batches", "build_model",
-    "build_parser", "count_structure", "cross_entropy", "dataset_of", "evaluate", "gate_vectors",
-    "gates_on", "greedy_prune", "gsm_baseline", "load_params", "load_pipelines", "logits_fn",
-    "main", "make_tx", "max_output_difference", "model_accuracy", "module_at", "output_path",
-    "per_example_gate_grads", "plan_for", "probe_inputs", "remove_channels", "run",
-    "save_params", "site_masked_params", "site_widths", "train_dense", "write_result",
+  "AutoPruneConfig",
+  "CRITERIA",
+  "GatePoint",
+  "GatedModel",
+  "GreedyConfig",
+  "MODEL_NAMES",
+  "ModulePath",
+  "Plan",
+  "PyTree",
+  "REPO_ROOT",
+  "RESULTS_DIR",
+  "Site",
+  "StructureCounter",
+  "VGG_SMALL_LAYOUT",
+  "WORK_DIR_ENV",
+  "alive_widths",
+  "autoprune",
+  "autoprune_to_count",
+  "batches",
+  "build_model",
+  "build_parser",
+  "count_structure",
+  "cross_entropy",
+  "dataset_of",
+  "evaluate",
+  "gate_vectors",
+  "gates_on",
+  "greedy_prune",
+  "gsm_baseline",
+  "load_params",
+  "load_pipelines",
+  "logits_fn",
+  "main",
+  "make_tx",
+  "max_output_difference",
+  "model_accuracy",
+  "module_at",
+  "output_path",
+  "per_example_gate_grads",
+  "plan_for",
+  "probe_inputs",
+  "remove_channels",
+  "run",
+  "save_params",
+  "site_masked_params",
+  "site_widths",
+  "train_dense",
+  "write_result",
 ]

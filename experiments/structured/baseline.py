@@ -20,11 +20,19 @@ from experiments.structured.tuning import batches, evaluate
 from experiments.training import make_train_step
 
 
-def gsm_baseline(model: nnx.Module, train: Any, test: Any | None, *,
-                 num_nonzero: int, steps: int, lr: float = 0.01,
-                 momentum: float = 0.98, weight_decay: float = 5e-4,
-                 seed: int = 0,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def gsm_baseline(
+  model: nnx.Module,
+  train: Any,
+  test: Any | None,
+  *,
+  num_nonzero: int,
+  steps: int,
+  lr: float = 0.01,
+  momentum: float = 0.98,
+  weight_decay: float = 5e-4,
+  seed: int = 0,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """``optax_gsm.gsm`` for ``steps`` updates, then magnitude pruning to Q.
 
   Args:
@@ -42,8 +50,7 @@ def gsm_baseline(model: nnx.Module, train: Any, test: Any | None, *,
   """
   t0 = time.perf_counter()
   gm = GatedModel(model)
-  tx = optax_gsm.gsm(lr, num_nonzero=num_nonzero, momentum=momentum,
-                     weight_decay=weight_decay)
+  tx = optax_gsm.gsm(lr, num_nonzero=num_nonzero, momentum=momentum, weight_decay=weight_decay)
   step = jax.jit(make_train_step(gm.apply, tx, stateful=True))
   params, rest, opt = gm.params, gm.rest, tx.init(gm.params)
   it = batches(train, seed)
@@ -56,7 +63,15 @@ def gsm_baseline(model: nnx.Module, train: Any, test: Any | None, *,
   acc = evaluate(gm, pruned, rest, test)["acc"] if test else None
   n_elig = optax_gsm.count_eligible(params)
   log(f"[gsm] Q={num_nonzero} ({n_elig / num_nonzero:.1f}x): acc {acc}")
-  return {"method": "gsm", "num_nonzero": num_nonzero, "eligible": n_elig,
-          "compression": n_elig / num_nonzero, "steps": steps, "lr": lr,
-          "momentum": momentum, "weight_decay": weight_decay, "acc": acc,
-          "seconds": time.perf_counter() - t0}
+  return {
+    "method": "gsm",
+    "num_nonzero": num_nonzero,
+    "eligible": n_elig,
+    "compression": n_elig / num_nonzero,
+    "steps": steps,
+    "lr": lr,
+    "momentum": momentum,
+    "weight_decay": weight_decay,
+    "acc": acc,
+    "seconds": time.perf_counter() - t0,
+  }

@@ -28,10 +28,11 @@ from experiments.fileio import atomic_write_text
 def save_params(model: nnx.Module, path: Path) -> None:
   """Writes the ``nnx.Param`` and BatchNorm state to an ``.npz`` file."""
   flat = {}
-  for kind, state in (("param", nnx.state(model, nnx.Param)),
-                      ("stat", nnx.state(model, nnx.BatchStat))):
-    for p, leaf in jax.tree_util.tree_flatten_with_path(
-        nnx.to_pure_dict(state))[0]:
+  for kind, state in (
+    ("param", nnx.state(model, nnx.Param)),
+    ("stat", nnx.state(model, nnx.BatchStat)),
+  ):
+    for p, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
       flat[kind + jax.tree_util.keystr(p)] = np.asarray(leaf)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.npz")
@@ -68,5 +69,4 @@ def _json_default(x: Any) -> Any:
 
 def write_result(result: dict, path: Path) -> None:
   """``result`` as JSON at ``path``, atomically (temporary file + rename)."""
-  atomic_write_text(path, json.dumps(result, indent=1, default=_json_default)
-                    + "\n")
+  atomic_write_text(path, json.dumps(result, indent=1, default=_json_default) + "\n")

@@ -37,9 +37,9 @@ from experiments.structured.plans import ModulePath, Plan, plan_for, site_widths
 @dataclasses.dataclass(frozen=True)
 class _Layer:
   path: ModulePath
-  kind: str            # "conv", "dense", "bn" or "other"
-  uses: int            # kernel-entry uses per example (MACs per entry)
-  ksize: int           # prod(kernel spatial dims)
+  kind: str  # "conv", "dense", "bn" or "other"
+  uses: int  # kernel-entry uses per example (MACs per entry)
+  ksize: int  # prod(kernel spatial dims)
   cin: int
   cout: int
   has_bias: bool
@@ -63,15 +63,27 @@ def _layers(model: nnx.Module, plan: Plan) -> list[_Layer]:
     if isinstance(node, (nnx.Conv, nnx.Linear)):
       k = node.kernel[...].shape
       isite, mult = in_site.get(path, (None, 1))
-      layers.append(_Layer(path, "conv" if isinstance(node, nnx.Conv)
-                           else "dense", uses[path],
-                           int(np.prod(k[:-2], dtype=np.int64)), k[-2], k[-1],
-                           node.bias is not None, isite, mult,
-                           out_site.get(path)))
+      layers.append(
+        _Layer(
+          path,
+          "conv" if isinstance(node, nnx.Conv) else "dense",
+          uses[path],
+          int(np.prod(k[:-2], dtype=np.int64)),
+          k[-2],
+          k[-1],
+          node.bias is not None,
+          isite,
+          mult,
+          out_site.get(path),
+        )
+      )
     elif isinstance(node, nnx.BatchNorm):
       n_par = int(node.scale is not None) + int(node.bias is not None)
-      layers.append(_Layer(path, "bn", 0, 0, 0, int(node.num_features), False,
-                           None, 1, out_site.get(path), n_par))
+      layers.append(
+        _Layer(
+          path, "bn", 0, 0, 0, int(node.num_features), False, None, 1, out_site.get(path), n_par
+        )
+      )
   return layers
 
 
@@ -107,8 +119,7 @@ class StructureCounter:
       if l.kind == "bn":
         params += l.other_params * cout
         continue
-      cin = (self._alive_n(alive, l.in_site, 0) * l.in_mult
-             if l.in_site is not None else l.cin)
+      cin = self._alive_n(alive, l.in_site, 0) * l.in_mult if l.in_site is not None else l.cin
       macs += l.uses * l.ksize * cin * cout
       params += l.ksize * cin * cout + (cout if l.has_bias else 0)
     return macs, params
@@ -124,8 +135,7 @@ class StructureCounter:
     for l in self.layers:
       if l.kind == "bn":
         continue
-      cin = (self._alive_n(alive, l.in_site, 0) * l.in_mult
-             if l.in_site is not None else l.cin)
+      cin = self._alive_n(alive, l.in_site, 0) * l.in_mult if l.in_site is not None else l.cin
       cout = self._alive_n(alive, l.out_site, l.cout)
       if l.out_site is not None:
         saved[l.out_site] += l.uses * l.ksize * cin
@@ -134,13 +144,14 @@ class StructureCounter:
     return saved
 
 
-def count_structure(model: nnx.Module,
-                    input_shape: Sequence[int] | None = None) -> dict:
+def count_structure(model: nnx.Module, input_shape: Sequence[int] | None = None) -> dict:
   """MACs and parameters of a (possibly sliced) model, measured on it.
 
   Uses :func:`experiments.flops.dense_macs` and
   :func:`experiments.models.param_counts`.
   """
   plan_shape = plan_for(model, input_shape).input_shape
-  return {"macs": int(flops_lib.dense_macs(model, (1,) + plan_shape)),
-          "params": int(param_counts(model)["total"])}
+  return {
+    "macs": int(flops_lib.dense_macs(model, (1,) + plan_shape)),
+    "params": int(param_counts(model)["total"]),
+  }

@@ -56,8 +56,7 @@ class GatePoint(nnx.Module):
     record: called with the output shape at every call.
   """
 
-  def __init__(self, inner: nnx.Module, gate: Any,
-               record: Callable[[tuple[int, ...]], None]):
+  def __init__(self, inner: nnx.Module, gate: Any, record: Callable[[tuple[int, ...]], None]):
     self.inner = inner
     self.gate = gate
     self.record = record
@@ -80,8 +79,9 @@ def _set_child(parent: Any, key: Any, value: Any) -> None:
 
 
 @contextlib.contextmanager
-def gates_on(model: nnx.Module, plan: Plan,
-             gates: Mapping[str, Any] | None) -> Iterator[dict[str, tuple]]:
+def gates_on(
+  model: nnx.Module, plan: Plan, gates: Mapping[str, Any] | None
+) -> Iterator[dict[str, tuple]]:
   """Multiplies the gated modules' outputs by ``gates`` inside the block.
 
   Each site's module is replaced on ``model`` (this instance only) by a
@@ -177,8 +177,7 @@ class GatedModel:
 
     jax.eval_shape(trace, self.params, self.rest, x)
     # M of Molchanov et al. (2017): positions per map of each site.
-    self.spatial = {k: int(np.prod(v[1:-1], dtype=np.int64))
-                    for k, v in shapes.items()}
+    self.spatial = {k: int(np.prod(v[1:-1], dtype=np.int64)) for k, v in shapes.items()}
 
   def _merge(self, params: PyTree, rest: Any, *, train: bool) -> nnx.Module:
     state = jax.tree.map(lambda x: x, self._template)
@@ -189,28 +188,39 @@ class GatedModel:
     rest = jax.tree.map(lambda x: x, rest)
     return nnx.merge(self._train_def if train else self._eval_def, state, rest)
 
-  def apply(self, params: PyTree, rest: Any, x: jax.Array,
-            gates: Mapping[str, Any] | None = None, *,
-            train: bool = True) -> tuple[jax.Array, Any]:
+  def apply(
+    self,
+    params: PyTree,
+    rest: Any,
+    x: jax.Array,
+    gates: Mapping[str, Any] | None = None,
+    *,
+    train: bool = True,
+  ) -> tuple[jax.Array, Any]:
     """``(logits, new rest)`` of the gated model (pure, jit-able)."""
     m = self._merge(params, rest, train=train)
     with gates_on(m, self.plan, gates):
       logits = m(x)
     return logits, nnx.split(m, nnx.Param, ...)[2]
 
-  def to_model(self, params: PyTree | None = None,
-               rest: Any = None) -> nnx.Module:
+  def to_model(self, params: PyTree | None = None, rest: Any = None) -> nnx.Module:
     """A new NNX model holding ``params`` and ``rest`` (train mode)."""
     params = self.params if params is None else params
     rest = self.rest if rest is None else rest
     return self._merge(params, rest, train=True)
 
 
-def per_example_gate_grads(gm: GatedModel, params: PyTree, rest: Any,
-                           x: jax.Array, y: jax.Array,
-                           gate_values: Mapping[str, jax.Array] | None = None,
-                           *, method: str = "batched",
-                           train: bool = False) -> dict:
+def per_example_gate_grads(
+  gm: GatedModel,
+  params: PyTree,
+  rest: Any,
+  x: jax.Array,
+  y: jax.Array,
+  gate_values: Mapping[str, jax.Array] | None = None,
+  *,
+  method: str = "batched",
+  train: bool = False,
+) -> dict:
   r""":math:`\partial L_n / \partial \gamma_{nk}` for each example and map.
 
   Args:
@@ -228,8 +238,7 @@ def per_example_gate_grads(gm: GatedModel, params: PyTree, rest: Any,
   """
   if method not in ("batched", "vmap"):
     raise ValueError(f"`method` must be 'batched' or 'vmap', got {method!r}.")
-  vals = gate_values or {k: jnp.ones((c,), jnp.float32)
-                         for k, c in gm.widths.items()}
+  vals = gate_values or {k: jnp.ones((c,), jnp.float32) for k, c in gm.widths.items()}
   n = x.shape[0]
   if method == "batched":
     gates = {k: jnp.broadcast_to(v, (n,) + v.shape) for k, v in vals.items()}
@@ -237,14 +246,19 @@ def per_example_gate_grads(gm: GatedModel, params: PyTree, rest: Any,
     def total(gates):
       logits, _ = gm.apply(params, rest, x, gates, train=train)
       return jnp.sum(cross_entropy_loss(logits, y))
+
     return jax.grad(total)(gates)
   if train and gm.has_batch_stats:
-    raise ValueError("method='vmap' needs BatchNorm in eval mode (train=False):"
-                     " a batch of one has no batch statistics.")
+    raise ValueError(
+      "method='vmap' needs BatchNorm in eval mode (train=False):"
+      " a batch of one has no batch statistics."
+    )
 
   def single(xi, yi):
     def loss(gates):
       logits, _ = gm.apply(params, rest, xi[None], gates, train=False)
       return cross_entropy_loss(logits, yi[None])[0]
+
     return jax.grad(loss)(dict(vals))
+
   return jax.vmap(single)(x, y)

@@ -35,9 +35,13 @@ from experiments.structured.counting import StructureCounter, count_structure
 from experiments.structured.gating import GatedModel, gate_vectors
 from experiments.structured.plans import plan_for
 from experiments.structured.surgery import alive_widths, remove_channels
-from experiments.structured.tuning import (batches, evaluate, make_tx,
-                                           max_output_difference,
-                                           probe_inputs)
+from experiments.structured.tuning import (
+  batches,
+  evaluate,
+  make_tx,
+  max_output_difference,
+  probe_inputs,
+)
 from experiments.training import make_train_step
 
 CRITERIA = ("taylor", "taylor_gate", "fisher")
@@ -64,6 +68,7 @@ class GreedyConfig:
     finetune_lr: their learning rate (default ``lr``).
     max_removals: a safety stop.
   """
+
   criterion: str = "taylor"
   flops_targets: tuple[float, ...] = (0.5, 0.25, 0.1)
   param_targets: tuple[float, ...] = ()
@@ -79,8 +84,7 @@ class GreedyConfig:
 
   def __post_init__(self) -> None:
     if self.criterion not in CRITERIA:
-      raise ValueError(f"`criterion` must be one of {CRITERIA}, got "
-                       f"{self.criterion!r}.")
+      raise ValueError(f"`criterion` must be one of {CRITERIA}, got {self.criterion!r}.")
     for name in ("flops_targets", "param_targets"):
       for t in getattr(self, name):
         if not 0 < t <= 1:
@@ -88,12 +92,16 @@ class GreedyConfig:
     if not self.flops_targets and not self.param_targets:
       raise ValueError("give at least one of `flops_targets`, `param_targets`.")
     if self.steps_per_removal < 1:
-      raise ValueError(f"`steps_per_removal` must be >= 1, got "
-                       f"{self.steps_per_removal!r}.")
+      raise ValueError(f"`steps_per_removal` must be >= 1, got {self.steps_per_removal!r}.")
 
 
-def _scores(criterion: str, stats: st.GateStats, spatial: Mapping[str, int],
-            normalize: bool, alive: Mapping[str, Any]) -> dict:
+def _scores(
+  criterion: str,
+  stats: st.GateStats,
+  spatial: Mapping[str, int],
+  normalize: bool,
+  alive: Mapping[str, Any],
+) -> dict:
   if criterion == "taylor":
     s = st.taylor_first_order(stats, spatial)
   elif criterion == "taylor_gate":
@@ -103,21 +111,21 @@ def _scores(criterion: str, stats: st.GateStats, spatial: Mapping[str, int],
   return st.l2_normalize(s, alive) if normalize else s
 
 
-def _make_finetune_step(gm: GatedModel, tx: optax.GradientTransformation,
-                        collect: bool) -> Callable:
+def _make_finetune_step(
+  gm: GatedModel, tx: optax.GradientTransformation, collect: bool
+) -> Callable:
   """One update with per-example gates; their gradients feed the criterion."""
   update = make_train_step(gm.apply, tx, stateful=True)
 
   def step(params, rest, opt, stats, gate_vec, x, y):
     n = x.shape[0]
-    gates = {k: jnp.broadcast_to(v, (n,) + v.shape) for k, v in
-             gate_vec.items()}
+    gates = {k: jnp.broadcast_to(v, (n,) + v.shape) for k, v in gate_vec.items()}
     params, rest, opt, loss, (gg,) = update(params, rest, opt, x, y, gates)
     if collect:
       # The gradient of the mean loss is 1/N of the per-example one.
-      stats = st.accumulate_gate_stats(
-          stats, {k: v * n for k, v in gg.items()}, gate_vec)
+      stats = st.accumulate_gate_stats(stats, {k: v * n for k, v in gg.items()}, gate_vec)
     return params, rest, opt, stats, loss
+
   return jax.jit(step)
 
 
@@ -130,14 +138,19 @@ def _finetune(step, tx, gm, params, rest, alive, train_it, *, steps, lr):
   gate_vec = gate_vectors(alive)
   for _ in range(steps):
     b = next(train_it)
-    params, rest, opt, stats, _ = step(params, rest, opt, stats, gate_vec,
-                                       b.image, b.label)
+    params, rest, opt, stats, _ = step(params, rest, opt, stats, gate_vec, b.image, b.label)
   return params, rest
 
 
-def greedy_prune(model: nnx.Module, train: Any, test: Any | None,
-                 config: GreedyConfig, *, seed: int = 0,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def greedy_prune(
+  model: nnx.Module,
+  train: Any,
+  test: Any | None,
+  config: GreedyConfig,
+  *,
+  seed: int = 0,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Removes feature maps one at a time by a gate-gradient criterion.
 
   Loop: ``steps_per_removal`` fine-tuning updates, accumulating the
@@ -172,12 +185,10 @@ def greedy_prune(model: nnx.Module, train: Any, test: Any | None,
   plan = plan_for(model)
   gm = GatedModel(model, plan)
   counter = StructureCounter(model, plan)
-  normalize = (config.criterion == "taylor" if config.normalize is None
-               else config.normalize)
-  tx = optax.inject_hyperparams(
-      make_tx, static_args=("momentum", "weight_decay"))(
-          learning_rate=config.lr, momentum=config.momentum,
-          weight_decay=config.weight_decay)
+  normalize = config.criterion == "taylor" if config.normalize is None else config.normalize
+  tx = optax.inject_hyperparams(make_tx, static_args=("momentum", "weight_decay"))(
+    learning_rate=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+  )
   step = _make_finetune_step(gm, tx, collect=True)
 
   @jax.jit
@@ -190,28 +201,28 @@ def greedy_prune(model: nnx.Module, train: Any, test: Any | None,
   params, rest, opt = gm.params, gm.rest, tx.init(gm.params)
   alive = {k: np.ones(c, bool) for k, c in gm.widths.items()}
   train_it = batches(train, seed)
-  targets = sorted([("flops", t) for t in config.flops_targets]
-                   + [("params", t) for t in config.param_targets],
-                   key=lambda x: -x[1])
+  targets = sorted(
+    [("flops", t) for t in config.flops_targets] + [("params", t) for t in config.param_targets],
+    key=lambda x: -x[1],
+  )
   pending = list(targets)
   snapshots = []
   trajectory = []
   dense_acc = evaluate(gm, params, rest, test)["acc"] if test else None
-  log(f"[{config.criterion}] dense: {counter.dense_macs} MACs, "
-      f"{counter.dense_params} params, acc {dense_acc}")
+  log(
+    f"[{config.criterion}] dense: {counter.dense_macs} MACs, "
+    f"{counter.dense_params} params, acc {dense_acc}"
+  )
   removals = 0
   while pending and removals < config.max_removals:
     stats = st.init_gate_stats(gm.widths)
     gate_vec = gate_vectors(alive)
     for _ in range(config.steps_per_removal):
       b = next(train_it)
-      params, rest, opt, stats, loss = step(params, rest, opt, stats,
-                                            gate_vec, b.image, b.label)
+      params, rest, opt, stats, loss = step(params, rest, opt, stats, gate_vec, b.image, b.label)
     # FLOPs saved by removing one more map of each layer, as a fraction.
-    costs = {k: np.float32(v / counter.dense_macs)
-             for k, v in counter.removal_macs(alive).items()}
-    scores = score_fn(stats, {k: jax.device_put(v) for k, v in alive.items()},
-                      costs)
+    costs = {k: np.float32(v / counter.dense_macs) for k, v in counter.removal_macs(alive).items()}
+    scores = score_fn(stats, {k: jax.device_put(v) for k, v in alive.items()}, costs)
     try:
       name, idx = st.lowest_ranked(jax.device_get(scores), alive)
     except ValueError:
@@ -223,53 +234,72 @@ def greedy_prune(model: nnx.Module, train: Any, test: Any | None,
     trajectory.append([name, idx, macs, n_params])
     while pending:
       kind, t = pending[0]
-      frac = (macs / counter.dense_macs if kind == "flops"
-              else n_params / counter.dense_params)
+      frac = macs / counter.dense_macs if kind == "flops" else n_params / counter.dense_params
       if frac > t:
         break
       pending.pop(0)
-      snapshots.append((kind, t, params, rest, {k: v.copy() for k, v in
-                                                alive.items()}, removals))
-      log(f"  reached {kind} {t:.0%} after {removals} removals "
-          f"(loss {float(loss):.3f}): widths {alive_widths(alive)}")
+      snapshots.append((kind, t, params, rest, {k: v.copy() for k, v in alive.items()}, removals))
+      log(
+        f"  reached {kind} {t:.0%} after {removals} removals "
+        f"(loss {float(loss):.3f}): widths {alive_widths(alive)}"
+      )
   prune_seconds = time.perf_counter() - t0
   levels = []
   models = {}
   for kind, t, p, r, a, n_removed in snapshots:
     t1 = time.perf_counter()
     before = evaluate(gm, p, r, test, a)["acc"] if test else None
-    p, r = _finetune(step, tx, gm, p, r, a, train_it,
-                     steps=config.finetune_steps,
-                     lr=config.finetune_lr or config.lr)
+    p, r = _finetune(
+      step,
+      tx,
+      gm,
+      p,
+      r,
+      a,
+      train_it,
+      steps=config.finetune_steps,
+      lr=config.finetune_lr or config.lr,
+    )
     after = evaluate(gm, p, r, test, a)["acc"] if test else None
     slim = remove_channels(gm.to_model(p, r), a, plan)
     slim_gm = GatedModel(slim, plan_for(slim, plan.input_shape))
     measured = count_structure(slim, plan.input_shape)
     diff = max_output_difference(gm, p, r, a, slim_gm, probe_inputs(test, plan))
-    slim_acc = (evaluate(slim_gm, slim_gm.params, slim_gm.rest, test)["acc"]
-                if test else None)
+    slim_acc = evaluate(slim_gm, slim_gm.params, slim_gm.rest, test)["acc"] if test else None
     macs, n_params = counter.count(a)
     level = {
-        "target": f"{kind} {t:g}", "removals": n_removed,
-        "macs": macs, "params": n_params,
-        "macs_fraction": macs / counter.dense_macs,
-        "params_fraction": n_params / counter.dense_params,
-        "measured_macs": measured["macs"], "measured_params": measured["params"],
-        "widths": alive_widths(a),
-        "acc_before_finetune": before, "acc": after, "slim_acc": slim_acc,
-        "max_abs_output_diff": diff,
-        "finetune_seconds": time.perf_counter() - t1,
+      "target": f"{kind} {t:g}",
+      "removals": n_removed,
+      "macs": macs,
+      "params": n_params,
+      "macs_fraction": macs / counter.dense_macs,
+      "params_fraction": n_params / counter.dense_params,
+      "measured_macs": measured["macs"],
+      "measured_params": measured["params"],
+      "widths": alive_widths(a),
+      "acc_before_finetune": before,
+      "acc": after,
+      "slim_acc": slim_acc,
+      "max_abs_output_diff": diff,
+      "finetune_seconds": time.perf_counter() - t1,
     }
     levels.append(level)
     models[level["target"]] = slim
-    log(f"  {level['target']}: MACs {macs} ({macs / counter.dense_macs:.1%}), "
-        f"params {n_params}, acc {before} -> {after} (slim {slim_acc}), "
-        f"|diff| {diff:.2e}")
+    log(
+      f"  {level['target']}: MACs {macs} ({macs / counter.dense_macs:.1%}), "
+      f"params {n_params}, acc {before} -> {after} (slim {slim_acc}), "
+      f"|diff| {diff:.2e}"
+    )
   return {
-      "method": config.criterion, "config": dataclasses.asdict(config),
-      "normalize": normalize,
-      "dense_macs": counter.dense_macs, "dense_params": counter.dense_params,
-      "dense_acc": dense_acc, "widths": gm.widths,
-      "levels": levels, "trajectory": trajectory,
-      "prune_seconds": prune_seconds, "models": models,
+    "method": config.criterion,
+    "config": dataclasses.asdict(config),
+    "normalize": normalize,
+    "dense_macs": counter.dense_macs,
+    "dense_params": counter.dense_params,
+    "dense_acc": dense_acc,
+    "widths": gm.widths,
+    "levels": levels,
+    "trajectory": trajectory,
+    "prune_seconds": prune_seconds,
+    "models": models,
   }

@@ -44,6 +44,7 @@ class Site:
       input axis of the kernel is sliced, in blocks of ``spatial`` positions
       for a dense layer after a flatten (NHWC flatten: index ``s * C + c``).
   """
+
   name: str
   gate_module: ModulePath
   producers: tuple[ModulePath, ...]
@@ -53,6 +54,7 @@ class Site:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The prunable sites of a model and the shape of one input example."""
+
   sites: tuple[Site, ...]
   input_shape: tuple[int, int, int]
 
@@ -69,8 +71,7 @@ def module_at(model: nnx.Module, path: ModulePath) -> Any:
   return node
 
 
-def plan_for(model: nnx.Module,
-             input_shape: Sequence[int] | None = None) -> Plan:
+def plan_for(model: nnx.Module, input_shape: Sequence[int] | None = None) -> Plan:
   """The structure plan of a supported model.
 
   Supported: :class:`~experiments.models.lenet.LeNet5` (sites ``conv1``,
@@ -90,35 +91,43 @@ def plan_for(model: nnx.Module,
   if isinstance(model, LeNet5):
     spatial = model.fc1.in_features // model.conv2.out_features
     sites = (
-        Site("conv1", ("conv1",), (("conv1",),), ((("conv2",), 1),)),
-        Site("conv2", ("conv2",), (("conv2",),), ((("fc1",), spatial),)),
-        Site("fc1", ("fc1",), (("fc1",),), ((("fc2",), 1),)),
+      Site("conv1", ("conv1",), (("conv1",),), ((("conv2",), 1),)),
+      Site("conv2", ("conv2",), (("conv2",),), ((("fc1",), spatial),)),
+      Site("fc1", ("fc1",), (("fc1",),), ((("fc2",), 1),)),
     )
     default = (28, 28, model.conv1.in_features)
   elif isinstance(model, LeNet300100):
-    sites = (Site("fc1", ("fc1",), (("fc1",),), ((("fc2",), 1),)),
-             Site("fc2", ("fc2",), (("fc2",),), ((("fc3",), 1),)))
+    sites = (
+      Site("fc1", ("fc1",), (("fc1",),), ((("fc2",), 1),)),
+      Site("fc2", ("fc2",), (("fc2",),), ((("fc3",), 1),)),
+    )
     default = (28, 28, 1)
   elif isinstance(model, VGGCifar):
     n = len(model.convs)
     sites = []
     for i in range(n):
       nxt = (("convs", i + 1, "conv"), 1) if i + 1 < n else (("fc",), 1)
-      sites.append(Site(f"convs.{i}", ("convs", i, "bn"),
-                        (("convs", i, "conv"), ("convs", i, "bn")), (nxt,)))
+      sites.append(
+        Site(f"convs.{i}", ("convs", i, "bn"), (("convs", i, "conv"), ("convs", i, "bn")), (nxt,))
+      )
     sites = tuple(sites)
     default = (32, 32, model.convs[0].conv.in_features)
   elif isinstance(model, CifarResNet):
     sites = tuple(
-        Site(f"blocks.{i}", ("blocks", i, "bn1"),
-             (("blocks", i, "conv1"), ("blocks", i, "bn1")),
-             ((("blocks", i, "conv2"), 1),))
-        for i in range(len(model.blocks)))
+      Site(
+        f"blocks.{i}",
+        ("blocks", i, "bn1"),
+        (("blocks", i, "conv1"), ("blocks", i, "bn1")),
+        ((("blocks", i, "conv2"), 1),),
+      )
+      for i in range(len(model.blocks))
+    )
     default = (32, 32, 3)
   else:
     raise TypeError(
-        f"No structure plan for {type(model).__name__}; supported: LeNet5, "
-        "LeNet300100, VGGCifar, CifarResNet.")
+      f"No structure plan for {type(model).__name__}; supported: LeNet5, "
+      "LeNet300100, VGGCifar, CifarResNet."
+    )
   shape = tuple(int(d) for d in (input_shape or default))
   if len(shape) != 3:
     raise ValueError(f"`input_shape` must be (H, W, C), got {input_shape!r}.")
@@ -133,5 +142,4 @@ def _out_features(module: Any) -> int:
 
 def site_widths(model: nnx.Module, plan: Plan) -> dict[str, int]:
   """Channels per site of the (unsliced) model."""
-  return {s.name: _out_features(module_at(model, s.gate_module))
-          for s in plan.sites}
+  return {s.name: _out_features(module_at(model, s.gate_module)) for s in plan.sites}

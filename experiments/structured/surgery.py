@@ -80,8 +80,9 @@ def _slice_in(module: Any, idx: np.ndarray, spatial: int) -> None:
   module.in_features = spatial * len(idx)
 
 
-def remove_channels(model: nnx.Module, alive: Mapping[str, Any],
-                    plan: Plan | None = None) -> nnx.Module:
+def remove_channels(
+  model: nnx.Module, alive: Mapping[str, Any], plan: Plan | None = None
+) -> nnx.Module:
   """A physically smaller copy of ``model`` without the dead channels.
 
   Args:
@@ -100,8 +101,7 @@ def remove_channels(model: nnx.Module, alive: Mapping[str, Any],
   for s in plan.sites:
     a = np.asarray(alive[s.name], bool)
     if a.shape != (widths[s.name],):
-      raise ValueError(f"alive[{s.name!r}] must have shape "
-                       f"({widths[s.name]},), got {a.shape}.")
+      raise ValueError(f"alive[{s.name!r}] must have shape ({widths[s.name]},), got {a.shape}.")
     if not a.any():
       raise ValueError(f"site {s.name!r} would lose every channel.")
     idx = np.flatnonzero(a)
@@ -111,8 +111,7 @@ def remove_channels(model: nnx.Module, alive: Mapping[str, Any],
       _slice_in(module_at(new, p), idx, spatial)
   if isinstance(new, VGGCifar):
     widths_iter = iter(int(np.sum(alive[s.name])) for s in plan.sites)
-    new.layout = tuple(item if item == "M" else next(widths_iter)
-                       for item in new.layout)
+    new.layout = tuple(item if item == "M" else next(widths_iter) for item in new.layout)
   return new
 
 

@@ -35,16 +35,16 @@ from experiments.training import make_base_tx, make_train_step
 PyTree = Any
 
 
-def make_tx(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
-            weight_decay: float = 5e-4) -> optax.GradientTransformation:
+def make_tx(
+  learning_rate: float | optax.Schedule, *, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> optax.GradientTransformation:
   """Momentum SGD with weight decay on the kernels only.
 
   :func:`experiments.training.make_base_tx` with this module's defaults; the
   argument is called ``learning_rate`` so that ``optax.inject_hyperparams``
   can change it between the greedy methods' pruning and fine-tuning.
   """
-  return make_base_tx(learning_rate, momentum=momentum,
-                      weight_decay=weight_decay)
+  return make_base_tx(learning_rate, momentum=momentum, weight_decay=weight_decay)
 
 
 def batches(pipeline: Any, start_epoch: int = 0, skip: int = 0) -> Iterator[Any]:
@@ -75,14 +75,14 @@ def logits_fn(gm: GatedModel) -> Callable:
   """
   fn = getattr(gm, "_logits_fn", None)
   if fn is None:
-    fn = jax.jit(lambda params, rest, gates, x: gm.apply(
-        params, rest, x, gates, train=False)[0])
+    fn = jax.jit(lambda params, rest, gates, x: gm.apply(params, rest, x, gates, train=False)[0])
     gm._logits_fn = fn  # pylint: disable=protected-access
   return fn
 
 
-def evaluate(gm: GatedModel, params: PyTree, rest: Any, pipeline: Any,
-             alive: Mapping[str, Any] | None = None) -> dict[str, float]:
+def evaluate(
+  gm: GatedModel, params: PyTree, rest: Any, pipeline: Any, alive: Mapping[str, Any] | None = None
+) -> dict[str, float]:
   """Loss and accuracy of the gated model (BatchNorm in eval mode).
 
   Unlike :func:`experiments.training.evaluate` (an NNX module), this takes the
@@ -106,9 +106,14 @@ def evaluate(gm: GatedModel, params: PyTree, rest: Any, pipeline: Any,
   return {"loss": loss / count, "acc": correct / count}
 
 
-def max_output_difference(gm: GatedModel, params: PyTree, rest: Any,
-                          alive: Mapping[str, Any], slim: GatedModel,
-                          x: jax.Array) -> float:
+def max_output_difference(
+  gm: GatedModel,
+  params: PyTree,
+  rest: Any,
+  alive: Mapping[str, Any],
+  slim: GatedModel,
+  x: jax.Array,
+) -> float:
   """max |gated model(x) - slim model(x)| (eval mode)."""
   masked = logits_fn(gm)(params, rest, gate_vectors(alive), x)
   out = logits_fn(slim)(slim.params, slim.rest, None, x)
@@ -123,12 +128,18 @@ def probe_inputs(test: Any | None, plan: Plan) -> jax.Array:
   return jax.random.normal(jax.random.key(0), (4,) + plan.input_shape)
 
 
-def train_dense(model: nnx.Module, train: Any, *, steps: int,
-                lr: float = 0.01, momentum: float = 0.9,
-                weight_decay: float = 5e-4,
-                tx: optax.GradientTransformation | None = None,
-                first_step: int = 0,
-                log: Callable[[str], None] = print) -> nnx.Module:
+def train_dense(
+  model: nnx.Module,
+  train: Any,
+  *,
+  steps: int,
+  lr: float = 0.01,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  tx: optax.GradientTransformation | None = None,
+  first_step: int = 0,
+  log: Callable[[str], None] = print,
+) -> nnx.Module:
   """Plain momentum-SGD training of ``model`` for ``steps`` updates.
 
   ``tx``, when given, replaces ``make_tx(lr, momentum, weight_decay)``;

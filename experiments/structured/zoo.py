@@ -19,8 +19,7 @@ from experiments.models.resnet import CifarResNet
 
 # The models :func:`build_model` and :func:`~experiments.structured.plans.plan_for`
 # support.
-MODEL_NAMES = ("lenet5", "lenet_300_100", "vgg_small", "vgg_cifar", "resnet56",
-               "resnet8")
+MODEL_NAMES = ("lenet5", "lenet_300_100", "vgg_small", "vgg_cifar", "resnet56", "resnet8")
 
 # A small VGG-like CIFAR net (CI-sized; the registry default is 1.1M weights).
 VGG_SMALL_LAYOUT = (16, 16, "M", 32, 32, "M", 64, "M")
@@ -43,15 +42,27 @@ def dataset_of(model_name: str) -> str:
   return "mnist" if model_name.startswith("lenet") else "cifar10"
 
 
-def load_pipelines(dataset: str, *, batch_size: int, seed: int = 0,
-                   data_dir: str | None = None, subset: int | None = None,
-                   builder: Any = None) -> tuple[Any, Any]:
+def load_pipelines(
+  dataset: str,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  data_dir: str | None = None,
+  subset: int | None = None,
+  builder: Any = None,
+) -> tuple[Any, Any]:
   """``(train, test)`` pipelines from :func:`experiments.data.load_splits`.
 
   Evaluation uses batches of 500, or of 100 on a ``subset`` of the training
   set, with a sixth as many test examples (at least 100).
   """
   return data.load_splits(
-      dataset, batch_size=batch_size, eval_batch_size=500 if not subset else 100,
-      seed=seed, data_dir=data_dir, subset=subset,
-      eval_subset=None if not subset else max(100, subset // 6), builder=builder)
+    dataset,
+    batch_size=batch_size,
+    eval_batch_size=500 if not subset else 100,
+    seed=seed,
+    data_dir=data_dir,
+    subset=subset,
+    eval_subset=None if not subset else max(100, subset // 6),
+    builder=builder,
+  )

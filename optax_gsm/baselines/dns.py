@@ -57,14 +57,16 @@ class DNSState(NamedTuple):
       updated), so ``optax.tree_utils.tree_map_params`` maps it like a
       momentum buffer and sharding, jit and orbax see plain arrays.
   """
+
   count: jax.Array
   key: jax.Array
   thresholds: jax.Array
   masks: PyTree
 
 
-def dns_thresholds(params: PyTree, c_rate: Union[float, Sequence[float]], *,
-                   where: eligibility.Where = None) -> list[jax.Array]:
+def dns_thresholds(
+  params: PyTree, c_rate: Union[float, Sequence[float]], *, where: eligibility.Where = None
+) -> list[jax.Array]:
   r"""Per-leaf thresholds :math:`t_\ell = \max(\mu_\ell + c_\ell \sigma_\ell, 0)`.
 
   :math:`\mu_\ell` and :math:`\sigma_\ell` are the mean and (population)
@@ -105,17 +107,19 @@ def _rates(c_rate, n: int) -> list[float]:
     rates = [float(c) for c in c_rate]  # pyright: ignore[reportGeneralTypeIssues]
   except (TypeError, ValueError):
     raise TypeError(
-        f"`c_rate` must be a number or a sequence of numbers (one per "
-        f"eligible leaf), got {c_rate!r}.") from None
+      f"`c_rate` must be a number or a sequence of numbers (one per eligible leaf), got {c_rate!r}."
+    ) from None
   if len(rates) != n:
     raise ValueError(
-        f"`c_rate` has {len(rates)} values but there are {n} eligible leaves; "
-        "give one number for all or one per eligible leaf.")
+      f"`c_rate` has {len(rates)} values but there are {n} eligible leaves; "
+      "give one number for all or one per eligible leaf."
+    )
   return rates
 
 
-def dns_update_masks(masks: jax.Array, weights: jax.Array, threshold,
-                     *, low: float = 0.9, high: float = 1.1) -> jax.Array:
+def dns_update_masks(
+  masks: jax.Array, weights: jax.Array, threshold, *, low: float = 0.9, high: float = 1.1
+) -> jax.Array:
   r"""One hysteresis step: prune below ``low * t``, splice back above ``high * t``.
 
   Entries with :math:`0.9\,t \le |w| \le 1.1\,t` keep their state.
@@ -169,23 +173,26 @@ def surgery_forward(params: PyTree, masks: PyTree) -> PyTree:
     [5.0, 5.0]
   """
   from optax_gsm.baselines import masking  # pylint: disable=g-import-not-at-top
+
   leaves, treedef = jax.tree.flatten(params)
   ms = masking.mask_leaves(masks, params)
-  out = [w + jax.lax.stop_gradient(
-      jnp.where(m, w, jnp.zeros([], w.dtype)) - w) for w, m in zip(leaves, ms)]
+  out = [
+    w + jax.lax.stop_gradient(jnp.where(m, w, jnp.zeros([], w.dtype)) - w)
+    for w, m in zip(leaves, ms)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
 def dynamic_network_surgery(
-    c_rate: Union[float, Sequence[float]] = 0.0,
-    *,
-    gamma: float = 1e-4,
-    power: float = 1.0,
-    stop_step: Optional[int] = None,
-    seed: int = 0,
-    low: float = 0.9,
-    high: float = 1.1,
-    where: eligibility.Where = None,
+  c_rate: Union[float, Sequence[float]] = 0.0,
+  *,
+  gamma: float = 1e-4,
+  power: float = 1.0,
+  stop_step: Optional[int] = None,
+  seed: int = 0,
+  low: float = 0.9,
+  high: float = 1.1,
+  where: eligibility.Where = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The DNS mask updates as an optax transformation (updates pass through).
 
@@ -232,16 +239,15 @@ def dynamic_network_surgery(
   rates_check = c_rate
   if isinstance(rates_check, bool):
     raise TypeError(f"`c_rate` must be a number, got {c_rate!r}.")
-  for name, v in (("gamma", gamma), ("power", power), ("low", low),
-                  ("high", high)):
+  for name, v in (("gamma", gamma), ("power", power), ("low", low), ("high", high)):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
       raise TypeError(f"`{name}` must be a number, got {v!r}.")
     if not v >= 0:
       raise ValueError(f"`{name}` must be >= 0, got {v!r}.")
   if low > high:
     raise ValueError(
-        f"`low` ({low}) must be <= `high` ({high}): the hysteresis band is "
-        "[low * t, high * t].")
+      f"`low` ({low}) must be <= `high` ({high}): the hysteresis band is [low * t, high * t]."
+    )
   if stop_step is not None:
     magnitude_lib._check_int("stop_step", stop_step, 0)  # pylint: disable=protected-access
   if isinstance(seed, bool) or not isinstance(seed, int):
@@ -258,18 +264,20 @@ def dynamic_network_surgery(
     else:
       thresholds = jnp.stack(dns_thresholds(params, c_rate, where=where))
     return DNSState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.PRNGKey(seed),
-        thresholds=thresholds,
-        masks=masks)
+      count=jnp.zeros([], jnp.int32),
+      key=jax.random.PRNGKey(seed),
+      thresholds=thresholds,
+      masks=masks,
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(
-          "dynamic_network_surgery updates its masks from the weight "
-          "magnitudes, so update() needs params: call tx.update(grads, state, "
-          "params).")
+        "dynamic_network_surgery updates its masks from the weight "
+        "magnitudes, so update() needs params: call tx.update(grads, state, "
+        "params)."
+      )
     leaves = jax.tree.leaves(params)
     flags = eligibility.resolve_where(where, params)
     mask_leaves, mask_def = jax.tree.flatten(state.masks)
@@ -284,17 +292,19 @@ def dynamic_network_surgery(
     for j, i in enumerate(eligible):
       m = mask_leaves[i]
       mask_leaves[i] = jnp.where(
-          do, dns_update_masks(m, leaves[i], state.thresholds[j], low=low,
-                               high=high), m)
-    return updates, DNSState(count=_checks.increment(k), key=key,
-                             thresholds=state.thresholds,
-                             masks=jax.tree.unflatten(mask_def, mask_leaves))
+        do, dns_update_masks(m, leaves[i], state.thresholds[j], low=low, high=high), m
+      )
+    return updates, DNSState(
+      count=_checks.increment(k),
+      key=key,
+      thresholds=state.thresholds,
+      masks=jax.tree.unflatten(mask_def, mask_leaves),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def dns_masks(opt_state: Any, params: PyTree,
-              where: eligibility.Where = None) -> PyTree:
+def dns_masks(opt_state: Any, params: PyTree, where: eligibility.Where = None) -> PyTree:
   """The current DNS masks :math:`T`, shaped like ``params``.
 
   Args:
@@ -325,4 +335,3 @@ def dns_masks(opt_state: Any, params: PyTree,
   mask_leaves = jax.tree.leaves(st.masks)
   magnitude_lib._check_mask_count("DNSState", mask_leaves, leaves)  # pylint: disable=protected-access
   return jax.tree.unflatten(treedef, mask_leaves)
-

@@ -101,14 +101,16 @@ class HessianAccumulator:
     x = np.asarray(jax.device_get(inputs), np.float64)
     if x.ndim != 2:
       raise ValueError(
-          f"`inputs` must be a 2-D array (n rows of layer inputs), got shape "
-          f"{x.shape}; flatten conv inputs with conv_patches first.")
+        f"`inputs` must be a 2-D array (n rows of layer inputs), got shape "
+        f"{x.shape}; flatten conv inputs with conv_patches first."
+      )
     if with_bias:
       x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
     if self.total is not None and self.total.shape[0] != x.shape[1]:
       raise ValueError(
-          f"`inputs` has {x.shape[1]} columns (bias included) but earlier "
-          f"batches had {self.total.shape[0]}.")
+        f"`inputs` has {x.shape[1]} columns (bias included) but earlier "
+        f"batches had {self.total.shape[0]}."
+      )
     xtx = x.T @ x
     self.total = xtx if self.total is None else self.total + xtx
     self.count += x.shape[0]
@@ -120,10 +122,13 @@ class HessianAccumulator:
     return self.total / self.count
 
 
-def conv_patches(x: Any, kernel_shape: Sequence[int], *,
-                 strides: Sequence[int] = (1, 1),
-                 padding: Union[str, Sequence[tuple[int, int]]] = "VALID"
-                 ) -> jax.Array:
+def conv_patches(
+  x: Any,
+  kernel_shape: Sequence[int],
+  *,
+  strides: Sequence[int] = (1, 1),
+  padding: Union[str, Sequence[tuple[int, int]]] = "VALID",
+) -> jax.Array:
   """Image patches of NHWC ``x`` as rows that multiply ``kernel.reshape(-1, out)``.
 
   For a ``(kh, kw, in, out)`` kernel, ``conv(x, kernel)`` equals
@@ -150,11 +155,16 @@ def conv_patches(x: Any, kernel_shape: Sequence[int], *,
   kh, kw, cin = (int(v) for v in kernel_shape[:3])
   if np.ndim(x) != 4 or np.shape(x)[-1] != cin:
     raise ValueError(
-        f"`x` must be NHWC with {cin} channels for a kernel of shape "
-        f"{tuple(kernel_shape)}, got shape {np.shape(x)}.")
+      f"`x` must be NHWC with {cin} channels for a kernel of shape "
+      f"{tuple(kernel_shape)}, got shape {np.shape(x)}."
+    )
   p = jax.lax.conv_general_dilated_patches(
-      jax.numpy.asarray(x), (kh, kw), tuple(strides), padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    jax.numpy.asarray(x),
+    (kh, kw),
+    tuple(strides),
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   n, h, w, _ = p.shape
   # The patch features come channel-major (in, kh, kw); the kernel flattens
   # as (kh, kw, in).
@@ -191,7 +201,7 @@ def obs_sensitivity(weights: Any, hinv: Any) -> np.ndarray:
   """
   w = np.asarray(weights, np.float64)
   d = np.diag(np.asarray(hinv, np.float64))[: w.shape[0]]
-  return w ** 2 / (2.0 * d[:, None])
+  return w**2 / (2.0 * d[:, None])
 
 
 def obs_correction(column: Any, hinv: Any, q: int) -> np.ndarray:
@@ -229,10 +239,15 @@ def _ranked_prune_set(sens: np.ndarray, num_prune: int) -> np.ndarray:
   return out.reshape(sens.shape)
 
 
-def lobs_prune_layer(kernel: Any, hessian: Any, num_keep: int, *,
-                     bias: Any = None, damping: float = 1e-4,
-                     mode: str = "joint") -> tuple[np.ndarray, np.ndarray,
-                                                   Optional[np.ndarray]]:
+def lobs_prune_layer(
+  kernel: Any,
+  hessian: Any,
+  num_keep: int,
+  *,
+  bias: Any = None,
+  damping: float = 1e-4,
+  mode: str = "joint",
+) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
   r"""Prunes one layer to ``num_keep`` weights with L-OBS.
 
   Args:
@@ -276,13 +291,13 @@ def lobs_prune_layer(kernel: Any, hessian: Any, num_keep: int, *,
   d_h = d + (1 if bias is not None else 0)
   if h.shape != (d_h, d_h):
     raise ValueError(
-        f"`hessian` must be ({d_h}, {d_h}) for a kernel with {d} inputs"
-        f"{' plus the bias' if bias is not None else ''}; got {h.shape}.")
+      f"`hessian` must be ({d_h}, {d_h}) for a kernel with {d} inputs"
+      f"{' plus the bias' if bias is not None else ''}; got {h.shape}."
+    )
   if isinstance(num_keep, bool) or not isinstance(num_keep, (int, np.integer)):
     raise TypeError(f"`num_keep` must be an int, got {num_keep!r}.")
   if not 0 <= num_keep <= w.size:
-    raise ValueError(
-        f"`num_keep` must be in [0, {w.size}] for this kernel, got {num_keep}.")
+    raise ValueError(f"`num_keep` must be in [0, {w.size}] for this kernel, got {num_keep}.")
   hd = _damped(h, damping)
   hinv = np.linalg.inv(hd)
   if bias is not None:
@@ -324,14 +339,14 @@ def lobs_prune_layer(kernel: Any, hessian: Any, num_keep: int, *,
 
 
 def lobs_prune(
-    kernels: Mapping[str, Any],
-    hessians: Mapping[str, Any],
-    num_nonzero: int,
-    *,
-    biases: Optional[Mapping[str, Any]] = None,
-    allocation: Union[str, Mapping[str, int]] = "magnitude",
-    damping: float = 1e-4,
-    mode: str = "joint",
+  kernels: Mapping[str, Any],
+  hessians: Mapping[str, Any],
+  num_nonzero: int,
+  *,
+  biases: Optional[Mapping[str, Any]] = None,
+  allocation: Union[str, Mapping[str, int]] = "magnitude",
+  damping: float = 1e-4,
+  mode: str = "joint",
 ) -> dict[str, dict[str, Any]]:
   r"""L-OBS on several layers, keeping exactly ``num_nonzero`` weights in total.
 
@@ -378,24 +393,24 @@ def lobs_prune(
   names = list(kernels)
   if set(names) != set(hessians):
     raise ValueError(
-        f"`kernels` and `hessians` must have the same names; got "
-        f"{sorted(names)} and {sorted(hessians)}.")
+      f"`kernels` and `hessians` must have the same names; got "
+      f"{sorted(names)} and {sorted(hessians)}."
+    )
   biases = dict(biases or {})
   sizes = {n: int(np.size(kernels[n])) for n in names}
   total = sum(sizes.values())
-  if isinstance(num_nonzero, bool) or not isinstance(num_nonzero,
-                                                     (int, np.integer)):
+  if isinstance(num_nonzero, bool) or not isinstance(num_nonzero, (int, np.integer)):
     raise TypeError(f"`num_nonzero` must be an int, got {num_nonzero!r}.")
   if not 1 <= num_nonzero <= total:
     raise ValueError(
-        f"`num_nonzero` must be in [1, {total}] (the weights of the given "
-        f"layers), got {num_nonzero}.")
+      f"`num_nonzero` must be in [1, {total}] (the weights of the given layers), got {num_nonzero}."
+    )
   if isinstance(allocation, Mapping):
     counts = {n: int(allocation[n]) for n in names}
     if sum(counts.values()) != num_nonzero:
       raise ValueError(
-          f"`allocation` counts sum to {sum(counts.values())}, not "
-          f"num_nonzero={num_nonzero}.")
+        f"`allocation` counts sum to {sum(counts.values())}, not num_nonzero={num_nonzero}."
+      )
   elif allocation in ALLOCATIONS:
     scores = []
     for n in names:
@@ -413,15 +428,16 @@ def lobs_prune(
     keep[np.argsort(-flat, kind="stable")[:num_nonzero]] = True
     counts, start = {}, 0
     for n in names:
-      counts[n] = int(keep[start:start + sizes[n]].sum())
+      counts[n] = int(keep[start : start + sizes[n]].sum())
       start += sizes[n]
   else:
     raise ValueError(
-        f"`allocation` must be one of {ALLOCATIONS} or a dict name -> count, "
-        f"got {allocation!r}.")
+      f"`allocation` must be one of {ALLOCATIONS} or a dict name -> count, got {allocation!r}."
+    )
   out = {}
   for n in names:
-    k, m, b = lobs_prune_layer(kernels[n], hessians[n], counts[n],
-                               bias=biases.get(n), damping=damping, mode=mode)
+    k, m, b = lobs_prune_layer(
+      kernels[n], hessians[n], counts[n], bias=biases.get(n), damping=damping, mode=mode
+    )
     out[n] = {"kernel": k, "mask": m, "bias": b, "num_keep": counts[n]}
   return out

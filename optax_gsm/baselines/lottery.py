@@ -58,8 +58,7 @@ def rewind(init_params: PyTree, masks: PyTree) -> PyTree:
   return masking.apply_masks(init_params, masks)
 
 
-def ticket_schedule(num_eligible: int, num_nonzero: int, rounds: int
-                    ) -> list[int]:
+def ticket_schedule(num_eligible: int, num_nonzero: int, rounds: int) -> list[int]:
   r"""Kept counts :math:`Q_r = \mathrm{round}(N (Q/N)^{r/R})`, :math:`r = 1..R`.
 
   Each round removes the same fraction of the surviving weights,
@@ -81,19 +80,17 @@ def ticket_schedule(num_eligible: int, num_nonzero: int, rounds: int
     J. Frankle, M. Carbin. The Lottery Ticket Hypothesis: Finding Sparse,
     Trainable Neural Networks. ICLR 2019. https://arxiv.org/abs/1803.03635
   """
-  for name, v in (("num_eligible", num_eligible), ("num_nonzero", num_nonzero),
-                  ("rounds", rounds)):
+  for name, v in (("num_eligible", num_eligible), ("num_nonzero", num_nonzero), ("rounds", rounds)):
     if isinstance(v, bool) or not isinstance(v, int):
       raise TypeError(f"`{name}` must be an int, got {v!r}.")
   if rounds < 1:
     raise ValueError(f"`rounds` must be >= 1, got {rounds}.")
   if not 1 <= num_nonzero <= num_eligible:
     raise ValueError(
-        f"`num_nonzero` must be in [1, num_eligible={num_eligible}], got "
-        f"{num_nonzero}.")
+      f"`num_nonzero` must be in [1, num_eligible={num_eligible}], got {num_nonzero}."
+    )
   ratio = num_nonzero / num_eligible
-  out = [int(round(num_eligible * ratio ** (r / rounds)))
-         for r in range(1, rounds)]
+  out = [int(round(num_eligible * ratio ** (r / rounds))) for r in range(1, rounds)]
   out.append(num_nonzero)
   # Rounding can never make a later round keep more than an earlier one.
   for i in range(1, len(out)):
@@ -101,8 +98,9 @@ def ticket_schedule(num_eligible: int, num_nonzero: int, rounds: int
   return out
 
 
-def imp_masks(params: PyTree, masks: PyTree, num_nonzero: int, *,
-              where: eligibility.Where = None) -> PyTree:
+def imp_masks(
+  params: PyTree, masks: PyTree, num_nonzero: int, *, where: eligibility.Where = None
+) -> PyTree:
   """One IMP pruning step: the ``num_nonzero`` largest :math:`|w|` among survivors.
 
   Args:
@@ -136,12 +134,13 @@ def imp_masks(params: PyTree, masks: PyTree, num_nonzero: int, *,
     raise TypeError(f"`num_nonzero` must be an int, got {num_nonzero!r}.")
   if not 1 <= num_nonzero <= alive:
     raise ValueError(
-        f"`num_nonzero` must be in [1, {alive}] (the eligible weights that "
-        f"survive so far), got {num_nonzero}.")
+      f"`num_nonzero` must be in [1, {alive}] (the eligible weights that "
+      f"survive so far), got {num_nonzero}."
+    )
   # Pruned entries score -1, below every magnitude, so they stay pruned.
   sel = masking.top_q_masks(
-      [jnp.where(ms[i], jnp.abs(jnp.asarray(leaves[i], jnp.float32)), -1.0)
-       for i in idx], num_nonzero)
+    [jnp.where(ms[i], jnp.abs(jnp.asarray(leaves[i], jnp.float32)), -1.0) for i in idx], num_nonzero
+  )
   out = [jnp.ones(jnp.shape(l), bool) for l in leaves]
   for i, m in zip(idx, sel):
     out[i] = m & ms[i]

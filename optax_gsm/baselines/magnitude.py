@@ -44,12 +44,12 @@ def _check_sparsity(name: str, value: Any) -> float:
   try:
     v = float(value)
   except (TypeError, ValueError):
-    raise TypeError(f"`{name}` must be a number in [0, 1), got {value!r}."
-                    ) from None
+    raise TypeError(f"`{name}` must be a number in [0, 1), got {value!r}.") from None
   if not 0.0 <= v < 1.0:
     raise ValueError(
-        f"`{name}` must be a sparsity in [0, 1) (the fraction of eligible "
-        f"weights removed; 1 would remove all), got {v!r}.")
+      f"`{name}` must be a sparsity in [0, 1) (the fraction of eligible "
+      f"weights removed; 1 would remove all), got {v!r}."
+    )
   return v
 
 
@@ -61,9 +61,9 @@ def _check_int(name: str, value: Any, lo: int) -> int:
   return value
 
 
-def layerwise_threshold_prune(params: PyTree, quality: float, *,
-                              where: eligibility.Where = None
-                              ) -> tuple[PyTree, PyTree]:
+def layerwise_threshold_prune(
+  params: PyTree, quality: float, *, where: eligibility.Where = None
+) -> tuple[PyTree, PyTree]:
   r"""Han et al.'s per-layer cut: removes :math:`|w| < q \cdot \mathrm{std}(W_\ell)`.
 
   Each eligible leaf :math:`W_\ell` keeps the entries with
@@ -113,11 +113,11 @@ def layerwise_threshold_prune(params: PyTree, quality: float, *,
 
 
 def polynomial_sparsity_schedule(
-    initial_sparsity: float,
-    final_sparsity: float,
-    begin_step: int,
-    end_step: int,
-    power: float = 3.0,
+  initial_sparsity: float,
+  final_sparsity: float,
+  begin_step: int,
+  end_step: int,
+  power: float = 3.0,
 ) -> Schedule:
   r"""TF-MOT's ``PolynomialDecay`` sparsity as an optax-style schedule.
 
@@ -153,13 +153,13 @@ def polynomial_sparsity_schedule(
   s_f = _check_sparsity("final_sparsity", final_sparsity)
   if s_f < s_i:
     raise ValueError(
-        f"`final_sparsity` ({s_f}) must be >= `initial_sparsity` ({s_i}): "
-        "pruning never grows weights back.")
+      f"`final_sparsity` ({s_f}) must be >= `initial_sparsity` ({s_i}): "
+      "pruning never grows weights back."
+    )
   t0 = _check_int("begin_step", begin_step, 0)
   t1 = _check_int("end_step", end_step, 0)
   if t1 <= t0:
-    raise ValueError(
-        f"`end_step` ({t1}) must be > `begin_step` ({t0}).")
+    raise ValueError(f"`end_step` ({t1}) must be > `begin_step` ({t0}).")
   try:
     k = float(power)
   except (TypeError, ValueError):
@@ -184,6 +184,7 @@ class ScheduledPruneState(NamedTuple):
       params-shaped, ``optax.tree_utils.tree_map_params`` maps it like a
       momentum buffer, and sharding, jit and orbax see plain arrays.
   """
+
   count: jax.Array
   masks: PyTree
 
@@ -196,13 +197,13 @@ def _keep_count(n: int, sparsity) -> jax.Array:
 
 
 def scheduled_magnitude_prune(
-    sparsity: Schedule,
-    *,
-    frequency: int,
-    begin_step: int = 0,
-    end_step: Optional[int] = None,
-    scope: str = "global",
-    where: eligibility.Where = None,
+  sparsity: Schedule,
+  *,
+  frequency: int,
+  begin_step: int = 0,
+  end_step: Optional[int] = None,
+  scope: str = "global",
+  where: eligibility.Where = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradual magnitude pruning: re-prunes to ``sparsity(step)`` every ``frequency`` steps.
 
@@ -252,9 +253,10 @@ def scheduled_magnitude_prune(
   """
   if not callable(sparsity):
     raise TypeError(
-        f"`sparsity` must be a schedule step -> sparsity (e.g. "
-        f"polynomial_sparsity_schedule(...) or lambda t: 0.9), got "
-        f"{sparsity!r}.")
+      f"`sparsity` must be a schedule step -> sparsity (e.g. "
+      f"polynomial_sparsity_schedule(...) or lambda t: 0.9), got "
+      f"{sparsity!r}."
+    )
   frequency = _check_int("frequency", frequency, 1)
   begin_step = _check_int("begin_step", begin_step, 0)
   if end_step is not None:
@@ -271,15 +273,17 @@ def scheduled_magnitude_prune(
       eligibility.resolve_where(where, params)
     # Shaped like params, every leaf; the masks start all True.
     return ScheduledPruneState(
-        count=jnp.zeros([], jnp.int32),
-        masks=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params))
+      count=jnp.zeros([], jnp.int32),
+      masks=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(
-          "scheduled_magnitude_prune prunes by weight magnitude, so update() "
-          "needs params: call tx.update(grads, state, params).")
+        "scheduled_magnitude_prune prunes by weight magnitude, so update() "
+        "needs params: call tx.update(grads, state, params)."
+      )
     p_leaves, treedef = jax.tree.flatten(params)
     u_leaves = treedef.flatten_up_to(updates)
     flags = eligibility.resolve_where(where, params)
@@ -295,29 +299,30 @@ def scheduled_magnitude_prune(
       s = sparsity(t)
       # Pruned entries are already zero after this step, so ranking |W + u|
       # with them masked out keeps the mask monotone (it only shrinks).
-      mags = [jnp.where(m, jnp.abs((p_leaves[i] + u_leaves[i]).astype(
-          jnp.float32)), -1.0) for i, m in zip(idx, masks)]
+      mags = [
+        jnp.where(m, jnp.abs((p_leaves[i] + u_leaves[i]).astype(jnp.float32)), -1.0)
+        for i, m in zip(idx, masks)
+      ]
       keys = [selection_lib.scores_to_keys(a) for a in mags]
       if scope == "global":
         n = sum(int(a.size) for a in mags)
-        new, _ = selection_lib.top_q_keys(keys, _keep_count(n, s),
-                                          method="threshold")
+        new, _ = selection_lib.top_q_keys(keys, _keep_count(n, s), method="threshold")
       else:
-        new = [selection_lib.top_q_keys([k], _keep_count(int(k.size), s),
-                                        method="threshold")[0][0]
-               for k in keys]
+        new = [
+          selection_lib.top_q_keys([k], _keep_count(int(k.size), s), method="threshold")[0][0]
+          for k in keys
+        ]
       return tuple(jnp.logical_and(a, b) for a, b in zip(new, masks))
 
-    masks = jax.lax.cond(on, prune, lambda m: tuple(m),
-                         tuple(mask_leaves[i] for i in idx))
+    masks = jax.lax.cond(on, prune, lambda m: tuple(m), tuple(mask_leaves[i] for i in idx))
     out = list(u_leaves)
     for i, m in zip(idx, masks):
       u, w = u_leaves[i], p_leaves[i]
       out[i] = jnp.where(m, u, -w.astype(u.dtype))
       mask_leaves[i] = m
     new_state = ScheduledPruneState(
-        count=_checks.increment(t),
-        masks=jax.tree.unflatten(mask_def, mask_leaves))
+      count=_checks.increment(t), masks=jax.tree.unflatten(mask_def, mask_leaves)
+    )
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -344,18 +349,17 @@ def find_state(opt_state: Any, state_type: type) -> Any:
     >>> int(st.count)
     0
   """
-  found = jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, state_type))
+  found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
   for x in found:
     if isinstance(x, state_type):
       return x
   raise ValueError(
-      f"no {state_type.__name__} inside the optimizer state; was the "
-      "transformation part of the chain?")
+    f"no {state_type.__name__} inside the optimizer state; was the "
+    "transformation part of the chain?"
+  )
 
 
-def scheduled_masks(opt_state: Any, params: PyTree,
-                    where: eligibility.Where = None) -> PyTree:
+def scheduled_masks(opt_state: Any, params: PyTree, where: eligibility.Where = None) -> PyTree:
   """The current masks of :func:`scheduled_magnitude_prune`, shaped like params.
 
   Args:
@@ -388,12 +392,12 @@ def scheduled_masks(opt_state: Any, params: PyTree,
   return jax.tree.unflatten(treedef, mask_leaves)
 
 
-def _check_mask_count(state_name: str, mask_leaves: list,
-                      param_leaves: list) -> None:
+def _check_mask_count(state_name: str, mask_leaves: list, param_leaves: list) -> None:
   if len(mask_leaves) != len(param_leaves):
     raise ValueError(
-        f"the {state_name} holds {len(mask_leaves)} masks but params have "
-        f"{len(param_leaves)} leaves; the state must come from init on "
-        "params of this structure (a state saved before the masks became "
-        "params-shaped holds only the eligible leaves' masks: re-initialise "
-        "it).")
+      f"the {state_name} holds {len(mask_leaves)} masks but params have "
+      f"{len(param_leaves)} leaves; the state must come from init on "
+      "params of this structure (a state saved before the masks became "
+      "params-shaped holds only the eligible leaves' masks: re-initialise "
+      "it)."
+    )

@@ -37,11 +37,11 @@ class MaskedUpdatesState(NamedTuple):
       baked into the compiled step as a constant; being params-shaped,
       ``optax.tree_utils.tree_map_params`` maps it like a momentum buffer.
   """
+
   masks: PyTree
 
 
-def mask_leaves(masks: PyTree, params: PyTree, *, name: str = "masks"
-                ) -> list[jax.Array]:
+def mask_leaves(masks: PyTree, params: PyTree, *, name: str = "masks") -> list[jax.Array]:
   """Matches a mask pytree to ``params`` leaf by leaf.
 
   ``masks`` may have the structure of ``params``, or be any pytree with the
@@ -74,18 +74,18 @@ def mask_leaves(masks: PyTree, params: PyTree, *, name: str = "masks"
     leaves = jax.tree.leaves(masks)
     if len(leaves) != len(param_leaves):
       raise ValueError(
-          f"`{name}` must have one bool array per leaf of params: params have "
-          f"{len(param_leaves)} leaves, `{name}` has {len(leaves)}.") from None
+        f"`{name}` must have one bool array per leaf of params: params have "
+        f"{len(param_leaves)} leaves, `{name}` has {len(leaves)}."
+      ) from None
   out = []
   for i, (m, p) in enumerate(zip(leaves, param_leaves)):
     m = jnp.asarray(m)
     if m.dtype != jnp.bool_:
-      raise TypeError(
-          f"`{name}` must hold bool arrays; leaf {i} has dtype {m.dtype}.")
+      raise TypeError(f"`{name}` must hold bool arrays; leaf {i} has dtype {m.dtype}.")
     if m.shape != jnp.shape(p):
       raise ValueError(
-          f"`{name}` leaf {i} has shape {m.shape}, but the parameter has "
-          f"shape {jnp.shape(p)}.")
+        f"`{name}` leaf {i} has shape {m.shape}, but the parameter has shape {jnp.shape(p)}."
+      )
     out.append(m)
   return out
 
@@ -108,12 +108,14 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """
   leaves, treedef = jax.tree.flatten(params)
   ms = mask_leaves(masks, params)
-  return jax.tree.unflatten(treedef, [
-      jnp.where(m, p, jnp.zeros([], p.dtype)) for p, m in zip(leaves, ms)])
+  return jax.tree.unflatten(
+    treedef, [jnp.where(m, p, jnp.zeros([], p.dtype)) for p, m in zip(leaves, ms)]
+  )
 
 
-def masked_updates(masks: PyTree, *, zero_pruned: bool = True
-                   ) -> optax.GradientTransformationExtraArgs:
+def masked_updates(
+  masks: PyTree, *, zero_pruned: bool = True
+) -> optax.GradientTransformationExtraArgs:
   r"""Keeps pruned weights fixed (at exactly zero) while the rest train.
 
   With ``zero_pruned=True`` (default) the update of a pruned entry is
@@ -161,8 +163,7 @@ def masked_updates(masks: PyTree, *, zero_pruned: bool = True
       # no leaves to find the params-shaped trees; nothing to match there
       # (update() refuses updates without leaves when `masks` has some).
       return MaskedUpdatesState(masks=jax.tree.map(lambda p: p, params))
-    return MaskedUpdatesState(
-        masks=jax.tree.unflatten(treedef, mask_leaves(masks, params)))
+    return MaskedUpdatesState(masks=jax.tree.unflatten(treedef, mask_leaves(masks, params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -170,24 +171,25 @@ def masked_updates(masks: PyTree, *, zero_pruned: bool = True
     state_masks = jax.tree.leaves(state.masks)
     if not leaves and jax.tree.leaves(masks):
       raise ValueError(
-          f"`masks` must have one bool array per leaf of params: the "
-          f"updates have no leaves, `masks` has {len(jax.tree.leaves(masks))}.")
+        f"`masks` must have one bool array per leaf of params: the "
+        f"updates have no leaves, `masks` has {len(jax.tree.leaves(masks))}."
+      )
     if len(leaves) != len(state_masks):
       raise ValueError(
-          f"updates have {len(leaves)} leaves but masked_updates was "
-          f"initialised with {len(state_masks)}.")
+        f"updates have {len(leaves)} leaves but masked_updates was "
+        f"initialised with {len(state_masks)}."
+      )
     if zero_pruned:
       if params is None:
         raise ValueError(
-            "masked_updates(zero_pruned=True) sets pruned weights to zero, so "
-            "update() needs params: call tx.update(grads, state, params), or "
-            "pass zero_pruned=False.")
+          "masked_updates(zero_pruned=True) sets pruned weights to zero, so "
+          "update() needs params: call tx.update(grads, state, params), or "
+          "pass zero_pruned=False."
+        )
       p_leaves = jax.tree.leaves(params)
-      out = [jnp.where(m, u, -p.astype(u.dtype))
-             for u, p, m in zip(leaves, p_leaves, state_masks)]
+      out = [jnp.where(m, u, -p.astype(u.dtype)) for u, p, m in zip(leaves, p_leaves, state_masks)]
     else:
-      out = [jnp.where(m, u, jnp.zeros([], u.dtype))
-             for u, m in zip(leaves, state_masks)]
+      out = [jnp.where(m, u, jnp.zeros([], u.dtype)) for u, m in zip(leaves, state_masks)]
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -48,8 +48,9 @@ def init_saliency(params: PyTree) -> PyTree:
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
 
 
-def accumulate_saliency(scores: PyTree, grads: PyTree, params: PyTree, *,
-                        mode: str = "sum_abs") -> PyTree:
+def accumulate_saliency(
+  scores: PyTree, grads: PyTree, params: PyTree, *, mode: str = "sum_abs"
+) -> PyTree:
   r"""Adds one batch to the saliency: :math:`S \mathrel{+}= |g \odot w|` (or :math:`g \odot w`).
 
   Pure and jit-able. With ``mode="abs_sum"`` the signed products are summed
@@ -82,12 +83,12 @@ def accumulate_saliency(scores: PyTree, grads: PyTree, params: PyTree, *,
 
 
 def saliency_prune(
-    params: PyTree,
-    scores: PyTree,
-    num_nonzero: Optional[int] = None,
-    *,
-    compression: Optional[float] = None,
-    where: eligibility.Where = None,
+  params: PyTree,
+  scores: PyTree,
+  num_nonzero: Optional[int] = None,
+  *,
+  compression: Optional[float] = None,
+  where: eligibility.Where = None,
 ) -> tuple[PyTree, PyTree]:
   r"""Keeps the Q eligible weights of largest :math:`|S|` globally, zeroes the rest.
 
@@ -120,28 +121,29 @@ def saliency_prune(
   """
   _checks.check_target(num_nonzero, compression)
   if callable(num_nonzero) or callable(compression):
-    raise TypeError("saliency_prune takes a number, not a schedule, for "
-                    "`num_nonzero` / `compression`.")
+    raise TypeError(
+      "saliency_prune takes a number, not a schedule, for `num_nonzero` / `compression`."
+    )
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   try:
     s_leaves = treedef.flatten_up_to(scores)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`scores` must have the structure of params: {e}") from None
+    raise ValueError(f"`scores` must have the structure of params: {e}") from None
   n = sum(int(jnp.size(l)) for l, f in zip(leaves, flags) if f)
   q = _checks.static_q(num_nonzero, compression, n)
   idx = [i for i, f in enumerate(flags) if f]
   for i in idx:
     if jnp.shape(s_leaves[i]) != jnp.shape(leaves[i]):
       raise ValueError(
-          f"`scores` leaf {i} has shape {jnp.shape(s_leaves[i])}, the "
-          f"parameter {jnp.shape(leaves[i])}.")
-  sel = masking.top_q_masks([jnp.abs(jnp.asarray(s_leaves[i], jnp.float32))
-                             for i in idx], q)
+        f"`scores` leaf {i} has shape {jnp.shape(s_leaves[i])}, the "
+        f"parameter {jnp.shape(leaves[i])}."
+      )
+  sel = masking.top_q_masks([jnp.abs(jnp.asarray(s_leaves[i], jnp.float32)) for i in idx], q)
   masks = [jnp.ones(jnp.shape(l), bool) for l in leaves]
   for i, m in zip(idx, sel):
     masks[i] = m
-  pruned = [jnp.where(m, l, jnp.zeros([], l.dtype)) if f else l
-            for l, m, f in zip(leaves, masks, flags)]
+  pruned = [
+    jnp.where(m, l, jnp.zeros([], l.dtype)) if f else l for l, m, f in zip(leaves, masks, flags)
+  ]
   return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef, masks)

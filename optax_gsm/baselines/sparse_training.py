@@ -87,17 +87,20 @@ def _check_density(density: Any) -> float:
   d = _checks.concrete(density)
   if d is None:
     raise TypeError(
-        f"`density` must be a number in (0, 1] (the fraction of eligible "
-        f"weights kept), got {density!r}.")
+      f"`density` must be a number in (0, 1] (the fraction of eligible "
+      f"weights kept), got {density!r}."
+    )
   if not 0.0 < d <= 1.0:
     raise ValueError(
-        f"`density` must be in (0, 1] (the fraction of eligible weights "
-        f"kept; 1 keeps all), got {d!r}.")
+      f"`density` must be in (0, 1] (the fraction of eligible weights "
+      f"kept; 1 keeps all), got {d!r}."
+    )
   return float(d)
 
 
-def layer_densities(params: PyTree, density: float, distribution: str = "erk",
-                    *, where: eligibility.Where = None) -> PyTree:
+def layer_densities(
+  params: PyTree, density: float, distribution: str = "erk", *, where: eligibility.Where = None
+) -> PyTree:
   r"""Per-leaf densities that keep the fraction ``density`` of the eligible weights.
 
   ``"uniform"``: every eligible leaf gets :math:`d_\ell = d`.
@@ -150,23 +153,20 @@ def layer_densities(params: PyTree, density: float, distribution: str = "erk",
   leaves, treedef = jax.tree.flatten(params)
   flags = eligibility.resolve_where(where, params)
   out = [1.0] * len(leaves)
-  idx = [i for i, f in enumerate(flags) if f
-         and math.prod(jnp.shape(leaves[i])) > 0]
+  idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(leaves[i])) > 0]
   if distribution == "uniform":
     for i in idx:
       out[i] = d
     return jax.tree.unflatten(treedef, out)
   sizes = {i: math.prod(jnp.shape(leaves[i])) for i in idx}
-  ratio = {i: (sum(jnp.shape(leaves[i])) / sizes[i]) if jnp.shape(leaves[i])
-           else 1.0 for i in idx}
+  ratio = {i: (sum(jnp.shape(leaves[i])) / sizes[i]) if jnp.shape(leaves[i]) else 1.0 for i in idx}
   target = d * sum(sizes.values())
   dense: set[int] = set()
   while True:
     rest = [i for i in idx if i not in dense]
     if not rest:
       break
-    eps = ((target - sum(sizes[i] for i in dense))
-           / sum(ratio[i] * sizes[i] for i in rest))
+    eps = (target - sum(sizes[i] for i in dense)) / sum(ratio[i] * sizes[i] for i in rest)
     top = max(ratio[i] for i in rest)
     if eps * top <= 1.0:
       for i in rest:
@@ -214,10 +214,14 @@ def _top_count(score: jax.Array, count: jax.Array) -> jax.Array:
   return selection_lib.top_q_keys([keys], count, method="threshold")[0][0]
 
 
-def density_prune(params: PyTree, densities: Union[float, PyTree], *,
-                  num_nonzero: Optional[int] = None,
-                  key: Optional[Union[int, jax.Array]] = None,
-                  where: eligibility.Where = None) -> tuple[PyTree, PyTree]:
+def density_prune(
+  params: PyTree,
+  densities: Union[float, PyTree],
+  *,
+  num_nonzero: Optional[int] = None,
+  key: Optional[Union[int, jax.Array]] = None,
+  where: eligibility.Where = None,
+) -> tuple[PyTree, PyTree]:
   r"""Prunes every eligible leaf to its own density: by magnitude, or at random.
 
   Leaf :math:`\ell` keeps :math:`c_\ell \approx d_\ell\, n_\ell` entries: the
@@ -267,8 +271,9 @@ def density_prune(params: PyTree, densities: Union[float, PyTree], *,
     except (ValueError, TypeError):
       diff = eligibility.structure_difference(params, densities, "densities")
       raise ValueError(
-          "`densities` must be one number or a pytree of numbers shaped like "
-          f"params (see layer_densities); {diff}.") from None
+        "`densities` must be one number or a pytree of numbers shaped like "
+        f"params (see layer_densities); {diff}."
+      ) from None
   sizes, exact, idx = [], [], []
   for i, (leaf, f) in enumerate(zip(leaves, flags)):
     if not f:
@@ -276,11 +281,9 @@ def density_prune(params: PyTree, densities: Union[float, PyTree], *,
     v = dens[i]
     c = None if isinstance(v, (bool, np.bool_)) else _checks.concrete(v)
     if c is None:
-      raise TypeError(
-          f"`densities` must hold numbers in [0, 1]; leaf {i} holds {v!r}.")
+      raise TypeError(f"`densities` must hold numbers in [0, 1]; leaf {i} holds {v!r}.")
     if not 0.0 <= c <= 1.0:
-      raise ValueError(
-          f"`densities` must hold numbers in [0, 1]; leaf {i} holds {c!r}.")
+      raise ValueError(f"`densities` must hold numbers in [0, 1]; leaf {i} holds {c!r}.")
     n = math.prod(jnp.shape(leaf))
     idx.append(i)
     sizes.append(n)
@@ -289,15 +292,15 @@ def density_prune(params: PyTree, densities: Union[float, PyTree], *,
   if num_nonzero is None:
     total = int(round(want))
   else:
-    if isinstance(num_nonzero, (bool, np.bool_)) or not isinstance(
-        num_nonzero, (int, np.integer)):
+    if isinstance(num_nonzero, (bool, np.bool_)) or not isinstance(num_nonzero, (int, np.integer)):
       raise TypeError(f"`num_nonzero` must be an int, got {num_nonzero!r}.")
     total = int(num_nonzero)
     if abs(total - want) > len(idx):
       raise ValueError(
-          f"`num_nonzero`={total} does not match the densities, which keep "
-          f"{want:.1f} of the {sum(sizes)} eligible weights; the two may "
-          f"differ by at most the number of eligible leaves ({len(idx)}).")
+        f"`num_nonzero`={total} does not match the densities, which keep "
+        f"{want:.1f} of the {sum(sizes)} eligible weights; the two may "
+        f"differ by at most the number of eligible leaves ({len(idx)})."
+      )
   counts = _apportion(exact, sizes, total)
   if key is not None:
     key = _as_raw_key(key, "key")
@@ -310,17 +313,19 @@ def density_prune(params: PyTree, densities: Union[float, PyTree], *,
     else:
       score = jax.random.uniform(jax.random.fold_in(key, j), jnp.shape(leaf))
     masks[i] = _top_count(score, jnp.int32(c))
-  pruned = [jnp.where(m, leaf, jnp.zeros([], jnp.result_type(leaf))) if f
-            else leaf for leaf, m, f in zip(leaves, masks, flags)]
-  return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef,
-                                                                 masks)
+  pruned = [
+    jnp.where(m, leaf, jnp.zeros([], jnp.result_type(leaf))) if f else leaf
+    for leaf, m, f in zip(leaves, masks, flags)
+  ]
+  return jax.tree.unflatten(treedef, pruned), jax.tree.unflatten(treedef, masks)
 
 
 # ---------------------------------------------------------------- one update
 
 
-def drop_and_grow(mask: jax.Array, drop_scores: jax.Array,
-                  grow_scores: jax.Array, num_swap) -> jax.Array:
+def drop_and_grow(
+  mask: jax.Array, drop_scores: jax.Array, grow_scores: jax.Array, num_swap
+) -> jax.Array:
   r"""One topology update of a leaf: drop the ``k`` lowest, grow the ``k`` highest.
 
   With :math:`A` the active set (``mask``), :math:`|A| = n`, and
@@ -360,9 +365,7 @@ def drop_and_grow(mask: jax.Array, drop_scores: jax.Array,
     raise TypeError(f"`mask` must be a bool array, got dtype {mask.dtype}.")
   for name, s in (("drop_scores", drop_scores), ("grow_scores", grow_scores)):
     if jnp.shape(s) != mask.shape:
-      raise ValueError(
-          f"`{name}` has shape {jnp.shape(s)}, but `mask` has shape "
-          f"{mask.shape}.")
+      raise ValueError(f"`{name}` has shape {jnp.shape(s)}, but `mask` has shape {mask.shape}.")
   n = jnp.sum(mask, dtype=jnp.int32)
   k = jnp.clip(jnp.asarray(num_swap, jnp.int32), 0, n)
 
@@ -371,10 +374,10 @@ def drop_and_grow(mask: jax.Array, drop_scores: jax.Array,
     keys = jnp.where(keys == selection_lib.NAN_KEY, _NAN_CANDIDATE, keys)
     return jnp.where(candidates, keys, _EXCLUDED)
 
-  keep = selection_lib.top_q_keys(
-      [candidate_keys(drop_scores, mask)], n - k, method="threshold")[0][0]
-  grow = selection_lib.top_q_keys(
-      [candidate_keys(grow_scores, ~keep)], k, method="threshold")[0][0]
+  keep = selection_lib.top_q_keys([candidate_keys(drop_scores, mask)], n - k, method="threshold")[
+    0
+  ][0]
+  grow = selection_lib.top_q_keys([candidate_keys(grow_scores, ~keep)], k, method="threshold")[0][0]
   return keep | grow
 
 
@@ -391,6 +394,7 @@ class RigLState(NamedTuple):
       ``optax.tree_utils.tree_map_params`` maps them like a momentum buffer.
     inner_state: the state of the wrapped optimizer.
   """
+
   count: jax.Array
   masks: PyTree
   inner_state: Any
@@ -406,6 +410,7 @@ class SETState(NamedTuple):
     masks: bool arrays shaped like ``params`` (as in :class:`RigLState`).
     inner_state: the state of the wrapped optimizer.
   """
+
   count: jax.Array
   key: jax.Array
   masks: PyTree
@@ -417,24 +422,23 @@ def _as_raw_key(key: Any, name: str) -> jax.Array:
     raise TypeError(f"`{name}` must be an int seed or a PRNG key, got {key!r}.")
   if isinstance(key, (int, np.integer)):
     return jax.random.PRNGKey(int(key))
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
-                                                   jax.dtypes.prng_key):
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key)
   arr = key if isinstance(key, jax.core.Tracer) else None
   if arr is None:
     try:
       arr = jnp.asarray(key)
     except TypeError:
-      raise TypeError(f"`{name}` must be an int seed or a PRNG key, got "
-                      f"{key!r}.") from None
+      raise TypeError(f"`{name}` must be an int seed or a PRNG key, got {key!r}.") from None
   if arr.dtype == jnp.uint32 and arr.shape == (2,):
     return arr
   if jnp.issubdtype(arr.dtype, jnp.integer) and arr.shape == ():
     return jax.random.PRNGKey(arr)
   raise TypeError(
-      f"`{name}` must be an int seed or a PRNG key (jax.random.key(s) or "
-      f"jax.random.PRNGKey(s)), got an array of dtype {arr.dtype} and shape "
-      f"{arr.shape}.")
+    f"`{name}` must be an int seed or a PRNG key (jax.random.key(s) or "
+    f"jax.random.PRNGKey(s)), got an array of dtype {arr.dtype} and shape "
+    f"{arr.shape}."
+  )
 
 
 def _check_count(name: str, value: Any, lo: int) -> None:
@@ -451,11 +455,16 @@ def _check_count(name: str, value: Any, lo: int) -> None:
 
 
 def _check_inner(inner: Any) -> None:
-  if not (hasattr(inner, "init") and hasattr(inner, "update")
-          and callable(inner.init) and callable(inner.update)):
+  if not (
+    hasattr(inner, "init")
+    and hasattr(inner, "update")
+    and callable(inner.init)
+    and callable(inner.update)
+  ):
     raise TypeError(
-        "`inner` must be an optax.GradientTransformation (the optimizer whose "
-        f"updates are masked, e.g. optax.sgd(0.1, 0.9)), got {inner!r}.")
+      "`inner` must be an optax.GradientTransformation (the optimizer whose "
+      f"updates are masked, e.g. optax.sgd(0.1, 0.9)), got {inner!r}."
+    )
 
 
 def _mask_leaves(masks: PyTree, params: PyTree) -> list:
@@ -468,54 +477,65 @@ def _mask_leaves(masks: PyTree, params: PyTree) -> list:
     if len(leaves) != len(p_leaves):
       diff = eligibility.structure_difference(params, masks, "masks")
       raise ValueError(
-          "`masks` must hold one bool array per leaf of params (e.g. the "
-          "masks of density_prune); "
-          f"{diff or f'{len(leaves)} leaves for {len(p_leaves)}'}.") from None
+        "`masks` must hold one bool array per leaf of params (e.g. the "
+        "masks of density_prune); "
+        f"{diff or f'{len(leaves)} leaves for {len(p_leaves)}'}."
+      ) from None
   out = []
   for i, (m, p) in enumerate(zip(leaves, p_leaves)):
     m = jnp.asarray(m)
     if m.dtype != jnp.bool_:
-      raise TypeError(
-          f"`masks` must hold bool arrays; leaf {i} has dtype {m.dtype}.")
+      raise TypeError(f"`masks` must hold bool arrays; leaf {i} has dtype {m.dtype}.")
     if m.shape != jnp.shape(p):
       raise ValueError(
-          f"`masks` leaf {i} has shape {m.shape}, but the parameter has "
-          f"shape {jnp.shape(p)}.")
+        f"`masks` leaf {i} has shape {m.shape}, but the parameter has shape {jnp.shape(p)}."
+      )
     out.append(m)
   return out
 
 
-def _reset_where(inner: optax.GradientTransformation, inner_state: Any,
-                 changed: PyTree) -> Any:
+def _reset_where(inner: optax.GradientTransformation, inner_state: Any, changed: PyTree) -> Any:
   """Zeroes the params-shaped buffers of ``inner_state`` where ``changed``."""
+
   def zero(v, c):
-    if isinstance(v, optax.MaskedNode) or not hasattr(v, "shape") or (
-        jnp.shape(v) != jnp.shape(c)):
+    if isinstance(v, optax.MaskedNode) or not hasattr(v, "shape") or (jnp.shape(v) != jnp.shape(c)):
       return v
     return jnp.where(c, jnp.zeros([], v.dtype), v)
+
   return optax.tree_utils.tree_map_params(
-      inner, zero, inner_state, changed,
-      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    inner, zero, inner_state, changed, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
 
 
-def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
-                    drop_fraction, decay, where, reset_inner_state):
+def _dynamic_sparse(
+  grow: str,
+  inner,
+  masks,
+  key,
+  update_interval,
+  end_step,
+  drop_fraction,
+  decay,
+  where,
+  reset_inner_state,
+):
   _check_inner(inner)
   _check_count("update_interval", update_interval, 1)
   _check_count("end_step", end_step, 0)
   if callable(drop_fraction):
     raise TypeError(
-        f"`drop_fraction` must be a number in [0, 1] (decayed by `decay`), "
-        f"got the callable {drop_fraction!r}.")
+      f"`drop_fraction` must be a number in [0, 1] (decayed by `decay`), "
+      f"got the callable {drop_fraction!r}."
+    )
   _checks.check_range("drop_fraction", drop_fraction, 0.0, 1.0)
   _checks.check_choice("decay", decay, DECAYS)
   if not isinstance(reset_inner_state, bool):
-    raise TypeError(
-        f"`reset_inner_state` must be a bool, got {reset_inner_state!r}.")
+    raise TypeError(f"`reset_inner_state` must be a bool, got {reset_inner_state!r}.")
   if masks is None:
     raise TypeError(
-        "`masks` must be a pytree of bool arrays shaped like params (the "
-        "starting topology, e.g. from density_prune), got None.")
+      "`masks` must be a pytree of bool arrays shaped like params (the "
+      "starting topology, e.g. from density_prune), got None."
+    )
   raw_key = None if key is None else _as_raw_key(key, "key")
   inner = optax.with_extra_args_support(inner)
 
@@ -532,38 +552,40 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
       # Copies: a training loop that donates the state must not delete the
       # caller's masks.
       state_masks = jax.tree.unflatten(
-          treedef, [jnp.array(m, copy=True) for m in _mask_leaves(masks, params)])
+        treedef, [jnp.array(m, copy=True) for m in _mask_leaves(masks, params)]
+      )
       if reset_inner_state:
         try:
           optax.tree_utils.tree_map_params(
-              inner, lambda v: v, inner_state,
-              is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+            inner, lambda v: v, inner_state, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+          )
         except Exception as e:  # pylint: disable=broad-except
           raise ValueError(
-              "cannot find the params-shaped buffers of `inner`'s state "
-              "(optax.tree_utils.tree_map_params failed on it: "
-              f"{type(e).__name__}: {e}); pass reset_inner_state=False to "
-              "leave them as they are.") from e
+            "cannot find the params-shaped buffers of `inner`'s state "
+            "(optax.tree_utils.tree_map_params failed on it: "
+            f"{type(e).__name__}: {e}); pass reset_inner_state=False to "
+            "leave them as they are."
+          ) from e
     if grow == "gradient":
       return RigLState(count=count, masks=state_masks, inner_state=inner_state)
     assert raw_key is not None  # sparse_evolutionary_training requires it
-    return SETState(count=count, key=raw_key, masks=state_masks,
-                    inner_state=inner_state)
+    return SETState(count=count, key=raw_key, masks=state_masks, inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
-          f"{'rigl' if grow == 'gradient' else 'sparse_evolutionary_training'}"
-          " drops weights by magnitude and zeroes the pruned ones, so update() "
-          "needs params: call tx.update(grads, state, params).")
+        f"{'rigl' if grow == 'gradient' else 'sparse_evolutionary_training'}"
+        " drops weights by magnitude and zeroes the pruned ones, so update() "
+        "needs params: call tx.update(grads, state, params)."
+      )
     p_leaves, treedef = jax.tree.flatten(params)
     g_leaves = treedef.flatten_up_to(updates)
     m_leaves = treedef.flatten_up_to(state.masks)
     flags = eligibility.resolve_where(where, params)
-    masked = [jnp.where(m, g, jnp.zeros([], g.dtype))
-              for g, m in zip(g_leaves, m_leaves)]
-    u, inner_state = inner.update(jax.tree.unflatten(treedef, masked),
-                                  state.inner_state, params, **extra_args)
+    masked = [jnp.where(m, g, jnp.zeros([], g.dtype)) for g, m in zip(g_leaves, m_leaves)]
+    u, inner_state = inner.update(
+      jax.tree.unflatten(treedef, masked), state.inner_state, params, **extra_args
+    )
     u_leaves = treedef.flatten_up_to(u)
     t = jnp.asarray(state.count, jnp.int32)  # pyright: ignore[reportAttributeAccessIssue]
     on = (t > 0) & (t % update_interval == 0) & (t < end_step)
@@ -573,9 +595,11 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
       tf = t.astype(jnp.float32)
       frac = jnp.asarray(drop_fraction, jnp.float32)
       if decay == "cosine":
-        frac = frac * 0.5 * (1.0 + jnp.cos(
-            jnp.pi * tf / jnp.maximum(jnp.asarray(end_step, jnp.float32),
-                                      1.0)))
+        frac = (
+          frac
+          * 0.5
+          * (1.0 + jnp.cos(jnp.pi * tf / jnp.maximum(jnp.asarray(end_step, jnp.float32), 1.0)))
+        )
       out = list(m_leaves)
       for j, i in enumerate(idx):
         m = m_leaves[i]
@@ -595,34 +619,33 @@ def _dynamic_sparse(grow: str, inner, masks, key, update_interval, end_step,
     else:
       m_new = tuple(m_leaves)
     if reset_inner_state:
-      changed = jax.tree.unflatten(
-          treedef, [a != b for a, b in zip(m_leaves, m_new)])
+      changed = jax.tree.unflatten(treedef, [a != b for a, b in zip(m_leaves, m_new)])
       inner_state = _reset_where(inner, inner_state, changed)
-    out = [jnp.where(a & b, du, -w.astype(du.dtype))
-           for du, w, a, b in zip(u_leaves, p_leaves, m_leaves, m_new)]
+    out = [
+      jnp.where(a & b, du, -w.astype(du.dtype))
+      for du, w, a, b in zip(u_leaves, p_leaves, m_leaves, m_new)
+    ]
     new_count = optax.safe_increment(t)
     new_masks = jax.tree.unflatten(treedef, list(m_new))
     if grow == "gradient":
-      new_state = RigLState(count=new_count, masks=new_masks,
-                            inner_state=inner_state)
+      new_state = RigLState(count=new_count, masks=new_masks, inner_state=inner_state)
     else:
-      new_state = SETState(count=new_count, key=state.key, masks=new_masks,
-                           inner_state=inner_state)
+      new_state = SETState(count=new_count, key=state.key, masks=new_masks, inner_state=inner_state)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rigl(
-    inner: optax.GradientTransformation,
-    masks: PyTree,
-    *,
-    update_interval: int = 100,
-    end_step: int,
-    drop_fraction: float = 0.3,
-    decay: str = "cosine",
-    where: eligibility.Where = None,
-    reset_inner_state: bool = True,
+  inner: optax.GradientTransformation,
+  masks: PyTree,
+  *,
+  update_interval: int = 100,
+  end_step: int,
+  drop_fraction: float = 0.3,
+  decay: str = "cosine",
+  where: eligibility.Where = None,
+  reset_inner_state: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RigL (Evci et al., 2020): drop the smallest weights, regrow by the largest dense gradients.
 
@@ -690,22 +713,31 @@ def rigl(
     U. Evci, T. Gale, J. Menick, P. S. Castro, E. Elsen. Rigging the Lottery:
     Making All Tickets Winners. ICML 2020. https://arxiv.org/abs/1911.11134
   """
-  return _dynamic_sparse("gradient", inner, masks, None, update_interval,
-                         end_step, drop_fraction, decay, where,
-                         reset_inner_state)
+  return _dynamic_sparse(
+    "gradient",
+    inner,
+    masks,
+    None,
+    update_interval,
+    end_step,
+    drop_fraction,
+    decay,
+    where,
+    reset_inner_state,
+  )
 
 
 def sparse_evolutionary_training(
-    inner: optax.GradientTransformation,
-    masks: PyTree,
-    *,
-    key: Union[int, jax.Array],
-    update_interval: int = 100,
-    end_step: int,
-    drop_fraction: float = 0.3,
-    decay: str = "cosine",
-    where: eligibility.Where = None,
-    reset_inner_state: bool = True,
+  inner: optax.GradientTransformation,
+  masks: PyTree,
+  *,
+  key: Union[int, jax.Array],
+  update_interval: int = 100,
+  end_step: int,
+  drop_fraction: float = 0.3,
+  decay: str = "cosine",
+  where: eligibility.Where = None,
+  reset_inner_state: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SET (Mocanu et al., 2018): drop the smallest weights, regrow at random.
 
@@ -772,12 +804,19 @@ def sparse_evolutionary_training(
     (2018). https://www.nature.com/articles/s41467-018-04316-3
   """
   if key is None:
-    raise TypeError(
-        "`key` must be an int seed or a PRNG key (SET grows at random), got "
-        "None.")
-  return _dynamic_sparse("random", inner, masks, key, update_interval,
-                         end_step, drop_fraction, decay, where,
-                         reset_inner_state)
+    raise TypeError("`key` must be an int seed or a PRNG key (SET grows at random), got None.")
+  return _dynamic_sparse(
+    "random",
+    inner,
+    masks,
+    key,
+    update_interval,
+    end_step,
+    drop_fraction,
+    decay,
+    where,
+    reset_inner_state,
+  )
 
 
 def sparse_training_masks(opt_state: Any) -> PyTree:
@@ -802,10 +841,10 @@ def sparse_training_masks(opt_state: Any) -> PyTree:
     [[True, False]]
   """
   types = (RigLState, SETState)
-  for x in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, types)):
+  for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, types)):
     if isinstance(x, types):
       return x.masks
   raise ValueError(
-      "no RigLState or SETState inside the optimizer state; was rigl(...) or "
-      "sparse_evolutionary_training(...) part of the optimizer?")
+    "no RigLState or SETState inside the optimizer state; was rigl(...) or "
+    "sparse_evolutionary_training(...) part of the optimizer?"
+  )

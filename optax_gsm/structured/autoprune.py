@@ -43,9 +43,13 @@ ScalarOrSchedule = Union[float, int, jax.Array, Callable[[Any], Any]]
 REGULARIZERS = ("gate_l1", "l1", "l2")
 
 
-def mask_regularizer_grad(m: jax.Array, regularizer: str = "gate_l1", *,
-                          ste: str = "softplus",
-                          alpha: float = ste_lib.DEFAULT_ALPHA) -> jax.Array:
+def mask_regularizer_grad(
+  m: jax.Array,
+  regularizer: str = "gate_l1",
+  *,
+  ste: str = "softplus",
+  alpha: float = ste_lib.DEFAULT_ALPHA,
+) -> jax.Array:
   r"""The gradient :math:`\partial R / \partial m` used for the masks.
 
   Args:
@@ -78,15 +82,16 @@ def mask_regularizer_grad(m: jax.Array, regularizer: str = "gate_l1", *,
 
 class AutoPruneRegularizerState(NamedTuple):
   """State of :func:`autoprune_regularizer`: the update count (int32)."""
+
   count: jax.Array
 
 
 def autoprune_regularizer(
-    strength: ScalarOrSchedule,
-    *,
-    regularizer: str = "gate_l1",
-    ste: str = "softplus",
-    alpha: float = ste_lib.DEFAULT_ALPHA,
+  strength: ScalarOrSchedule,
+  *,
+  regularizer: str = "gate_l1",
+  ste: str = "softplus",
+  alpha: float = ste_lib.DEFAULT_ALPHA,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds :math:`\lambda \, \partial R / \partial M` to the mask gradients.
 
@@ -133,32 +138,31 @@ def autoprune_regularizer(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError("autoprune_regularizer needs `params` (the masks M) "
-                       "in update(updates, state, params).")
+      raise ValueError(
+        "autoprune_regularizer needs `params` (the masks M) in update(updates, state, params)."
+      )
     lam = _checks.resolve_schedule(strength, state.count)
 
     def add(g, m):
       if g is None:
         return None
       reg = mask_regularizer_grad(m, regularizer, ste=ste, alpha=alpha)
-      return (g + jnp.asarray(lam, g.dtype) * reg.astype(g.dtype)).astype(
-          g.dtype)
+      return (g + jnp.asarray(lam, g.dtype) * reg.astype(g.dtype)).astype(g.dtype)
 
     new = jax.tree.map(add, updates, params, is_leaf=lambda x: x is None)
-    return new, AutoPruneRegularizerState(
-        count=_checks.increment(state.count))
+    return new, AutoPruneRegularizerState(count=_checks.increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def autoprune_masks(
-    learning_rate: ScalarOrSchedule,
-    *,
-    strength: ScalarOrSchedule,
-    regularizer: str = "gate_l1",
-    ste: str = "softplus",
-    alpha: float = ste_lib.DEFAULT_ALPHA,
-    momentum: Optional[float] = None,
+  learning_rate: ScalarOrSchedule,
+  *,
+  strength: ScalarOrSchedule,
+  regularizer: str = "gate_l1",
+  ste: str = "softplus",
+  alpha: float = ste_lib.DEFAULT_ALPHA,
+  momentum: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The optimiser of the masks: regulariser then (momentum) SGD.
 
@@ -190,14 +194,18 @@ def autoprune_masks(
     https://proceedings.neurips.cc/paper/2019/hash/4efc9e02abdab6b6166251918570a307-Abstract.html
   """
   return optax.chain(
-      autoprune_regularizer(strength, regularizer=regularizer, ste=ste,
-                            alpha=alpha),
-      optax.sgd(learning_rate, momentum=momentum))
+    autoprune_regularizer(strength, regularizer=regularizer, ste=ste, alpha=alpha),
+    optax.sgd(learning_rate, momentum=momentum),
+  )
 
 
-def init_masks(params: PyTree, value: float = 1.0, *,
-               where: Optional[Callable[[PyTree], PyTree]] = None,
-               scale_by_magnitude: bool = False) -> PyTree:
+def init_masks(
+  params: PyTree,
+  value: float = 1.0,
+  *,
+  where: Optional[Callable[[PyTree], PyTree]] = None,
+  scale_by_magnitude: bool = False,
+) -> PyTree:
   r"""Auxiliary parameters shaped like the eligible leaves.
 
   By default every :math:`m` starts at ``value``. With
@@ -229,6 +237,7 @@ def init_masks(params: PyTree, value: float = 1.0, *,
     [0.25, 0.75]
   """
   from optax_gsm import eligibility  # pylint: disable=import-outside-toplevel
+
   flags = (where or eligibility.default_where)(params)
 
   def init(p, f):
@@ -239,12 +248,18 @@ def init_masks(params: PyTree, value: float = 1.0, *,
     a = jnp.abs(jnp.asarray(p, jnp.float32))
     mean = jnp.mean(a)
     return value * a / jnp.where(mean > 0, mean, 1.0)
+
   return jax.tree.map(init, params, flags)
 
 
-def apply_autoprune_masks(params: PyTree, masks: PyTree, *, ste: str = "softplus",
-                alpha: float = ste_lib.DEFAULT_ALPHA,
-                decouple: bool = True) -> PyTree:
+def apply_autoprune_masks(
+  params: PyTree,
+  masks: PyTree,
+  *,
+  ste: str = "softplus",
+  alpha: float = ste_lib.DEFAULT_ALPHA,
+  decouple: bool = True,
+) -> PyTree:
   r"""The weights the network uses: :math:`W \odot h(M)` leaf by leaf.
 
   Args:
@@ -266,8 +281,10 @@ def apply_autoprune_masks(params: PyTree, masks: PyTree, *, ste: str = "softplus
     >>> apply_autoprune_masks(params, masks)['w'].tolist()
     [[1.0, 0.0], [0.0, 4.0]]
   """
+
   def gate(m, w):
     if m is None:
       return w
     return ste_lib.masked_weight(w, m, ste, alpha=alpha, decouple=decouple)
+
   return jax.tree.map(gate, masks, params, is_leaf=lambda x: x is None)

@@ -55,6 +55,7 @@ class GateStats(NamedTuple):
     num_examples: :math:`N`, examples accumulated (float32 scalar).
     num_batches: :math:`B`, minibatches accumulated (float32 scalar).
   """
+
   abs_sum: dict
   sq_sum: dict
   batch_sq_sum: dict
@@ -64,13 +65,13 @@ class GateStats(NamedTuple):
 
 def _check_widths(widths: Mapping[str, int]) -> dict:
   if not isinstance(widths, Mapping) or not widths:
-    raise TypeError(f"`widths` must be a non-empty mapping layer name -> "
-                    f"number of channels, got {widths!r}.")
+    raise TypeError(
+      f"`widths` must be a non-empty mapping layer name -> number of channels, got {widths!r}."
+    )
   out = {}
   for name, c in widths.items():
     if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
-      raise ValueError(f"`widths[{name!r}]` must be a positive int, got "
-                       f"{c!r}.")
+      raise ValueError(f"`widths[{name!r}]` must be a positive int, got {c!r}.")
     out[name] = int(c)
   return out
 
@@ -92,17 +93,18 @@ def init_gate_stats(widths: Mapping[str, int]) -> GateStats:
   widths = _check_widths(widths)
   # Built on the host and transferred: an eager jnp.zeros compiles once per
   # shape, which adds up for many layers in short runs.
-  zeros = {k: jax.device_put(np.zeros((c,), np.float32))
-           for k, c in widths.items()}
+  zeros = {k: jax.device_put(np.zeros((c,), np.float32)) for k, c in widths.items()}
   zero = jax.device_put(np.zeros((), np.float32))
-  return GateStats(abs_sum=zeros, sq_sum=dict(zeros), batch_sq_sum=dict(zeros),
-                   num_examples=zero, num_batches=zero)
+  return GateStats(
+    abs_sum=zeros, sq_sum=dict(zeros), batch_sq_sum=dict(zeros), num_examples=zero, num_batches=zero
+  )
 
 
-def accumulate_gate_stats(stats: GateStats,
-                          per_example: Mapping[str, jax.Array],
-                          gates: Optional[Mapping[str, jax.Array]] = None
-                          ) -> GateStats:
+def accumulate_gate_stats(
+  stats: GateStats,
+  per_example: Mapping[str, jax.Array],
+  gates: Optional[Mapping[str, jax.Array]] = None,
+) -> GateStats:
   r"""Adds one minibatch of per-example gate gradients to ``stats``.
 
   Args:
@@ -128,33 +130,30 @@ def accumulate_gate_stats(stats: GateStats,
     ([4.0, 4.0], [4.0, 0.0])
   """
   if set(per_example) != set(stats.abs_sum):
-    raise ValueError(f"`per_example` has layers {sorted(per_example)}, the "
-                     f"stats have {sorted(stats.abs_sum)}.")
+    raise ValueError(
+      f"`per_example` has layers {sorted(per_example)}, the stats have {sorted(stats.abs_sum)}."
+    )
   abs_sum, sq_sum, batch_sq = {}, {}, {}
   n = 0
   for name, g in per_example.items():
     g = jnp.asarray(g, jnp.float32)
     c = stats.abs_sum[name].shape[0]
     if g.ndim != 2 or g.shape[1] != c:
-      raise ValueError(f"`per_example[{name!r}]` must have shape (N, {c}), "
-                       f"got {g.shape}.")
+      raise ValueError(f"`per_example[{name!r}]` must have shape (N, {c}), got {g.shape}.")
     if gates is not None and name in gates:
       g = g * jnp.asarray(gates[name], jnp.float32)
     n = g.shape[0]
     abs_sum[name] = stats.abs_sum[name] + jnp.sum(jnp.abs(g), 0)
     sq_sum[name] = stats.sq_sum[name] + jnp.sum(g * g, 0)
     batch_sq[name] = stats.batch_sq_sum[name] + jnp.mean(g, 0) ** 2
-  return GateStats(abs_sum, sq_sum, batch_sq, stats.num_examples + n,
-                   stats.num_batches + 1)
+  return GateStats(abs_sum, sq_sum, batch_sq, stats.num_examples + n, stats.num_batches + 1)
 
 
 def _safe_div(x, d):
   return x / jnp.maximum(d, 1.0)
 
 
-def taylor_first_order(stats: GateStats,
-                       spatial_sizes: Optional[Mapping[str, int]] = None
-                       ) -> dict:
+def taylor_first_order(stats: GateStats, spatial_sizes: Optional[Mapping[str, int]] = None) -> dict:
   r"""Molchanov et al. (2017): :math:`\Theta_k = \frac{1}{NM}\sum_n |G_{nk}|`.
 
   Args:
@@ -183,8 +182,7 @@ def taylor_first_order(stats: GateStats,
   for name, v in stats.abs_sum.items():
     m = sizes.get(name, 1)
     if not isinstance(m, (int, np.integer)) or m < 1:
-      raise ValueError(f"`spatial_sizes[{name!r}]` must be a positive int, "
-                       f"got {m!r}.")
+      raise ValueError(f"`spatial_sizes[{name!r}]` must be a positive int, got {m!r}.")
     out[name] = _safe_div(v, stats.num_examples) / m
   return out
 
@@ -211,8 +209,7 @@ def taylor_gate(stats: GateStats) -> dict:
     Estimation for Neural Network Pruning. CVPR 2019.
     https://arxiv.org/abs/1906.10771
   """
-  return {k: _safe_div(v, stats.num_batches)
-          for k, v in stats.batch_sq_sum.items()}
+  return {k: _safe_div(v, stats.num_batches) for k, v in stats.batch_sq_sum.items()}
 
 
 def fisher(stats: GateStats) -> dict:
@@ -236,12 +233,10 @@ def fisher(stats: GateStats) -> dict:
     with dense networks and Fisher pruning. 2018.
     https://arxiv.org/abs/1801.05787
   """
-  return {k: _safe_div(v, stats.num_examples) / 2.0
-          for k, v in stats.sq_sum.items()}
+  return {k: _safe_div(v, stats.num_examples) / 2.0 for k, v in stats.sq_sum.items()}
 
 
-def per_example_from_activations(activations: jax.Array,
-                                 grads: jax.Array) -> jax.Array:
+def per_example_from_activations(activations: jax.Array, grads: jax.Array) -> jax.Array:
   r""":math:`G_{nk} = \sum_m a_{n,m,k} \, \partial L_n / \partial a_{n,m,k}`.
 
   The direct definition, from activations and their gradients (what hooks
@@ -264,8 +259,9 @@ def per_example_from_activations(activations: jax.Array,
   grads = jnp.asarray(grads)
   if activations.shape != grads.shape or activations.ndim < 2:
     raise ValueError(
-        f"`activations` {activations.shape} and `grads` {grads.shape} must "
-        "have the same shape (N, ..., C).")
+      f"`activations` {activations.shape} and `grads` {grads.shape} must "
+      "have the same shape (N, ..., C)."
+    )
   axes = tuple(range(1, activations.ndim - 1))
   prod = activations.astype(jnp.float32) * grads.astype(jnp.float32)
   return jnp.sum(prod, axis=axes) if axes else prod
@@ -325,13 +321,13 @@ def cost_adjusted(scores: Scores, costs: Scores, weight: float) -> dict:
   missing = set(scores) - set(costs)
   if missing:
     raise ValueError(f"`costs` lacks the layers {sorted(missing)}.")
-  return {k: jnp.asarray(s, jnp.float32)
-          - weight * jnp.asarray(costs[k], jnp.float32)
-          for k, s in scores.items()}
+  return {
+    k: jnp.asarray(s, jnp.float32) - weight * jnp.asarray(costs[k], jnp.float32)
+    for k, s in scores.items()
+  }
 
 
-def lowest_ranked(scores: Scores, alive: Scores, *,
-                  min_alive: int = 1) -> tuple[str, int]:
+def lowest_ranked(scores: Scores, alive: Scores, *, min_alive: int = 1) -> tuple[str, int]:
   """The alive map with the smallest score across all layers (global rank).
 
   Ties go to the earlier layer (mapping order), then the lower index; NaN
@@ -357,16 +353,14 @@ def lowest_ranked(scores: Scores, alive: Scores, *,
     >>> lowest_ranked(scores, alive)
     ('a', 1)
   """
-  if isinstance(min_alive, bool) or not isinstance(min_alive, int) \
-      or min_alive < 1:
+  if isinstance(min_alive, bool) or not isinstance(min_alive, int) or min_alive < 1:
     raise ValueError(f"`min_alive` must be an int >= 1, got {min_alive!r}.")
   best = None
   for name, s in scores.items():
     s = np.asarray(s, np.float64)
     a = np.asarray(alive[name], bool)
     if s.shape != a.shape:
-      raise ValueError(f"scores[{name!r}] has shape {s.shape} but "
-                       f"alive[{name!r}] has {a.shape}.")
+      raise ValueError(f"scores[{name!r}] has shape {s.shape} but alive[{name!r}] has {a.shape}.")
     if a.sum() <= min_alive:
       continue
     s = np.where(np.isnan(s), -np.inf, s)
@@ -375,6 +369,7 @@ def lowest_ranked(scores: Scores, alive: Scores, *,
     if best is None or s[j] < best[0]:
       best = (s[j], name, int(j))
   if best is None:
-    raise ValueError(f"No layer has more than min_alive={min_alive} alive "
-                     "maps; nothing left to remove.")
+    raise ValueError(
+      f"No layer has more than min_alive={min_alive} alive maps; nothing left to remove."
+    )
   return best[1], best[2]

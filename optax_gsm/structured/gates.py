@@ -47,12 +47,13 @@ def apply_gate(x: jax.Array, gate: jax.Array) -> jax.Array:
   if gate.ndim == 2 and gate.shape == (x.shape[0], c) and x.ndim >= 2:
     shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
     return x * gate.reshape(shape).astype(x.dtype)
-  raise ValueError(f"`gate` must have shape ({c},) or ({x.shape[0]}, {c}) "
-                   f"for activations of shape {x.shape}, got {gate.shape}.")
+  raise ValueError(
+    f"`gate` must have shape ({c},) or ({x.shape[0]}, {c}) "
+    f"for activations of shape {x.shape}, got {gate.shape}."
+  )
 
 
-def ones_gates(widths: Mapping[str, int],
-               batch_size: Optional[int] = None) -> dict:
+def ones_gates(widths: Mapping[str, int], batch_size: Optional[int] = None) -> dict:
   """Gates of ones: ``{name: (C,)}`` or per example ``{name: (N, C)}``.
 
   Args:
@@ -67,5 +68,4 @@ def ones_gates(widths: Mapping[str, int],
     {'conv1': (8, 4)}
   """
   lead = () if batch_size is None else (int(batch_size),)
-  return {k: jnp.ones(lead + (int(c),), jnp.float32)
-          for k, c in widths.items()}
+  return {k: jnp.ones(lead + (int(c),), jnp.float32) for k, c in widths.items()}

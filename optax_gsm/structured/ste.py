@@ -56,16 +56,18 @@ def _check_ste(ste: Any, alpha: Any) -> float:
     raise ValueError(f"`ste` must be one of {STE_KINDS}, got {ste!r}.")
   if isinstance(alpha, jax.core.Tracer):
     raise TypeError(
-        "`alpha` must be a Python number (a static argument of the "
-        "straight-through gradient), got a traced value; with "
-        "optax.inject_hyperparams pass static_args=('alpha',).")
+      "`alpha` must be a Python number (a static argument of the "
+      "straight-through gradient), got a traced value; with "
+      "optax.inject_hyperparams pass static_args=('alpha',)."
+    )
   try:
     alpha = float(alpha)
   except (TypeError, ValueError):
     raise TypeError(f"`alpha` must be a number, got {alpha!r}.") from None
   if not math.isfinite(alpha) or alpha < 0:
-    raise ValueError(f"`alpha` (the LeakyReLU slope for m <= 0) must be a "
-                     f"finite number >= 0, got {alpha!r}.")
+    raise ValueError(
+      f"`alpha` (the LeakyReLU slope for m <= 0) must be a finite number >= 0, got {alpha!r}."
+    )
   return alpha
 
 
@@ -87,8 +89,9 @@ def binary_step(m: jax.Array) -> jax.Array:
   return (m > 0).astype(m.dtype)
 
 
-def ste_derivative(m: jax.Array, ste: str = "softplus", *,
-                   alpha: float = DEFAULT_ALPHA) -> jax.Array:
+def ste_derivative(
+  m: jax.Array, ste: str = "softplus", *, alpha: float = DEFAULT_ALPHA
+) -> jax.Array:
   r"""The straight-through estimate :math:`\tilde h'(m)` of the step's slope.
 
   Args:
@@ -139,8 +142,7 @@ def _binary_gate_bwd(ste, alpha, m, g):
 _binary_gate.defvjp(_binary_gate_fwd, _binary_gate_bwd)
 
 
-def binary_gate(m: jax.Array, ste: str = "softplus", *,
-                alpha: float = DEFAULT_ALPHA) -> jax.Array:
+def binary_gate(m: jax.Array, ste: str = "softplus", *, alpha: float = DEFAULT_ALPHA) -> jax.Array:
   r"""The hard gate :math:`h(m)` with a straight-through gradient.
 
   Forward :math:`h(m) = 1[m > 0]`; backward
@@ -206,9 +208,14 @@ def _masked_weight_bwd(ste, alpha, decouple, res, g):
 _masked_weight.defvjp(_masked_weight_fwd, _masked_weight_bwd)
 
 
-def masked_weight(w: jax.Array, m: jax.Array, ste: str = "softplus", *,
-                  alpha: float = DEFAULT_ALPHA,
-                  decouple: bool = True) -> jax.Array:
+def masked_weight(
+  w: jax.Array,
+  m: jax.Array,
+  ste: str = "softplus",
+  *,
+  alpha: float = DEFAULT_ALPHA,
+  decouple: bool = True,
+) -> jax.Array:
   r"""AutoPrune's gated weight :math:`\tilde w = w \, h(m)`.
 
   Forward :math:`w \, h(m)` with :math:`h(m) = 1[m > 0]`. Backward, with
@@ -263,10 +270,10 @@ def masked_weight(w: jax.Array, m: jax.Array, ste: str = "softplus", *,
     raise TypeError(f"`decouple` must be a bool, got {decouple!r}.")
   w = jnp.asarray(w)
   m = jnp.asarray(m)
-  if m.shape != w.shape and not (m.ndim == 1 and w.ndim >= 1
-                                 and m.shape == w.shape[-1:]):
+  if m.shape != w.shape and not (m.ndim == 1 and w.ndim >= 1 and m.shape == w.shape[-1:]):
     raise ValueError(
-        f"`m` must be shaped like `w` {w.shape} (one mask per weight) or like "
-        f"its last axis {w.shape[-1:]} (one per output channel), got "
-        f"{m.shape}.")
+      f"`m` must be shaped like `w` {w.shape} (one mask per weight) or like "
+      f"its last axis {w.shape[-1:]} (one per output channel), got "
+      f"{m.shape}."
+    )
   return _masked_weight(w, m, ste, alpha, decouple)

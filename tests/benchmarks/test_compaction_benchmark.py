@@ -23,10 +23,14 @@ def test_gsm_like_keeps_the_erk_counts():
   bench = _load()
   from experiments.models import get_model
   from optax_gsm.baselines import layer_densities
+
   dense = get_model("lenet5", rngs=nnx.Rngs(0))
   pruned = bench.gsm_like(dense, 125, seed=0, sigma=1.0)
-  kernels = [(n, m) for (_, n), (_, m) in zip(nnx.iter_graph(dense), nnx.iter_graph(pruned))
-             if isinstance(n, (nnx.Conv, nnx.Linear))]
+  kernels = [
+    (n, m)
+    for (_, n), (_, m) in zip(nnx.iter_graph(dense), nnx.iter_graph(pruned))
+    if isinstance(n, (nnx.Conv, nnx.Linear))
+  ]
   densities = layer_densities([np.asarray(n.kernel[...]) for n, _ in kernels], 1 / 125)
   for (n, m), d in zip(kernels, densities):
     k = np.asarray(m.kernel[...])
@@ -38,9 +42,27 @@ def test_gsm_like_keeps_the_erk_counts():
 def test_one_row_end_to_end(tmp_path):
   bench = _load()
   out = tmp_path / "bench.json"
-  assert bench.main(["--rows", "lenet5_300x", "--batch-sizes", "2", "--rounds", "1",
-                     "--min-rounds", "1", "--seconds", "0", "--layer-repeats", "1",
-                     "--out", str(out)]) == 0
+  assert (
+    bench.main(
+      [
+        "--rows",
+        "lenet5_300x",
+        "--batch-sizes",
+        "2",
+        "--rounds",
+        "1",
+        "--min-rounds",
+        "1",
+        "--seconds",
+        "0",
+        "--layer-repeats",
+        "1",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   data = json.loads(out.read_text())
   (row,) = data["results"]
   assert row["weights"].startswith("synthetic")

@@ -69,8 +69,8 @@ def test_lenet300_100_dead_units_and_pixels():
   assert small.fc2.kernel[...].shape == (w["fc1"][1], w["fc2"][1])
   assert isinstance(small.fc1, C.SelectInputs)
   assert report.inputs[0] < 784 == report.inputs[1]
-  assert sum(g.constant for g in report.groups) > 0    # folded constants
-  again, report2 = C.compact(small)                    # idempotent
+  assert sum(g.constant for g in report.groups) > 0  # folded constants
+  again, report2 = C.compact(small)  # idempotent
   assert widths(report2) == {k: (v[1], v[1]) for k, v in w.items()}
   assert_same_outputs(model, again, (3, 28, 28, 1))
 
@@ -85,8 +85,7 @@ def test_lenet5_folds_constants_through_pooling_and_flatten():
 
 
 def test_vgg_units_feeding_batch_norm():
-  model = prune_randomly(VGGCifar((8, "M", 12, 12, "M", 16), rngs=nnx.Rngs(0)),
-                         3, unread=0.2)
+  model = prune_randomly(VGGCifar((8, "M", 12, 12, "M", 16), rngs=nnx.Rngs(0)), 3, unread=0.2)
   small, report = C.compact(model)
   assert_same_outputs(model, small, (2, 8, 8, 3))
   by = {g.name: g for g in report.groups}
@@ -106,8 +105,8 @@ def test_vgg_units_feeding_batch_norm():
 # stays; padded stage-2 channels 0 and 1 are unread but only one can go (the
 # block pads half, rounded down, before: 0 before and 2 after is not a split).
 STREAM = {
-    "B": ({0: [1, 4], 1: [0, 7], 2: [2, 11]}, [4, 6, 10]),
-    "A": ({0: [0, 1, 4], 1: [0, 1, 2, 5], 2: [0, 1, 2, 4, 7]}, [4, 5, 8]),
+  "B": ({0: [1, 4], 1: [0, 7], 2: [2, 11]}, [4, 6, 10]),
+  "A": ({0: [0, 1, 4], 1: [0, 1, 2, 5], 2: [0, 1, 2, 4, 7]}, [4, 5, 8]),
 }
 
 
@@ -119,7 +118,7 @@ def test_resnet_inner_units_and_residual_stream(shortcut):
   lanes, kept = STREAM[shortcut]
   for s, blocks in enumerate(stages):
     readers = [model.blocks[i].conv1 for i in blocks if s == 0 or i != blocks[0]]
-    readers += ([model.blocks[stages[s + 1][0]].conv1] if s < 2 else [model.fc])
+    readers += [model.blocks[stages[s + 1][0]].conv1] if s < 2 else [model.fc]
     if s < 2 and shortcut == "B":
       readers.append(model.blocks[stages[s + 1][0]].proj_conv)
     for r in readers:
@@ -136,8 +135,11 @@ def test_resnet_inner_units_and_residual_stream(shortcut):
 
 
 def test_no_dead_unit_is_the_identity():
-  for model in (LeNet300100(rngs=nnx.Rngs(0)), LeNet5(rngs=nnx.Rngs(0)),
-                CifarResNet(8, widths=(4, 4, 8), rngs=nnx.Rngs(0))):
+  for model in (
+    LeNet300100(rngs=nnx.Rngs(0)),
+    LeNet5(rngs=nnx.Rngs(0)),
+    CifarResNet(8, widths=(4, 4, 8), rngs=nnx.Rngs(0)),
+  ):
     model.eval()
     small, report = C.compact(model)
     assert report.rounds == 1 and all(g.kept == g.width for g in report.groups)
@@ -155,7 +157,7 @@ def test_a_whole_layer_vanishes():
   small, report = C.compact(model, on_empty="keep_one")
   assert small.fc2.out_features == 1 and small.fc3.in_features == 1
   out = assert_same_outputs(model, small, (3, 28, 28, 1))
-  np.testing.assert_allclose(out[0], out[1], atol=1e-6)   # constant logits
+  np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # constant logits
 
 
 def test_unsupported_and_bad_arguments():
@@ -166,10 +168,14 @@ def test_unsupported_and_bad_arguments():
 
 
 def test_sparse_path_equals_dense_path():
-  for model, shape in ((prune_randomly(LeNet300100(rngs=nnx.Rngs(0)), 6), (3, 28, 28, 1)),
-                       (prune_randomly(LeNet5(rngs=nnx.Rngs(0)), 7), (2, 28, 28, 1)),
-                       (prune_randomly(CifarResNet(8, widths=(4, 6, 8), rngs=nnx.Rngs(0)), 8,
-                                       unread=0.0), (2, 8, 8, 3))):
+  for model, shape in (
+    (prune_randomly(LeNet300100(rngs=nnx.Rngs(0)), 6), (3, 28, 28, 1)),
+    (prune_randomly(LeNet5(rngs=nnx.Rngs(0)), 7), (2, 28, 28, 1)),
+    (
+      prune_randomly(CifarResNet(8, widths=(4, 6, 8), rngs=nnx.Rngs(0)), 8, unread=0.0),
+      (2, 8, 8, 3),
+    ),
+  ):
     small, _ = C.compact(model)
     sparse, choices = C.sparsify(small, shape, choice="sparse")
     assert all(c.sparse for c in choices) and choices

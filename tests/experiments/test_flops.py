@@ -22,24 +22,26 @@ class SmallConvNet(nnx.Module):
     init = {"kernel_init": lecun_normal}
     self.conv1 = nnx.Conv(3, 8, (3, 3), padding="SAME", rngs=rngs, **init)
     self.bn = nnx.BatchNorm(8, rngs=rngs)
-    self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), padding="VALID",
-                          rngs=rngs, **init)
-    self.dw = nnx.Conv(16, 16, (3, 3), padding="SAME", feature_group_count=16,
-                       use_bias=False, rngs=rngs, **init)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), padding="VALID", rngs=rngs, **init)
+    self.dw = nnx.Conv(
+      16, 16, (3, 3), padding="SAME", feature_group_count=16, use_bias=False, rngs=rngs, **init
+    )
     self.fc = nnx.Linear(7 * 7 * 16, 10, rngs=rngs, **init)
 
   def __call__(self, x):
     x = nnx.relu(self.bn(self.conv1(x)))
-    x = nnx.relu(self.conv2(x))      # (16 - 3) // 2 + 1 = 7
+    x = nnx.relu(self.conv2(x))  # (16 - 3) // 2 + 1 = 7
     x = nnx.relu(self.dw(x))
     return self.fc(x.reshape(x.shape[0], -1))
 
 
 # Hand count: output positions x kernel entries, per example.
-HAND = {"conv1": 16 * 16 * (3 * 3 * 3 * 8),
-        "conv2": 7 * 7 * (3 * 3 * 8 * 16),
-        "dw": 7 * 7 * (3 * 3 * 1 * 16),
-        "fc": 784 * 10}
+HAND = {
+  "conv1": 16 * 16 * (3 * 3 * 3 * 8),
+  "conv2": 7 * 7 * (3 * 3 * 8 * 16),
+  "dw": 7 * 7 * (3 * 3 * 1 * 16),
+  "fc": 784 * 10,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,11 @@ def test_small_conv_net_costs_equal_hand_count(model):
   costs8 = flops.flops_cost_tree(model, (8, 16, 16, 3))
   assert budget.total_cost(costs8) == 126_640
   # The model was not run or modified, and the interception is undone.
-  jax.tree.map(np.testing.assert_array_equal, stats_before,
-               jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    stats_before,
+    jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)),
+  )
   assert "record" not in nnx.Conv.__call__.__qualname__
   assert nnx.Conv.__call__.__module__.startswith("flax")
 
@@ -100,11 +105,11 @@ def test_weight_sharing_and_unknown_layers():
   with pytest.raises(ValueError, match=r"No FLOPs rule .*\['raw'\]"):
     flops.flops_cost_tree(model, (1, 4))
   costs = flops.flops_cost_tree(model, (1, 4), default_cost=3)
-  assert (costs["fc"]["kernel"] == 2).all()     # called twice per example
+  assert (costs["fc"]["kernel"] == 2).all()  # called twice per example
   assert (costs["raw"] == 3).all()
   costs = flops.flops_cost_tree(
-      model, (1, 4), where=lambda p: jax.tree.map(
-          lambda x: x.ndim >= 2 and x.shape != (4, 2), p))
+    model, (1, 4), where=lambda p: jax.tree.map(lambda x: x.ndim >= 2 and x.shape != (4, 2), p)
+  )
   assert not costs["raw"].any()
   # A sequence input: each dense entry is used once per position.
   seq = nnx.eval_shape(lambda: nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
@@ -117,10 +122,9 @@ def test_budget_prune_with_flops_costs(model):
   half = 126_640 // 2
   pruned, masks = budget.budget_prune(params, costs, half)
   kept = budget.total_cost(costs, masks)
-  assert half - 256 < kept <= half        # conv1 entries cost 256, the most
+  assert half - 256 < kept <= half  # conv1 entries cost 256, the most
   # Cheap dense weights are favoured: per unit of cost, fc keeps a larger
   # fraction than conv1.
   frac = {n: float(np.mean(masks[n]["kernel"])) for n in ("conv1", "fc")}
   assert frac["fc"] > frac["conv1"]
-  assert (np.asarray(pruned["fc"]["bias"]) ==
-          np.asarray(params["fc"]["bias"])).all()
+  assert (np.asarray(pruned["fc"]["bias"]) == np.asarray(params["fc"]["bias"])).all()

@@ -11,25 +11,39 @@ from experiments import rule_study
 
 
 def test_parse_shrinks():
-    assert rule_study.parse_shrinks("none,1e-2,0") == [None, 0.01, 0.0]
-    with pytest.raises(argparse.ArgumentTypeError, match="'x' is neither 'none' nor a number"):
-        rule_study.parse_shrinks("none,x")
-    with pytest.raises(argparse.ArgumentTypeError, match="1.0 is not in"):
-        rule_study.parse_shrinks("1")
+  assert rule_study.parse_shrinks("none,1e-2,0") == [None, 0.01, 0.0]
+  with pytest.raises(argparse.ArgumentTypeError, match="'x' is neither 'none' nor a number"):
+    rule_study.parse_shrinks("none,x")
+  with pytest.raises(argparse.ArgumentTypeError, match="1.0 is not in"):
+    rule_study.parse_shrinks("1")
 
 
 def test_missing_data_root_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        rule_study.main(["swap", "--data-root", str(tmp_path)])
-    assert e.value.code == 2
-    assert f"{tmp_path / 'mnist'} does not hold the mnist IDX files" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    rule_study.main(["swap", "--data-root", str(tmp_path)])
+  assert e.value.code == 2
+  assert f"{tmp_path / 'mnist'} does not hold the mnist IDX files" in capsys.readouterr().err
 
 
 def test_swap_rows_on_real_mnist(shared_datasets, capsys):
-    assert rule_study.main(["swap", "--data-root", str(shared_datasets), "--epochs", "1",
-                            "--compression", "4", "--shrinks", "none,1e-2"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["row"] for r in rows] == ["optax.sgd, then the cut", "gsm", "gsm"]
-    assert [r.get("shrink", "-") for r in rows] == ["-", None, 0.01]
-    for r in rows:
-        assert 0 <= r["after"] <= 100 and 80 <= r["before"] <= 100
+  assert (
+    rule_study.main(
+      [
+        "swap",
+        "--data-root",
+        str(shared_datasets),
+        "--epochs",
+        "1",
+        "--compression",
+        "4",
+        "--shrinks",
+        "none,1e-2",
+      ]
+    )
+    == 0
+  )
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["row"] for r in rows] == ["optax.sgd, then the cut", "gsm", "gsm"]
+  assert [r.get("shrink", "-") for r in rows] == ["-", None, 0.01]
+  for r in rows:
+    assert 0 <= r["after"] <= 100 and 80 <= r["before"] <= 100

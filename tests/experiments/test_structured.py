@@ -29,8 +29,10 @@ def random_alive(widths, seed, keep=0.6):
 def lenet_direct(p, x, eps):
   """LeNet-5 by hand; ``eps`` are zero perturbations of the post-ReLU maps."""
   dn = ("NHWC", "HWIO", "NHWC")
-  conv = lambda x, l: jax.lax.conv_general_dilated(
-      x, p[l]["kernel"], (1, 1), "VALID", dimension_numbers=dn) + p[l]["bias"]
+  conv = lambda x, l: (
+    jax.lax.conv_general_dilated(x, p[l]["kernel"], (1, 1), "VALID", dimension_numbers=dn)
+    + p[l]["bias"]
+  )
   pool = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))
   a1 = jax.nn.relu(conv(x, "conv1")) + eps["conv1"]
   a2 = jax.nn.relu(conv(pool(a1), "conv2")) + eps["conv2"]
@@ -52,11 +54,13 @@ def test_taylor_through_gates_equals_direct_from_activations():
   def total(eps):
     logits, acts = lenet_direct(gm.params, x, eps)
     return jnp.sum(S.cross_entropy(logits, y)), acts
+
   g_eps, acts = jax.jit(jax.grad(total, has_aux=True))(eps)
-  direct = {k: st.per_example_from_activations(a, g_eps[k])
-            for k, a in zip(shapes, acts)}
-  grads = jax.jit(lambda p, r, x, y, method: S.per_example_gate_grads(
-      gm, p, r, x, y, method=method), static_argnums=4)
+  direct = {k: st.per_example_from_activations(a, g_eps[k]) for k, a in zip(shapes, acts)}
+  grads = jax.jit(
+    lambda p, r, x, y, method: S.per_example_gate_grads(gm, p, r, x, y, method=method),
+    static_argnums=4,
+  )
   batched = grads(gm.params, gm.rest, x, y, "batched")
   vmapped = grads(gm.params, gm.rest, x, y, "vmap")
   for k in shapes:
@@ -65,8 +69,7 @@ def test_taylor_through_gates_equals_direct_from_activations():
   # ... and so do the criteria built from them.
   s_gate = st.accumulate_gate_stats(st.init_gate_stats(gm.widths), batched)
   s_direct = st.accumulate_gate_stats(st.init_gate_stats(gm.widths), direct)
-  for crit in (lambda s: st.taylor_first_order(s, gm.spatial), st.fisher,
-               st.taylor_gate):
+  for crit in (lambda s: st.taylor_first_order(s, gm.spatial), st.fisher, st.taylor_gate):
     for k, v in crit(s_gate).items():
       np.testing.assert_allclose(v, crit(s_direct)[k], rtol=5e-4, atol=1e-9)
 
@@ -80,21 +83,19 @@ def test_removed_channels_give_the_masked_outputs(name):
   model = S.build_model(name, seed=2)
   plan = S.plan_for(model)
   gm = S.GatedModel(model, plan)
-  if gm.has_batch_stats:   # non-trivial BatchNorm statistics
-    gm.rest = jax.tree.map(lambda v: v + 0.3 * jnp.arange(v.shape[-1]) / v.shape[-1],
-                           gm.rest)
+  if gm.has_batch_stats:  # non-trivial BatchNorm statistics
+    gm.rest = jax.tree.map(lambda v: v + 0.3 * jnp.arange(v.shape[-1]) / v.shape[-1], gm.rest)
     model = gm.to_model()
   alive = random_alive(gm.widths, seed=3)
   slim = S.remove_channels(model, alive, plan)
   assert type(slim) is type(model)
   assert S.site_widths(slim, plan) == S.alive_widths(alive)
-  x = jnp.asarray(np.random.default_rng(4).standard_normal(
-      (3,) + plan.input_shape), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((3,) + plan.input_shape), jnp.float32)
   masked, _ = jax.jit(lambda p, r, x, g: gm.apply(p, r, x, g, train=False))(
-      gm.params, gm.rest, x, S._gate_vectors(alive))
+    gm.params, gm.rest, x, S._gate_vectors(alive)
+  )
   slim.eval()
-  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(slim, x), masked,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(slim, x), masked, rtol=1e-5, atol=1e-5)
   # Analytic counts == counts measured on the smaller model.
   counter = S.StructureCounter(model, plan)
   macs, params = counter.count(alive)
@@ -119,13 +120,12 @@ def test_lenet5_counts_and_structured_masks_match_gates():
   masks = {k: jnp.where(jnp.asarray(v), 1.0, -1.0) for k, v in alive.items()}
   leaves = S._site_leaves(gm.plan, gm.params)
   assert leaves["conv1"] == [("conv1", "kernel"), ("conv1", "bias")]
-  masked_params = S.site_masked_params(gm.params, masks, leaves,
-                                       ste="softplus", alpha=0.2,
-                                       decouple=True)
+  masked_params = S.site_masked_params(
+    gm.params, masks, leaves, ste="softplus", alpha=0.2, decouple=True
+  )
   x = jnp.ones((2, 28, 28, 1))
   by_masks, _ = gm.apply(masked_params, gm.rest, x, None, train=False)
-  by_gates, _ = gm.apply(gm.params, gm.rest, x, S._gate_vectors(alive),
-                         train=False)
+  by_gates, _ = gm.apply(gm.params, gm.rest, x, S._gate_vectors(alive), train=False)
   np.testing.assert_allclose(by_masks, by_gates, rtol=1e-5, atol=1e-6)
 
 
@@ -137,8 +137,7 @@ def test_remove_channels_errors():
   with pytest.raises(ValueError, match="would lose every channel"):
     S.remove_channels(model, alive)
   with pytest.raises(ValueError, match=r"must have shape \(50,\)"):
-    S.remove_channels(model, {**alive, "conv1": np.ones(20, bool),
-                              "conv2": np.ones(3, bool)})
+    S.remove_channels(model, {**alive, "conv1": np.ones(20, bool), "conv2": np.ones(3, bool)})
   with pytest.raises(TypeError, match="No structure plan for Linear"):
     S.plan_for(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="`criterion` must be one of"):
@@ -152,20 +151,23 @@ def test_remove_channels_errors():
 @pytest.fixture(scope="module")
 def mnist_small(mnist_builder):
   from experiments import data
-  train = data.load("mnist", "train", batch_size=32, subset=4096,
-                    builder=mnist_builder)
-  test = data.load("mnist", "test", batch_size=500, subset=1000,
-                   builder=mnist_builder)
-  model = S.train_dense(S.build_model("lenet5"), train, steps=150, lr=0.02,
-                        log=lambda s: None)
+
+  train = data.load("mnist", "train", batch_size=32, subset=4096, builder=mnist_builder)
+  test = data.load("mnist", "test", batch_size=500, subset=1000, builder=mnist_builder)
+  model = S.train_dense(S.build_model("lenet5"), train, steps=150, lr=0.02, log=lambda s: None)
   return model, train, test
 
 
 @pytest.mark.parametrize("criterion", S.CRITERIA)
 def test_greedy_methods_end_to_end(mnist_small, criterion):
   model, train, test = mnist_small
-  cfg = S.GreedyConfig(criterion=criterion, flops_targets=(0.75,),
-                       steps_per_removal=1, cost_weight=5.0, finetune_steps=20)
+  cfg = S.GreedyConfig(
+    criterion=criterion,
+    flops_targets=(0.75,),
+    steps_per_removal=1,
+    cost_weight=5.0,
+    finetune_steps=20,
+  )
   result = S.greedy_prune(model, train, test, cfg, log=lambda s: None)
   (level,) = result["levels"]
   assert level["macs_fraction"] <= 0.75
@@ -182,19 +184,18 @@ def test_greedy_methods_end_to_end(mnist_small, criterion):
 
 def test_autoprune_end_to_end(mnist_small):
   model, train, test = mnist_small
-  cfg = S.AutoPruneConfig(ste="leaky_relu", strength=1e-3, mask_lr=1.0,
-                          mask_init=0.01, steps=30)
+  cfg = S.AutoPruneConfig(ste="leaky_relu", strength=1e-3, mask_lr=1.0, mask_init=0.01, steps=30)
   result = S.autoprune(model, train, test, cfg, log=lambda s: None)
   assert 1 < result["compression"]
   assert result["nonzero"] == result["history"][-1]["kept"]
   assert result["sparse_macs"] < result["dense_macs"]
   assert result["acc"] > 0.5
-  cfg = S.AutoPruneConfig(structured=True, ste="softplus", strength=2e-2,
-                          mask_lr=1.0, mask_init=0.01, steps=30)
+  cfg = S.AutoPruneConfig(
+    structured=True, ste="softplus", strength=2e-2, mask_lr=1.0, mask_init=0.01, steps=30
+  )
   result = S.autoprune(model, train, test, cfg, log=lambda s: None)
   assert result["macs"] < result["dense_macs"]
-  assert result["measured"] == {"macs": result["macs"],
-                                "params": result["params"]}
+  assert result["measured"] == {"macs": result["macs"], "params": result["params"]}
   assert result["max_abs_output_diff"] < 1e-4
   assert abs(result["slim_acc"] - result["acc"]) <= 2e-3
 
@@ -205,10 +206,14 @@ def test_autoprune_to_count_keeps_exactly_q(mnist_small):
   gm = S.GatedModel(model)
   apply = lambda p, x: gm.apply(p, gm.rest, x, None, train=False)[0]
   q = 43050
-  params, info = S.autoprune_to_count(apply, gm.params, train, num_nonzero=q,
-                                      steps=20, log=lambda s: None)
-  nonzero = sum(int(np.count_nonzero(np.asarray(leaf)))
-                for leaf in jax.tree.leaves(params) if np.ndim(leaf) >= 2)
+  params, info = S.autoprune_to_count(
+    apply, gm.params, train, num_nonzero=q, steps=20, log=lambda s: None
+  )
+  nonzero = sum(
+    int(np.count_nonzero(np.asarray(leaf)))
+    for leaf in jax.tree.leaves(params)
+    if np.ndim(leaf) >= 2
+  )
   assert nonzero == q
   assert len(info["history"]) == 14 and info["final_strength"] > 0
   assert S.evaluate(gm, params, gm.rest, test)["acc"] > 0.5
@@ -216,8 +221,7 @@ def test_autoprune_to_count_keeps_exactly_q(mnist_small):
 
 def test_gsm_baseline_end_to_end(mnist_small):
   model, train, test = mnist_small
-  result = S.gsm_baseline(model, train, test, num_nonzero=43050, steps=30,
-                          log=lambda s: None)
+  result = S.gsm_baseline(model, train, test, num_nonzero=43050, steps=30, log=lambda s: None)
   assert result["compression"] == pytest.approx(10.0)
   assert result["acc"] > 0.8
 
@@ -226,16 +230,42 @@ def test_gsm_baseline_end_to_end(mnist_small):
 # The CIFAR-10 configurations run under tfds.testing.mock_data.
 
 
-@pytest.mark.parametrize("argv", [
-    ["taylor", "--model", "vgg_small", "--flops-targets", "0.9",
-     "--cost-weight", "1", "--steps-per-removal", "1", "--finetune-steps", "1"],
+@pytest.mark.parametrize(
+  "argv",
+  [
+    [
+      "taylor",
+      "--model",
+      "vgg_small",
+      "--flops-targets",
+      "0.9",
+      "--cost-weight",
+      "1",
+      "--steps-per-removal",
+      "1",
+      "--finetune-steps",
+      "1",
+    ],
     ["autoprune_structured", "--model", "resnet8", "--steps", "2"],
-])
+  ],
+)
 def test_cifar_configurations_under_mock_data(argv, tmp_path):
   out = tmp_path / "result.json"
   args = S.build_parser().parse_args(
-      argv + ["--mock", "16", "--batch-size", "8", "--pretrain-steps", "0",
-              "--data-dir", str(tmp_path / "tfds"), "--out", str(out)])
+    argv
+    + [
+      "--mock",
+      "16",
+      "--batch-size",
+      "8",
+      "--pretrain-steps",
+      "0",
+      "--data-dir",
+      str(tmp_path / "tfds"),
+      "--out",
+      str(out),
+    ]
+  )
   result = S.run(args, log=lambda s: None)
   assert result["dataset"] == "cifar10" and result["mock"] == 16
   if argv[0] == "taylor":
@@ -247,10 +277,14 @@ def test_cifar_configurations_under_mock_data(argv, tmp_path):
 def test_command_line_choices_are_checked_while_parsing(tmp_path, capsys):
   out = tmp_path / "r.json"
   for argv, says in (
-      (["gsm", "--model", "lenet7"], "argument --model: invalid choice: 'lenet7' (choose from "
-                                     + ", ".join(repr(m) for m in S.MODEL_NAMES) + ")"),
-      (["taylor", "--dataset", "cifar100"], "argument --dataset: invalid choice: 'cifar100'"),
-      (["gsm"], "gsm needs --num-nonzero"),
+    (
+      ["gsm", "--model", "lenet7"],
+      "argument --model: invalid choice: 'lenet7' (choose from "
+      + ", ".join(repr(m) for m in S.MODEL_NAMES)
+      + ")",
+    ),
+    (["taylor", "--dataset", "cifar100"], "argument --dataset: invalid choice: 'cifar100'"),
+    (["gsm"], "gsm needs --num-nonzero"),
   ):
     with pytest.raises(SystemExit) as info:
       S.main(argv + ["--out", str(out)])

@@ -32,13 +32,17 @@ LAYOUTS = ("dp", "fsdp", "2d")
 MULTIHOST_LAYOUTS = ("fsdp", "2d")
 STEPS = 4
 BATCH = 64
-MIN_SIZE = 1024          # leaves smaller than this stay replicated
+MIN_SIZE = 1024  # leaves smaller than this stay replicated
 COMPRESSION = 10
 SHAPES = {
-    "w0": (12, 100), "b0": (100,),
-    "w1": (100, 256), "b1": (256,),
-    "w2": (256, 64), "b2": (64,),
-    "w3": (64, 10), "b3": (10,),
+  "w0": (12, 100),
+  "b0": (100,),
+  "w1": (100, 256),
+  "b1": (256,),
+  "w2": (256, 64),
+  "b2": (64,),
+  "w3": (64, 10),
+  "b3": (10,),
 }
 # Eligible leaves (ndim >= 2) in jax.tree.leaves order (sorted dict keys).
 ELIGIBLE = ("w0", "w1", "w2", "w3")
@@ -57,8 +61,12 @@ def mesh_spec(layout: str, num_devices: int) -> str:
 
 
 # (batch axis, parameter axis or None) of each layout.
-AXES = {"dp": ("data", None), "fsdp": ("fsdp", "fsdp"),
-        "2d": ("data", "model"), "ref": ("data", None)}
+AXES = {
+  "dp": ("data", None),
+  "fsdp": ("fsdp", "fsdp"),
+  "2d": ("data", "model"),
+  "ref": ("data", None),
+}
 
 
 def make_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -81,8 +89,7 @@ def make_grads(case: str, seed: int = 1):
   rng = np.random.default_rng(seed)
   if case == "random":
     params = make_params(seed + 10)
-    grads = {k: rng.normal(size=s).astype(np.float32)
-             for k, s in SHAPES.items()}
+    grads = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
   elif case == "ties":
     values = np.array([-3, -2, -1, 1, 2, 3], np.float32)
     params = {k: rng.choice(values, size=s) for k, s in SHAPES.items()}
@@ -105,6 +112,7 @@ def make_batches(seed: int = 2):
 
 def _setup_jax(num_cpu_devices: int):
   import jax
+
   jax.config.update("jax_num_cpu_devices", num_cpu_devices)
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -113,6 +121,7 @@ def _setup_jax(num_cpu_devices: int):
 
 def loss_fn(params, x, y):
   import jax.numpy as jnp
+
   h = jnp.tanh(x @ params["w0"] + params["b0"])
   h = jnp.tanh(h @ params["w1"] + params["b1"])
   h = jnp.tanh(h @ params["w2"] + params["b2"])
@@ -122,8 +131,8 @@ def loss_fn(params, x, y):
 
 def make_tx():
   import optax_gsm
-  return optax_gsm.gsm(0.05, compression=COMPRESSION, momentum=0.9,
-                       weight_decay=1e-4)
+
+  return optax_gsm.gsm(0.05, compression=COMPRESSION, momentum=0.9, weight_decay=1e-4)
 
 
 def masks_fn(method: str = "auto"):
@@ -135,6 +144,7 @@ def masks_fn(method: str = "auto"):
   these problems (checked by the tests).
   """
   import optax_gsm
+
   tx = optax_gsm.global_top_q(compression=COMPRESSION, selection=method)
 
   def masks(grads, params):
@@ -149,23 +159,25 @@ def methods() -> list[str]:
   that "auto" does not resolve to."""
   from optax_gsm import selection
   from optax_gsm import transform
+
   auto = transform.resolve_selection("auto")
-  return ["auto"] + [m for m in selection.SELECTIONS
-                     if m not in ("auto", auto)]
+  return ["auto"] + [m for m in selection.SELECTIONS if m not in ("auto", auto)]
 
 
 # --- HLO inspection ---------------------------------------------------------
 
 _COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
-    r"(?P<op>all-reduce|all-gather|all-to-all|reduce-scatter|"
-    r"collective-permute|all-reduce-start|all-gather-start|"
-    r"collective-permute-start|ragged-all-to-all|collective-broadcast)\(")
+  r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
+  r"(?P<op>all-reduce|all-gather|all-to-all|reduce-scatter|"
+  r"collective-permute|all-reduce-start|all-gather-start|"
+  r"collective-permute-start|ragged-all-to-all|collective-broadcast)\("
+)
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _GROUPS = re.compile(
-    r"replica_groups=(.*?)(?:, (?:use_global_device_ids|to_apply|dimensions|"
-    r"channel_id|metadata|constrain_layout|backend_config)=|$)")
+  r"replica_groups=(.*?)(?:, (?:use_global_device_ids|to_apply|dimensions|"
+  r"channel_id|metadata|constrain_layout|backend_config)=|$)"
+)
 
 
 def collectives(hlo_text: str) -> list[dict]:
@@ -178,12 +190,14 @@ def collectives(hlo_text: str) -> list[dict]:
     arrays = []
     for dtype, dims in _ARRAY.findall(m.group("shape")):
       shape = [int(d) for d in dims.split(",") if d]
-      arrays.append({"dtype": dtype, "shape": shape,
-                     "elements": int(np.prod(shape)) if shape else 1})
+      arrays.append(
+        {"dtype": dtype, "shape": shape, "elements": int(np.prod(shape)) if shape else 1}
+      )
     op_name = _OP_NAME.search(line)
     op_name = op_name.group(1) if op_name else ""
     groups = _GROUPS.search(line)
-    out.append({
+    out.append(
+      {
         "groups": groups.group(1) if groups else "",
         "op": m.group("op").replace("-start", ""),
         "arrays": arrays,
@@ -191,7 +205,8 @@ def collectives(hlo_text: str) -> list[dict]:
         "op_name": op_name,
         "in_while": "/while/" in op_name,
         "in_cond": "/cond/" in op_name or "/switch/" in op_name,
-    })
+      }
+    )
   return out
 
 
@@ -201,10 +216,12 @@ def collectives(hlo_text: str) -> list[dict]:
 def put(tree, shardings):
   """Global arrays from host numpy (the same full values on every process)."""
   import jax
+
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(
-          np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
-      tree, shardings)
+    lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
+    tree,
+    shardings,
+  )
 
 
 class Layout:
@@ -219,18 +236,18 @@ class Layout:
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from optax_gsm import sharding
+
     self.name, self.mesh = name, mesh
     self.tx = tx = make_tx()
     batch_axis, param_axis = AXES[name]
-    params_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), make_params())
+    params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), make_params())
     state_abs = jax.eval_shape(tx.init, params_abs)
     if param_axis is None:
       spec = lambda tree: jax.tree.map(lambda _: P(), tree)
     else:
       spec = functools.partial(
-          sharding.fsdp_partition_specs, mesh=mesh, axis=param_axis,
-          min_size=MIN_SIZE)
+        sharding.fsdp_partition_specs, mesh=mesh, axis=param_axis, min_size=MIN_SIZE
+      )
     self.p_specs, s_specs = spec(params_abs), spec(state_abs)
     sharding.validate_partition_specs(params_abs, self.p_specs, mesh)
     sharding.validate_partition_specs(state_abs, s_specs, mesh)
@@ -240,11 +257,10 @@ class Layout:
     self.replicated = NamedSharding(mesh, P())
     mask_sh = {k: p_sh[k] for k in ELIGIBLE}
     abs_of = lambda tree, sh: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        tree, sh)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
+    )
     p_abs, s_abs = abs_of(params_abs, p_sh), abs_of(state_abs, s_sh)
-    b_abs = [jax.ShapeDtypeStruct((BATCH, d), np.float32, sharding=b_sh)
-             for d in (12, 10)]
+    b_abs = [jax.ShapeDtypeStruct((BATCH, d), np.float32, sharding=b_sh) for d in (12, 10)]
 
     def apply(params, state, grads):
       # One GSM step from given (averaged) gradients: what the user calls.
@@ -252,21 +268,18 @@ class Layout:
       return optax.apply_updates(params, updates), state
 
     def step(params, state, x, y):
-      grads = jax.grad(loss_fn)(params, x, y)   # mean over the global batch
+      grads = jax.grad(loss_fn)(params, x, y)  # mean over the global batch
       params, state = apply(params, state, grads)
       return params, state, grads
 
     self._specs = {
-        "gsm_apply": (apply, (p_sh, s_sh, p_sh), (p_sh, s_sh),
-                      (p_abs, s_abs, p_abs)),
-        "train_step": (step, (p_sh, s_sh, b_sh, b_sh), (p_sh, s_sh, p_sh),
-                       (p_abs, s_abs, *b_abs)),
-        "init": (tx.init, (p_sh,), s_sh, (p_abs,)),
+      "gsm_apply": (apply, (p_sh, s_sh, p_sh), (p_sh, s_sh), (p_abs, s_abs, p_abs)),
+      "train_step": (step, (p_sh, s_sh, b_sh, b_sh), (p_sh, s_sh, p_sh), (p_abs, s_abs, *b_abs)),
+      "init": (tx.init, (p_sh,), s_sh, (p_abs,)),
     }
     # The mask of every selection backend ("masks_auto" is what gsm uses).
     for m in methods():
-      self._specs[f"masks_{m}"] = (masks_fn(m), (p_sh, p_sh), mask_sh,
-                                   (p_abs, p_abs))
+      self._specs[f"masks_{m}"] = (masks_fn(m), (p_sh, p_sh), mask_sh, (p_abs, p_abs))
     self.compiled = {}
     self._gather = jax.jit(lambda t: t, out_shardings=self.replicated)
 
@@ -276,18 +289,20 @@ class Layout:
       raise AttributeError(name)
     if name not in self.compiled:
       import jax
+
       fn, in_sh, out_sh, args = specs[name]
-      self.compiled[name] = jax.jit(
-          fn, in_shardings=in_sh, out_shardings=out_sh).lower(*args).compile()
+      self.compiled[name] = (
+        jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh).lower(*args).compile()
+      )
     return self.compiled[name]
 
   def fetch(self, tree):
     """``tree`` as numpy on this process (replicated over the mesh first)."""
     import jax
+
     if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
       return jax.device_get(tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
-                        self._gather(tree))
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), self._gather(tree))
 
   def hlo(self) -> dict:
     """Collectives and per-device memory of every compiled function."""
@@ -295,16 +310,21 @@ class Layout:
     for key, c in self.compiled.items():
       mem = c.memory_analysis()
       out[key] = {
-          "collectives": collectives(c.as_text()),
-          "memory": None if mem is None else {
-              "temp_bytes": int(mem.temp_size_in_bytes),
-              "argument_bytes": int(mem.argument_size_in_bytes),
-              "output_bytes": int(mem.output_size_in_bytes)}}
+        "collectives": collectives(c.as_text()),
+        "memory": None
+        if mem is None
+        else {
+          "temp_bytes": int(mem.temp_size_in_bytes),
+          "argument_bytes": int(mem.argument_size_in_bytes),
+          "output_bytes": int(mem.output_size_in_bytes),
+        },
+      }
     return out
 
 
-def run_layout(layout: Layout, ref: "Layout | None", out: dict, prefix: str,
-               *, extras: bool = False):
+def run_layout(
+  layout: Layout, ref: "Layout | None", out: dict, prefix: str, *, extras: bool = False
+):
   """Runs the update-only cases and STEPS training steps on ``layout``.
 
   With ``ref`` (a one-device layout), also recomputes every training step on
@@ -325,10 +345,9 @@ def run_layout(layout: Layout, ref: "Layout | None", out: dict, prefix: str,
     record(f"{case}/mask", layout.masks_auto(grads, params))
     if extras:
       for m in methods()[1:]:
-        record(f"{case}/mask_{m}",
-               getattr(layout, f"masks_{m}")(grads, params))
+        record(f"{case}/mask_{m}", getattr(layout, f"masks_{m}")(grads, params))
     state = layout.init(params)
-    for t in range(2):   # two steps, so that the momentum is used
+    for t in range(2):  # two steps, so that the momentum is used
       params, state = layout.gsm_apply(params, state, grads)
       record(f"{case}/{t}/params", params)
       record(f"{case}/{t}/state", state)
@@ -349,16 +368,27 @@ def run_layout(layout: Layout, ref: "Layout | None", out: dict, prefix: str,
     record(f"train/{t}/mask", layout.masks_auto(grads, before))
     if ref is not None:
       # The same step on one device, from the same averaged gradient.
-      p1, s1, g1 = (put(layout.fetch(tree), sh) for tree, sh in (
-          (before, ref.p_sh), (state_before, ref.s_sh), (grads, ref.p_sh)))
-      out.update({f"{prefix}/train/{t}/samegrad_mask{k}": v for k, v in
-                  _flat(ref.fetch(ref.masks_auto(g1, p1)))})
-      out.update({f"{prefix}/train/{t}/samegrad_params{k}": v for k, v in
-                  _flat(ref.fetch(ref.gsm_apply(p1, s1, g1)[0]))})
+      p1, s1, g1 = (
+        put(layout.fetch(tree), sh)
+        for tree, sh in ((before, ref.p_sh), (state_before, ref.s_sh), (grads, ref.p_sh))
+      )
+      out.update(
+        {
+          f"{prefix}/train/{t}/samegrad_mask{k}": v
+          for k, v in _flat(ref.fetch(ref.masks_auto(g1, p1)))
+        }
+      )
+      out.update(
+        {
+          f"{prefix}/train/{t}/samegrad_params{k}": v
+          for k, v in _flat(ref.fetch(ref.gsm_apply(p1, s1, g1)[0]))
+        }
+      )
 
 
 def _flat(tree):
   import jax
+
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return [(jax.tree_util.keystr(p), np.asarray(v)) for p, v in flat]
 
@@ -367,11 +397,11 @@ def main_single(out_dir: str):
   jax = _setup_jax(8)
   from optax_gsm import sharding
   from optax_gsm import transform
+
   assert jax.device_count() == 8, jax.devices()
   t0 = time.time()
   out, hlo, info = {}, {}, {"seconds": {}}
-  ref = Layout("ref", sharding.make_mesh("data=1",
-                                         devices=jax.devices()[:1]))
+  ref = Layout("ref", sharding.make_mesh("data=1", devices=jax.devices()[:1]))
   run_layout(ref, None, out, "ref")
   info["seconds"]["ref"] = time.time() - t0
   for name in LAYOUTS:
@@ -380,10 +410,12 @@ def main_single(out_dir: str):
     layout = Layout(name, mesh)
     with jax.set_mesh(mesh):
       auto = transform.resolve_selection("auto")
-    info[name] = {"auto_resolves_to": auto, "methods": methods(),
-                  "mesh": dict(mesh.shape),
-                  "param_specs": {k: [str(e) for e in s]
-                                  for k, s in layout.p_specs.items()}}
+    info[name] = {
+      "auto_resolves_to": auto,
+      "methods": methods(),
+      "mesh": dict(mesh.shape),
+      "param_specs": {k: [str(e) for e in s] for k, s in layout.p_specs.items()},
+    }
     run_layout(layout, ref, out, name, extras=name != "dp")
     hlo[name] = layout.hlo()
     info["seconds"][name] = time.time() - t1
@@ -395,22 +427,24 @@ def main_single(out_dir: str):
     json.dump({"hlo": hlo, "info": info}, f, indent=1)
 
 
-def main_multihost(out_dir: str, process_id: int, num_processes: int,
-                   port: int):
+def main_multihost(out_dir: str, process_id: int, num_processes: int, port: int):
   jax = _setup_jax(4)
   jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-      process_id=process_id, initialization_timeout=60)
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   try:
     from optax_gsm import sharding
+
     n = jax.device_count()
     assert n == 4 * num_processes, jax.devices()
     assert jax.local_device_count() == 4
     assert jax.process_count() == num_processes
     out = {}
     # This process's one-device reference, for "same averaged gradient".
-    ref = Layout("ref", sharding.make_mesh(
-        "data=1", devices=jax.local_devices()[:1]))
+    ref = Layout("ref", sharding.make_mesh("data=1", devices=jax.local_devices()[:1]))
     for name in MULTIHOST_LAYOUTS:
       layout = Layout(name, sharding.make_mesh(mesh_spec(name, n)))
       run_layout(layout, ref, out, name)
@@ -420,13 +454,11 @@ def main_multihost(out_dir: str, process_id: int, num_processes: int,
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.abspath(
-      os.path.join(os.path.dirname(__file__), "..", "..")))
+  sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
   mode = sys.argv[1]
   if mode == "single":
     main_single(sys.argv[2])
   elif mode == "multihost":
-    main_multihost(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-                   int(sys.argv[5]))
+    main_multihost(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
   else:
     raise SystemExit(f"unknown mode {mode!r}")

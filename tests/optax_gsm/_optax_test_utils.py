@@ -25,7 +25,6 @@ _LOCK = threading.Lock()
 
 
 class _ToList(logging.Handler):
-
   def __init__(self):
     super().__init__(logging.DEBUG)
     self.records = []
@@ -46,5 +45,6 @@ def log_compilations():
       yield compilations
     finally:
       logger.removeHandler(handler)
-  compilations.extend(r for r in handler.records
-                      if re.search(r"Finished .* compilation", r.getMessage()))
+  compilations.extend(
+    r for r in handler.records if re.search(r"Finished .* compilation", r.getMessage())
+  )

@@ -11,13 +11,12 @@ def ranked_selection(scores_list, q):
   Order: larger score first; NaN after every number; ties by lower global
   flat index. NaN is never selected unless Q >= N.
   """
-  flat = np.concatenate(
-      [np.asarray(s, np.float32).ravel() for s in scores_list])
+  flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores_list])
   n = flat.size
   q = int(min(max(q, 0), n))
   nan = np.isnan(flat)
   value = np.where(nan, 0.0, -flat.astype(np.float64))
-  order = np.lexsort((np.arange(n), value, nan))   # last key is primary
+  order = np.lexsort((np.arange(n), value, nan))  # last key is primary
   sel = np.zeros(n, bool)
   sel[order[:q]] = True
   if q < n:
@@ -25,13 +24,23 @@ def ranked_selection(scores_list, q):
   out, start = [], 0
   for s in scores_list:
     size = np.size(s)
-    out.append(sel[start:start + size].reshape(np.shape(s)))
+    out.append(sel[start : start + size].reshape(np.shape(s)))
     start += size
   return out
 
 
-def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
-              unselected_decay=0.0, unselected_shrink=0.0):
+def gsm_steps(
+  params,
+  grads_seq,
+  *,
+  lr,
+  q,
+  momentum,
+  weight_decay,
+  eligible,
+  unselected_decay=0.0,
+  unselected_shrink=0.0,
+):
   """Runs GSM's update in numpy, in float64.
 
   ``Z <- beta Z + eta W + B g (+ eta_u (1-B) W)``, then
@@ -46,8 +55,9 @@ def gsm_steps(params, grads_seq, *, lr, q, momentum, weight_decay, eligible,
   masks_seq = []
   for grads in grads_seq:
     elig_idx = [i for i, e in enumerate(eligible) if e]
-    scores = [np.abs(np.asarray(grads[i], np.float32) *
-                     np.asarray(w[i], np.float32)) for i in elig_idx]
+    scores = [
+      np.abs(np.asarray(grads[i], np.float32) * np.asarray(w[i], np.float32)) for i in elig_idx
+    ]
     masks = ranked_selection(scores, q)
     masks_seq.append(masks)
     mask_of = dict(zip(elig_idx, masks))
@@ -78,11 +88,10 @@ def int32_keys(scores):
 def key_selection(leaves, q):
   """``(masks, kth key)`` of the Q largest keys; ties to the lower global flat
   index; NaN keys selected only when Q >= N."""
-  keys = np.concatenate([int32_keys(np.asarray(l, np.float32)).ravel()
-                         for l in leaves])
+  keys = np.concatenate([int32_keys(np.asarray(l, np.float32)).ravel() for l in leaves])
   n = keys.size
   q = int(min(max(q, 0), n))
-  order = np.lexsort((np.arange(n), -keys))     # last key is primary
+  order = np.lexsort((np.arange(n), -keys))  # last key is primary
   sel = np.zeros(n, bool)
   sel[order[:q]] = True
   if q < n:
@@ -90,6 +99,6 @@ def key_selection(leaves, q):
   out, start = [], 0
   for l in leaves:
     size = int(np.size(l))
-    out.append(sel[start:start + size].reshape(np.shape(l)))
+    out.append(sel[start : start + size].reshape(np.shape(l)))
     start += size
   return out, (int(keys[order[q - 1]]) if q > 0 else INT_MIN)

@@ -17,14 +17,17 @@ from tests.optax_gsm import reference
 
 def _masks_like(rng, params, keep=0.3):
   return jax.tree.map(
-      lambda p: jnp.asarray(rng.random(p.shape) < keep) if p.ndim >= 2
-      else jnp.ones(p.shape, bool), params)
+    lambda p: jnp.asarray(rng.random(p.shape) < keep) if p.ndim >= 2 else jnp.ones(p.shape, bool),
+    params,
+  )
 
 
 def test_fixed_mask_retraining_keeps_pruned_weights_exactly_zero():
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+  }
   masks = _masks_like(rng, params)
   # Momentum and weight decay of pruned entries must never reach the weights;
   # the starting values are NOT zero, masked_updates zeroes them at step 1.
@@ -33,8 +36,7 @@ def test_fixed_mask_retraining_keeps_pruned_weights_exactly_zero():
   state, ref_state = tx.init(params), inner.init(params)
   p, ref = params, params
   for _ in range(5):
-    g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape),
-                                           jnp.float32), params)
+    g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
     u, state = tx.update(g, state, p)
     p = optax.apply_updates(p, u)
     ru, ref_state = inner.update(g, ref_state, ref)
@@ -43,8 +45,9 @@ def test_fixed_mask_retraining_keeps_pruned_weights_exactly_zero():
     assert np.all(w[~np.asarray(masks["w"])] == 0.0)
     # Kept entries follow exactly the unmasked optimizer (updates are
     # elementwise, so the mask cannot leak into them).
-    np.testing.assert_array_equal(w[np.asarray(masks["w"])],
-                                  np.asarray(ref["w"])[np.asarray(masks["w"])])
+    np.testing.assert_array_equal(
+      w[np.asarray(masks["w"])], np.asarray(ref["w"])[np.asarray(masks["w"])]
+    )
   np.testing.assert_array_equal(p["b"], ref["b"])
 
 
@@ -67,15 +70,16 @@ def test_masked_updates_without_zeroing_and_errors():
 
 def test_masked_updates_in_nnx_optimizer_with_plain_dict_masks():
   from flax import nnx
+
   model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   pruned, masks = optax_gsm.magnitude_prune(params, 5)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, pruned)
   nnx.update(model, state)
-  opt = nnx.Optimizer(model, optax.chain(optax.sgd(0.1),
-                                         baselines.masked_updates(masks)),
-                      wrt=nnx.Param)
+  opt = nnx.Optimizer(
+    model, optax.chain(optax.sgd(0.1), baselines.masked_updates(masks)), wrt=nnx.Param
+  )
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 4))) ** 2))(model)
   opt.update(model, grads)
   kernel = np.asarray(model.kernel[...])
@@ -87,11 +91,17 @@ def test_masked_updates_in_nnx_optimizer_with_plain_dict_masks():
 
 
 def test_polynomial_schedule_matches_hand_computed_values():
-  s = baselines.polynomial_sparsity_schedule(0.1, 0.9, begin_step=10,
-                                             end_step=110, power=3)
+  s = baselines.polynomial_sparsity_schedule(0.1, 0.9, begin_step=10, end_step=110, power=3)
   # s_f + (s_i - s_f) (1 - (t - 10) / 100)^3
-  want = {0: 0.1, 10: 0.1, 35: 0.9 - 0.8 * 0.75 ** 3, 60: 0.9 - 0.8 * 0.125,
-          85: 0.9 - 0.8 * 0.25 ** 3, 110: 0.9, 1000: 0.9}
+  want = {
+    0: 0.1,
+    10: 0.1,
+    35: 0.9 - 0.8 * 0.75**3,
+    60: 0.9 - 0.8 * 0.125,
+    85: 0.9 - 0.8 * 0.25**3,
+    110: 0.9,
+    1000: 0.9,
+  }
   for t, v in want.items():
     assert float(s(t)) == pytest.approx(v, abs=1e-6), t
   assert float(jax.jit(s)(jnp.int32(60))) == pytest.approx(0.8, abs=1e-6)
@@ -106,29 +116,32 @@ def test_polynomial_schedule_matches_hand_computed_values():
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_scheduled_prune_steps_counts_and_zeros(scope):
   rng = np.random.default_rng(1)
-  params = {"a": jnp.asarray(rng.standard_normal((10, 8)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
-            "bias": jnp.ones(8)}
+  params = {
+    "a": jnp.asarray(rng.standard_normal((10, 8)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
+    "bias": jnp.ones(8),
+  }
   sched = baselines.polynomial_sparsity_schedule(0.0, 0.75, 0, 7)
-  tx = optax.chain(optax.sgd(0.01, 0.9), baselines.scheduled_magnitude_prune(
-      sched, frequency=3, begin_step=0, end_step=7, scope=scope))
+  tx = optax.chain(
+    optax.sgd(0.01, 0.9),
+    baselines.scheduled_magnitude_prune(sched, frequency=3, begin_step=0, end_step=7, scope=scope),
+  )
   state = jax.jit(tx.init)(params)
   update = jax.jit(tx.update)
   p = params
   kept_before = 100
   for t in range(10):
-    g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape),
-                                           jnp.float32), params)
+    g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
     u, state = update(g, state, p)
     p = optax.apply_updates(p, u)
     masks = baselines.scheduled_masks(state, p)
     kept = int(masks["a"].sum() + masks["b"].sum())
     nonzero = int(np.count_nonzero(p["a"]) + np.count_nonzero(p["b"]))
-    assert nonzero == kept          # pruned entries are exactly zero
-    assert kept <= kept_before      # masks only shrink
+    assert nonzero == kept  # pruned entries are exactly zero
+    assert kept <= kept_before  # masks only shrink
     kept_before = kept
     s = float(sched(t))
-    if t in (0, 3, 6, 7):           # every 3 steps from 0, and end_step
+    if t in (0, 3, 6, 7):  # every 3 steps from 0, and end_step
       if scope == "global":
         assert kept == 100 - round(s * 100)
       else:
@@ -142,17 +155,18 @@ def test_scheduled_prune_ranks_by_magnitude_after_the_step():
   params = {"w": jnp.array([[1.0, -4.0], [3.0, 2.0]])}
   tx = baselines.scheduled_magnitude_prune(lambda t: 0.5, frequency=1)
   # The update makes w[0, 0] the largest: ranking uses W + u.
-  u, _ = tx.update({"w": jnp.array([[9.0, 0.0], [0.0, 0.0]])},
-                   tx.init(params), params)
+  u, _ = tx.update({"w": jnp.array([[9.0, 0.0], [0.0, 0.0]])}, tx.init(params), params)
   new = optax.apply_updates(params, u)
   np.testing.assert_array_equal(new["w"], [[10.0, -4.0], [0.0, 0.0]])
 
 
 def test_layerwise_threshold_prune_matches_numpy():
   rng = np.random.default_rng(2)
-  params = {"a": jnp.asarray(rng.standard_normal((30, 20)), jnp.float32),
-            "b": jnp.asarray(3 * rng.standard_normal((5, 5, 2, 3)), jnp.float32),
-            "bias": jnp.ones(3)}
+  params = {
+    "a": jnp.asarray(rng.standard_normal((30, 20)), jnp.float32),
+    "b": jnp.asarray(3 * rng.standard_normal((5, 5, 2, 3)), jnp.float32),
+    "bias": jnp.ones(3),
+  }
   pruned, masks = baselines.layerwise_threshold_prune(params, 0.7)
   for k in ("a", "b"):
     w = np.asarray(params[k], np.float64)
@@ -168,23 +182,23 @@ def test_layerwise_threshold_prune_matches_numpy():
 
 
 def test_dns_hysteresis_band_keeps_state():
-  t = 2.0                     # band [1.8, 2.2]
+  t = 2.0  # band [1.8, 2.2]
   w = jnp.array([1.0, 1.79, 1.8, 2.0, 2.2, 2.21, 3.0])
   on = jnp.ones(7, bool)
   off = jnp.zeros(7, bool)
   # From 1: only |w| < 0.9 t is cut.
-  np.testing.assert_array_equal(baselines.dns_update_masks(on, w, t),
-                                [0, 0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(baselines.dns_update_masks(on, w, t), [0, 0, 1, 1, 1, 1, 1])
   # From 0: only |w| > 1.1 t is spliced back.
-  np.testing.assert_array_equal(baselines.dns_update_masks(off, -w, t),
-                                [0, 0, 0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(baselines.dns_update_masks(off, -w, t), [0, 0, 0, 0, 0, 1, 1])
 
 
 def test_dns_thresholds_match_numpy_and_transform_follows_rule():
   rng = np.random.default_rng(3)
-  params = {"a": jnp.asarray(rng.standard_normal((20, 10)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((10, 4)), jnp.float32),
-            "bias": jnp.zeros(4)}
+  params = {
+    "a": jnp.asarray(rng.standard_normal((20, 10)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((10, 4)), jnp.float32),
+    "bias": jnp.zeros(4),
+  }
   got = baselines.dns_thresholds(params, [0.5, -0.2])
   for g, k, c in zip(got, ("a", "b"), (0.5, -0.2)):
     a = np.abs(np.asarray(params[k], np.float64))
@@ -249,9 +263,11 @@ def test_surgery_forward_is_straight_through():
 
 
 # {'b', 'v', 'w'}: leaf order b, v, w; v and w eligible (ndim >= 2).
-_MAP_PARAMS = {"w": jnp.array([[0.1, -2.0], [3.0, 0.2]]),
-               "v": jnp.array([[1.0, 3.0]]),
-               "b": jnp.array([0.5, -1.0])}
+_MAP_PARAMS = {
+  "w": jnp.array([[0.1, -2.0], [3.0, 0.2]]),
+  "v": jnp.array([[1.0, 3.0]]),
+  "b": jnp.array([0.5, -1.0]),
+}
 _SPECS = {"w": "spec w", "v": "spec v", "b": "spec b"}
 
 
@@ -260,42 +276,45 @@ def _dns_one_step():
   # 1.325); the first step always prunes |x| < 0.9 t: v 1.0, w 0.1 and 0.2.
   tx = baselines.dynamic_network_surgery([0.5, 0.0])
   state = tx.init(_MAP_PARAMS)
-  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
-                       _MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state, _MAP_PARAMS)
   return tx, state, state
 
 
 def _scheduled_one_step():
   # sgd(0) leaves W + u = W; half of the 6 eligible entries by magnitude
   # (-2, 3, 3) are kept; b is not eligible.
-  tx = optax.chain(optax.sgd(0.0), baselines.scheduled_magnitude_prune(
-      lambda t: 0.5, frequency=1,
-      where={"w": True, "v": True, "b": False}))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    baselines.scheduled_magnitude_prune(
+      lambda t: 0.5, frequency=1, where={"w": True, "v": True, "b": False}
+    ),
+  )
   state = tx.init(_MAP_PARAMS)
-  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
-                       _MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state, _MAP_PARAMS)
   return tx, state, state[1]
 
 
-_MASKS = {"w": jnp.array([[False, True], [True, False]]),
-          "v": jnp.array([[False, True]]),
-          "b": jnp.array([True, True])}
+_MASKS = {
+  "w": jnp.array([[False, True], [True, False]]),
+  "v": jnp.array([[False, True]]),
+  "b": jnp.array([True, True]),
+}
 
 
 def _masked_one_step():
-  tx = optax.chain(optax.sgd(0.5), baselines.masked_updates(
-      {"w": _MASKS["w"], "v": _MASKS["v"], "b": jnp.array([True, False])}))
+  tx = optax.chain(
+    optax.sgd(0.5),
+    baselines.masked_updates({"w": _MASKS["w"], "v": _MASKS["v"], "b": jnp.array([True, False])}),
+  )
   state = tx.init(_MAP_PARAMS)
-  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state,
-                       _MAP_PARAMS)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, _MAP_PARAMS), state, _MAP_PARAMS)
   return tx, state, state[1]
 
 
 _MASK_STATES = {
-    "dns": (_dns_one_step, _MASKS),
-    "scheduled": (_scheduled_one_step, _MASKS),
-    "masked_updates": (_masked_one_step, dict(_MASKS, b=jnp.array(
-        [True, False]))),
+  "dns": (_dns_one_step, _MASKS),
+  "scheduled": (_scheduled_one_step, _MASKS),
+  "masked_updates": (_masked_one_step, dict(_MASKS, b=jnp.array([True, False]))),
 }
 
 
@@ -315,17 +334,15 @@ def test_mask_states_are_params_shaped_and_tree_map_params_maps_them(name):
     np.testing.assert_array_equal(flipped_sub.masks[k], ~np.asarray(want[k]))
   for field in sub._fields:
     if field != "masks":
-      np.testing.assert_array_equal(getattr(flipped_sub, field),
-                                    getattr(sub, field))
+      np.testing.assert_array_equal(getattr(flipped_sub, field), getattr(sub, field))
   # The partition-spec pattern of optax's docstring: a params-shaped `rest`
   # goes to the masks, everything else to transform_non_params.
   specs = optax.tree_utils.tree_map_params(
-      tx, lambda _, spec: spec, state, _SPECS,
-      transform_non_params=lambda _: None)
+    tx, lambda _, spec: spec, state, _SPECS, transform_non_params=lambda _: None
+  )
   spec_sub = specs if name == "dns" else specs[1]
   assert spec_sub.masks == _SPECS
-  assert all(getattr(spec_sub, f) is None for f in sub._fields
-             if f != "masks")
+  assert all(getattr(spec_sub, f) is None for f in sub._fields if f != "masks")
 
 
 def test_dns_state_holds_one_threshold_per_eligible_leaf():
@@ -361,13 +378,16 @@ def test_mask_states_round_trip_through_orbax(tmp_path):
 def test_mask_readers_refuse_a_state_without_every_leaf():
   # The layout before the masks became params-shaped: only eligible leaves.
   old_dns = baselines.DNSState(
-      count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0),
-      thresholds=(jnp.float32(2.5), jnp.float32(1.325)),
-      masks=(_MASKS["v"], _MASKS["w"]))
+    count=jnp.zeros([], jnp.int32),
+    key=jax.random.PRNGKey(0),
+    thresholds=(jnp.float32(2.5), jnp.float32(1.325)),
+    masks=(_MASKS["v"], _MASKS["w"]),
+  )
   with pytest.raises(ValueError, match="holds 2 masks but params have 3"):
     baselines.dns_masks(old_dns, _MAP_PARAMS)
   old_sched = baselines.ScheduledPruneState(
-      count=jnp.zeros([], jnp.int32), masks=(_MASKS["v"], _MASKS["w"]))
+    count=jnp.zeros([], jnp.int32), masks=(_MASKS["v"], _MASKS["w"])
+  )
   with pytest.raises(ValueError, match="re-initialise"):
     baselines.scheduled_masks(old_sched, _MAP_PARAMS)
   tx = baselines.scheduled_magnitude_prune(lambda t: 0.5, frequency=1)
@@ -377,7 +397,7 @@ def test_mask_readers_refuse_a_state_without_every_leaf():
 
 def test_masked_updates_without_param_leaves_is_refused_at_update():
   tx = baselines.masked_updates({"w": jnp.ones(2, bool)})
-  state = tx.init({})        # as optax's leafless tree_map_params placeholder
+  state = tx.init({})  # as optax's leafless tree_map_params placeholder
   with pytest.raises(ValueError, match="one bool array per leaf"):
     tx.update({}, state, {})
 
@@ -405,7 +425,8 @@ def test_obs_correction_is_the_constrained_least_squares_minimiser():
     # The sensitivity is the error it causes: 1/2 (w - w')^T H (w - w').
     d = got - w
     assert baselines.obs_sensitivity(w[:, None], hinv)[q, 0] == pytest.approx(
-        0.5 * d @ h @ d, rel=1e-9)
+      0.5 * d @ h @ d, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("mode", ["joint", "sequential"])
@@ -414,9 +435,10 @@ def test_lobs_layer_one_removed_weight(mode):
   x = rng.standard_normal((50, 7))
   w = rng.standard_normal((7, 3))
   new, mask, _ = baselines.lobs_prune_layer(
-      w, baselines.layer_hessian(x), w.size - 1, damping=0.0, mode=mode)
+    w, baselines.layer_hessian(x), w.size - 1, damping=0.0, mode=mode
+  )
   hinv = np.linalg.inv(baselines.layer_hessian(x))
-  sens = w ** 2 / (2 * np.diag(hinv)[:, None])
+  sens = w**2 / (2 * np.diag(hinv)[:, None])
   q, j = np.unravel_index(np.argmin(sens), sens.shape)
   assert not mask[q, j] and mask.sum() == w.size - 1
   want = w.copy()
@@ -431,8 +453,7 @@ def test_lobs_layer_joint_many_removed_with_bias(num_keep):
   w = rng.standard_normal((12, 4))
   b = rng.standard_normal(4)
   h = baselines.layer_hessian(x, with_bias=True)
-  new, mask, new_b = baselines.lobs_prune_layer(w, h, num_keep, bias=b,
-                                                damping=0.0)
+  new, mask, new_b = baselines.lobs_prune_layer(w, h, num_keep, bias=b, damping=0.0)
   assert mask.sum() == num_keep and np.count_nonzero(new) == num_keep
   xa = np.concatenate([x, np.ones((200, 1))], axis=1)
   for j in range(4):
@@ -444,8 +465,10 @@ def test_lobs_layer_joint_many_removed_with_bias(num_keep):
 def test_lobs_prune_allocations_and_exact_count():
   rng = np.random.default_rng(7)
   kernels = {"a": rng.standard_normal((8, 5)), "b": 3 * rng.standard_normal((5, 2))}
-  hess = {"a": baselines.layer_hessian(rng.standard_normal((30, 8))),
-          "b": baselines.layer_hessian(rng.standard_normal((30, 5)))}
+  hess = {
+    "a": baselines.layer_hessian(rng.standard_normal((30, 8))),
+    "b": baselines.layer_hessian(rng.standard_normal((30, 5))),
+  }
   out = baselines.lobs_prune(kernels, hess, 12)
   mag = reference.ranked_selection([np.abs(kernels["a"]), np.abs(kernels["b"])], 12)
   assert out["a"]["num_keep"] == mag[0].sum() and out["b"]["num_keep"] == mag[1].sum()
@@ -466,11 +489,11 @@ def test_conv_patches_turn_a_conv_into_a_matmul():
   x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 2, 3, 4)), jnp.float32)
   for strides, padding in (((1, 1), "VALID"), ((2, 1), "SAME")):
-    y = jax.lax.conv_general_dilated(x, k, strides, padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     rows = baselines.conv_patches(x, k.shape, strides=strides, padding=padding)
-    np.testing.assert_allclose(rows @ k.reshape(-1, 4), y.reshape(-1, 4),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows @ k.reshape(-1, 4), y.reshape(-1, 4), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ saliency
@@ -479,22 +502,23 @@ def test_conv_patches_turn_a_conv_into_a_matmul():
 @pytest.mark.parametrize("mode", ["sum_abs", "abs_sum"])
 def test_saliency_accumulation_and_prune_match_numpy(mode):
   rng = np.random.default_rng(9)
-  params = {"a": jnp.asarray(rng.standard_normal((6, 7)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
-            "bias": jnp.ones(4)}
-  grads = [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape),
-                                              jnp.float32), params)
-           for _ in range(3)]
+  params = {
+    "a": jnp.asarray(rng.standard_normal((6, 7)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+    "bias": jnp.ones(4),
+  }
+  grads = [
+    jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    for _ in range(3)
+  ]
   acc = baselines.init_saliency(params)
   step = jax.jit(lambda s, g, p: baselines.accumulate_saliency(s, g, p, mode=mode))
   for g in grads:
     acc = step(acc, g, params)
   want = {}
   for k in ("a", "b"):
-    prods = [np.asarray(g[k], np.float64) * np.asarray(params[k], np.float64)
-             for g in grads]
-    want[k] = (sum(np.abs(p) for p in prods) if mode == "sum_abs"
-               else sum(prods))
+    prods = [np.asarray(g[k], np.float64) * np.asarray(params[k], np.float64) for g in grads]
+    want[k] = sum(np.abs(p) for p in prods) if mode == "sum_abs" else sum(prods)
     np.testing.assert_allclose(acc[k], want[k], rtol=1e-5, atol=1e-6)
   pruned, masks = baselines.saliency_prune(params, acc, 15)
   ref = reference.ranked_selection([np.abs(acc["a"]), np.abs(acc["b"])], 15)
@@ -511,16 +535,13 @@ def test_saliency_accumulation_and_prune_match_numpy(mode):
 
 def test_lottery_rewind_imp_and_schedule():
   rng = np.random.default_rng(10)
-  w0 = {"a": jnp.asarray(rng.standard_normal((10, 10)), jnp.float32),
-        "bias": jnp.ones(10)}
-  trained = jax.tree.map(lambda x: x + jnp.asarray(
-      rng.standard_normal(x.shape), jnp.float32), w0)
+  w0 = {"a": jnp.asarray(rng.standard_normal((10, 10)), jnp.float32), "bias": jnp.ones(10)}
+  trained = jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32), w0)
   full = jax.tree.map(lambda x: jnp.ones(x.shape, bool), w0)
   sched = baselines.ticket_schedule(100, 10, 3)
   assert sched == [46, 22, 10]
   m1 = baselines.imp_masks(trained, full, sched[0])
-  np.testing.assert_array_equal(
-      m1["a"], reference.ranked_selection([np.abs(trained["a"])], 46)[0])
+  np.testing.assert_array_equal(m1["a"], reference.ranked_selection([np.abs(trained["a"])], 46)[0])
   m2 = baselines.imp_masks(trained, m1, sched[1])
   assert int(m2["a"].sum()) == 22 and not np.any(np.asarray(m2["a"]) & ~np.asarray(m1["a"]))
   ticket = baselines.rewind(w0, m2)

@@ -22,9 +22,12 @@ def reference_order(keys_list):
 def reference_budget(keys_list, costs_list, b):
   """Longest prefix of the order with total cost <= b (Python ints, exact)."""
   order, k = reference_order(keys_list)
-  c = np.concatenate([np.broadcast_to(np.asarray(c, np.int64),
-                                      np.shape(kk)).ravel()
-                      for kk, c in zip(keys_list, costs_list)])
+  c = np.concatenate(
+    [
+      np.broadcast_to(np.asarray(c, np.int64), np.shape(kk)).ravel()
+      for kk, c in zip(keys_list, costs_list)
+    ]
+  )
   # Costs are below 2**31 and there are far fewer than 2**32 entries, so the
   # int64 running totals are exact.
   csum = np.cumsum(c[order])
@@ -35,7 +38,7 @@ def reference_budget(keys_list, costs_list, b):
     sel &= k != NAN_KEY
   out, start = [], 0
   for kk in keys_list:
-    out.append(sel[start:start + np.size(kk)].reshape(np.shape(kk)))
+    out.append(sel[start : start + np.size(kk)].reshape(np.shape(kk)))
     start += np.size(kk)
   return out
 
@@ -67,8 +70,7 @@ def problems(draw):
     keys.append(np.asarray(budget.ratio_keys(scores, c)))
     costs.append(c.astype(np.int32))
   total = int(sum(c.astype(np.int64).sum() for c in costs))
-  b = draw(st.one_of(st.integers(-3, total + 3),
-                     st.sampled_from([0, total, total - 1])))
+  b = draw(st.one_of(st.integers(-3, total + 3), st.sampled_from([0, total, total - 1])))
   return keys, costs, b
 
 
@@ -108,17 +110,24 @@ def test_multi_block_large_costs_exact():
   # 70,000 entries: three blocks of 2**15; totals around 2**46, far beyond
   # int32 and beyond float32's exact integers.
   rng = np.random.default_rng(0)
-  scores = [rng.integers(0, 300, 70_000).astype(np.float32),
-            rng.integers(0, 300, (5,)).astype(np.float32)]
-  costs = [rng.integers(1, 2**31, 70_000).astype(np.int32),
-           np.full((5,), 2**31 - 1, np.int32)]
+  scores = [
+    rng.integers(0, 300, 70_000).astype(np.float32),
+    rng.integers(0, 300, (5,)).astype(np.float32),
+  ]
+  costs = [rng.integers(1, 2**31, 70_000).astype(np.int32), np.full((5,), 2**31 - 1, np.int32)]
   keys = [np.asarray(budget.ratio_keys(s, c)) for s, c in zip(scores, costs)]
   order, _ = reference_order(keys)
   c = np.concatenate([x.astype(np.int64) for x in costs])
   csum = np.cumsum(c[order])
   assert csum[-1] > 2**45
-  for b in [int(csum[20_000]), int(csum[20_000]) - 1, int(csum[69_999]),
-            int(csum[-1]), int(csum[-1]) - 1, 2**62]:
+  for b in [
+    int(csum[20_000]),
+    int(csum[20_000]) - 1,
+    int(csum[69_999]),
+    int(csum[-1]),
+    int(csum[-1]) - 1,
+    2**62,
+  ]:
     masks, _ = budget.budget_top_keys(keys, costs, b)
     want = reference_budget(keys, costs, b)
     for m, w in zip(masks, want):
@@ -129,8 +138,10 @@ def test_multi_block_large_costs_exact():
 
 def test_traced_and_python_budgets():
   rng = np.random.default_rng(1)
-  scores = [rng.standard_normal((6, 5)).astype(np.float32) ** 2,
-            rng.standard_normal(9).astype(np.float32) ** 2]
+  scores = [
+    rng.standard_normal((6, 5)).astype(np.float32) ** 2,
+    rng.standard_normal(9).astype(np.float32) ** 2,
+  ]
   costs = [np.int32(3), rng.integers(1, 10, 9).astype(np.int32)]
   keys = [budget.ratio_keys(s, c) for s, c in zip(scores, costs)]
 
@@ -145,8 +156,9 @@ def test_traced_and_python_budgets():
       for m, w in zip(got, want):
         np.testing.assert_array_equal(m, w)
   # A float budget means its floor; negative and NaN select nothing.
-  np.testing.assert_array_equal(_flat(select(jnp.float32(17.9))),
-                                _flat(reference_budget(keys, costs, 17)))
+  np.testing.assert_array_equal(
+    _flat(select(jnp.float32(17.9))), _flat(reference_budget(keys, costs, 17))
+  )
   assert not _flat(select(jnp.float32(-5.0))).any()
   assert not _flat(select(jnp.float32(jnp.nan))).any()
   assert not _flat(select(jnp.int32(-5))).any()
@@ -154,15 +166,13 @@ def test_traced_and_python_budgets():
   # Traced uint32 and wide float budgets split into the same limbs.
   limbs = jax.jit(budget._budget_limbs)  # pylint: disable=protected-access
   assert [int(x) for x in limbs(jnp.uint32(2**32 - 1))] == [65535, 65535, 0]
-  assert [int(x) for x in limbs(jnp.float32(3 * 2.0**40 + 2.0**20))] == [
-      0, 16, 3 * 2**8]
+  assert [int(x) for x in limbs(jnp.float32(3 * 2.0**40 + 2.0**20))] == [0, 16, 3 * 2**8]
   assert [int(x) for x in limbs(jnp.float16(1000.5))] == [1000, 0, 0]
   # Python budgets beyond int32.
   masks, _ = budget.budget_top_keys(keys, costs, 2**40)
   assert _flat(masks).all()
   masks, _ = budget.budget_top_keys(keys, costs, 17.5)
-  np.testing.assert_array_equal(_flat(masks),
-                                _flat(reference_budget(keys, costs, 17)))
+  np.testing.assert_array_equal(_flat(masks), _flat(reference_budget(keys, costs, 17)))
 
 
 def test_nan_ratios_only_when_everything_fits():
@@ -203,8 +213,7 @@ def test_ratio_keys_match_numpy_float32_division():
   s = rng.standard_normal(1000).astype(np.float32) ** 2
   c = rng.integers(1, 2**31, 1000).astype(np.int32)
   want = (s / c.astype(np.float32)).astype(np.float32)
-  np.testing.assert_array_equal(budget.ratio_keys(s, c),
-                                selection.scores_to_keys(want))
+  np.testing.assert_array_equal(budget.ratio_keys(s, c), selection.scores_to_keys(want))
 
 
 def test_ratio_keys_correctly_rounded_for_scalar_and_constant_costs():
@@ -218,12 +227,9 @@ def test_ratio_keys_correctly_rounded_for_scalar_and_constant_costs():
   for seven in (np.int32(7), 7, np.full(5000, 7, np.int32)):
     want7 = selection.scores_to_keys(s / np.float32(7))
     np.testing.assert_array_equal(budget.ratio_keys(s, seven), want7)
-    np.testing.assert_array_equal(
-        jax.jit(lambda x: budget.ratio_keys(x, seven))(s), want7)
-    np.testing.assert_array_equal(
-        jax.jit(budget.ratio_keys)(s, jnp.asarray(seven)), want7)
-  np.testing.assert_array_equal(
-      jax.jit(lambda x: budget.ratio_keys(x, c))(s), want)
+    np.testing.assert_array_equal(jax.jit(lambda x: budget.ratio_keys(x, seven))(s), want7)
+    np.testing.assert_array_equal(jax.jit(budget.ratio_keys)(s, jnp.asarray(seven)), want7)
+  np.testing.assert_array_equal(jax.jit(lambda x: budget.ratio_keys(x, c))(s), want)
 
 
 def test_argument_errors():
@@ -245,19 +251,19 @@ def test_argument_errors():
 
 
 def test_cost_trees_and_totals():
-  params = {"conv": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4),
-            "fc": jnp.ones((8, 2), jnp.bfloat16),
-            "big": jnp.ones((300, 300))}
-  costs = budget.cost_tree(params, {"conv": 25, "b": None, "fc": 1,
-                                    "big": 1})
+  params = {
+    "conv": jnp.ones((3, 3, 2, 4)),
+    "b": jnp.ones(4),
+    "fc": jnp.ones((8, 2), jnp.bfloat16),
+    "big": jnp.ones((300, 300)),
+  }
+  costs = budget.cost_tree(params, {"conv": 25, "b": None, "fc": 1, "big": 1})
   assert costs["conv"].dtype == np.int32 and (costs["conv"] == 25).all()
   assert (costs["b"] == 0).all()
   assert budget.total_cost(costs) == 72 * 25 + 16 + 90_000
-  masks = jax.tree.map(lambda c: np.arange(c.size).reshape(c.shape) % 2 == 0,
-                       costs)
+  masks = jax.tree.map(lambda c: np.arange(c.size).reshape(c.shape) % 2 == 0, costs)
   assert budget.total_cost(costs, masks) == 36 * 25 + 8 + 45_000
-  by_name = budget.cost_tree(params, lambda path, leaf: 7 if "conv" in path
-                             else 1)
+  by_name = budget.cost_tree(params, lambda path, leaf: 7 if "conv" in path else 1)
   assert (by_name["conv"] == 7).all() and (by_name["big"] == 1).all()
   nbytes = budget.bytes_cost_tree(params)
   assert int(nbytes["conv"].max()) == 6 and int(nbytes["fc"].max()) == 4
@@ -270,23 +276,25 @@ def test_cost_trees_and_totals():
 
 def test_budget_prune_against_reference():
   rng = np.random.default_rng(3)
-  params = {"conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)),
-                                jnp.float32),
-            "bias": jnp.asarray(rng.standard_normal(4), jnp.float32),
-            "fc": jnp.asarray(rng.standard_normal((8, 5)), jnp.bfloat16)}
+  params = {
+    "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
+    "bias": jnp.asarray(rng.standard_normal(4), jnp.float32),
+    "fc": jnp.asarray(rng.standard_normal((8, 5)), jnp.bfloat16),
+  }
   costs = budget.cost_tree(params, {"conv": 16, "bias": 0, "fc": 1})
   b = 400
   pruned, masks = budget.budget_prune(params, costs, b)
-  keys = [np.asarray(budget.ratio_keys(jnp.abs(params[n].astype(
-      jnp.float32)), costs[n])) for n in ("conv", "fc")]
+  keys = [
+    np.asarray(budget.ratio_keys(jnp.abs(params[n].astype(jnp.float32)), costs[n]))
+    for n in ("conv", "fc")
+  ]
   want = reference_budget(keys, [costs["conv"], costs["fc"]], b)
   np.testing.assert_array_equal(masks["conv"], want[0])
   np.testing.assert_array_equal(masks["fc"], want[1])
   assert masks["bias"].all()
   np.testing.assert_array_equal(pruned["bias"], params["bias"])
   assert pruned["fc"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(
-      pruned["conv"], np.where(want[0], params["conv"], 0))
+  np.testing.assert_array_equal(pruned["conv"], np.where(want[0], params["conv"], 0))
   assert budget.total_cost(costs, masks) <= b
 
 
@@ -294,15 +302,14 @@ def test_budget_prune_by_magnitude_against_reference():
   """``rank="magnitude"``: the longest prefix of the |w| order under the
   budget (what follows a budgeted GSM run), not the |w| / cost order."""
   rng = np.random.default_rng(5)
-  params = {"conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)),
-                                jnp.float32),
-            "fc": jnp.asarray(0.1 * rng.standard_normal((8, 5)),
-                              jnp.float32)}
+  params = {
+    "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
+    "fc": jnp.asarray(0.1 * rng.standard_normal((8, 5)), jnp.float32),
+  }
   costs = budget.cost_tree(params, {"conv": 16, "fc": 1})
   for b in (0, 15, 16, 300, 10_000):
     _, masks = budget.budget_prune(params, costs, b, rank="magnitude")
-    keys = [np.asarray(selection.scores_to_keys(jnp.abs(params[n])))
-            for n in ("conv", "fc")]
+    keys = [np.asarray(selection.scores_to_keys(jnp.abs(params[n]))) for n in ("conv", "fc")]
     want = reference_budget(keys, [costs["conv"], costs["fc"]], b)
     np.testing.assert_array_equal(masks["conv"], want[0])
     np.testing.assert_array_equal(masks["fc"], want[1])

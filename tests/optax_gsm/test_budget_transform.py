@@ -14,7 +14,7 @@ from optax_gsm import budget as budget_lib
 
 # Two eligible leaves and one that is not (the bias): N = 24 + 15 = 39.
 SHAPES = {"conv": (2, 3, 4), "fc": (5, 3), "bias": (3,)}
-ELIGIBLE = ("conv", "fc")   # leaf order of jax.tree.leaves: bias, conv, fc
+ELIGIBLE = ("conv", "fc")  # leaf order of jax.tree.leaves: bias, conv, fc
 N = 39
 BACKENDS = ("threshold", "top_k", "search", "auto")
 
@@ -22,10 +22,8 @@ BACKENDS = ("threshold", "top_k", "search", "auto")
 def tie_heavy(seed, nan=False):
   """Integer-valued params and grads: many equal scores |g w|, zeros too."""
   rng = np.random.default_rng(seed)
-  params = {k: jnp.asarray(rng.integers(-3, 4, s), jnp.float32)
-            for k, s in SHAPES.items()}
-  grads = {k: rng.integers(-4, 5, s).astype(np.float32)
-           for k, s in SHAPES.items()}
+  params = {k: jnp.asarray(rng.integers(-3, 4, s), jnp.float32) for k, s in SHAPES.items()}
+  grads = {k: rng.integers(-4, 5, s).astype(np.float32) for k, s in SHAPES.items()}
   if nan:
     grads["conv"][0, 1, :2] = np.nan
     grads["fc"][4, 2] = np.nan
@@ -37,17 +35,16 @@ def unit_costs(params):
 
 
 def random_costs(rng, high):
-  return {k: rng.integers(1, high, s).astype(np.int32)
-          for k, s in SHAPES.items()}
+  return {k: rng.integers(1, high, s).astype(np.int32) for k, s in SHAPES.items()}
 
 
 def reference_mask(scores, costs, b):
   """float64 ratios, sorted (larger first, ties by global index, NaN last);
   the longest prefix whose cost is <= b; NaN only when everything fits."""
-  s = np.concatenate([np.asarray(scores[k], np.float64).ravel()
-                      for k in ELIGIBLE])
-  c = np.concatenate([np.broadcast_to(costs[k], SHAPES[k]).ravel()
-                      for k in ELIGIBLE]).astype(np.int64)
+  s = np.concatenate([np.asarray(scores[k], np.float64).ravel() for k in ELIGIBLE])
+  c = np.concatenate([np.broadcast_to(costs[k], SHAPES[k]).ravel() for k in ELIGIBLE]).astype(
+    np.int64
+  )
   r = s / c
   nan = np.isnan(r)
   order = np.lexsort((np.arange(r.size), -np.where(nan, 0.0, r), nan))
@@ -59,7 +56,7 @@ def reference_mask(scores, costs, b):
   out, start = {}, 0
   for k in ELIGIBLE:
     size = int(np.prod(SHAPES[k]))
-    out[k] = sel[start:start + size].reshape(SHAPES[k])
+    out[k] = sel[start : start + size].reshape(SHAPES[k])
     start += size
   return out, order, c, taken
 
@@ -103,11 +100,9 @@ def test_unit_costs_budget_above_n_keeps_everything():
 def test_unit_costs_gsm_steps_equal_count_target(selection):
   """gsm end to end, with unselected_decay and score_momentum."""
   params, _ = tie_heavy(2)
-  kwargs = dict(momentum=0.9, weight_decay=1e-3, unselected_decay=1e-2,
-                score_momentum=0.5)
+  kwargs = dict(momentum=0.9, weight_decay=1e-3, unselected_decay=1e-2, score_momentum=0.5)
   count = optax_gsm.gsm(0.05, num_nonzero=12, selection=selection, **kwargs)
-  by_budget = optax_gsm.gsm(0.05, budget=12, costs=unit_costs(params),
-                            **kwargs)
+  by_budget = optax_gsm.gsm(0.05, budget=12, costs=unit_costs(params), **kwargs)
   out = []
   for tx in (count, by_budget):
     p, state = params, tx.init(params)
@@ -123,8 +118,7 @@ def test_unit_costs_gsm_steps_equal_count_target(selection):
   # Same selection state (the drift of the "search" warm start is not kept
   # with a budget) and the same momentum.
   for field in ("count", "num_nonzero", "threshold", "score_ema"):
-    for a, b in zip(jax.tree.leaves(getattr(s1[0], field)),
-                    jax.tree.leaves(getattr(s2[0], field))):
+    for a, b in zip(jax.tree.leaves(getattr(s1[0], field)), jax.tree.leaves(getattr(s2[0], field))):
       np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(s1[1:]), jax.tree.leaves(s2[1:])):
     np.testing.assert_array_equal(a, b)
@@ -146,17 +140,13 @@ def problems(draw):
     params, grads = tie_heavy(seed, nan=nan)
     costs = random_costs(rng, 9)
   else:
-    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-              for k, s in SHAPES.items()}
-    grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-             for k, s in SHAPES.items()}
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
+    grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
     costs = random_costs(rng, draw(st.sampled_from([3, 100, 2**31])))
-  if draw(st.booleans()):   # one cost per leaf, broadcast
+  if draw(st.booleans()):  # one cost per leaf, broadcast
     costs["fc"] = np.int32(rng.integers(1, 9))
-  total = sum(int(np.broadcast_to(costs[k], SHAPES[k]).astype(np.int64).sum())
-              for k in ELIGIBLE)
-  b = draw(st.one_of(st.integers(0, total + 2),
-                     st.sampled_from([0, total - 1, total])))
+  total = sum(int(np.broadcast_to(costs[k], SHAPES[k]).astype(np.int64).sum()) for k in ELIGIBLE)
+  b = draw(st.one_of(st.integers(0, total + 2), st.sampled_from([0, total - 1, total])))
   decay = draw(st.sampled_from([None, 0.25]))
   return params, grads, costs, max(b, 0), exact, decay
 
@@ -168,26 +158,26 @@ def test_budget_mask_matches_numpy_reference(problem):
   tx = optax_gsm.global_top_q(budget=b, costs=costs, unselected_decay=decay)
   updates, state = tx.update(grads, tx.init(params), params)
 
-  scores = {k: np.abs(np.asarray(grads[k]) * np.asarray(params[k]))
-            for k in ELIGIBLE}
+  scores = {k: np.abs(np.asarray(grads[k]) * np.asarray(params[k])) for k in ELIGIBLE}
   if exact:
     want, order, c, _ = reference_mask(scores, costs, b)
   else:
     # The transform's own float32 ratios, ranked by numpy.
-    r32 = {k: (scores[k] / np.broadcast_to(costs[k], SHAPES[k])
-               .astype(np.float32)).astype(np.float32) for k in ELIGIBLE}
-    want, order, c, _ = reference_mask(
-        r32, {k: np.int32(1) for k in ELIGIBLE}, 0)   # order only
-    c = np.concatenate([np.broadcast_to(costs[k], SHAPES[k]).ravel()
-                        for k in ELIGIBLE]).astype(np.int64)
+    r32 = {
+      k: (scores[k] / np.broadcast_to(costs[k], SHAPES[k]).astype(np.float32)).astype(np.float32)
+      for k in ELIGIBLE
+    }
+    want, order, c, _ = reference_mask(r32, {k: np.int32(1) for k in ELIGIBLE}, 0)  # order only
+    c = np.concatenate([np.broadcast_to(costs[k], SHAPES[k]).ravel() for k in ELIGIBLE]).astype(
+      np.int64
+    )
     r = np.concatenate([r32[k].ravel() for k in ELIGIBLE])
     taken = int(np.searchsorted(np.cumsum(c[order]), b, side="right"))
     sel = np.zeros(r.size, bool)
     sel[order[:taken]] = True
     if taken < r.size:
       sel &= ~np.isnan(r)
-    want = {"conv": sel[:24].reshape(SHAPES["conv"]),
-            "fc": sel[24:].reshape(SHAPES["fc"])}
+    want = {"conv": sel[:24].reshape(SHAPES["conv"]), "fc": sel[24:].reshape(SHAPES["fc"])}
   for k in ELIGIBLE:
     g, w = np.asarray(grads[k]), np.asarray(params[k])
     expect = np.where(want[k], g, 0.0)
@@ -212,17 +202,17 @@ def test_budget_mask_matches_numpy_reference(problem):
     else:
       assert chosen + int(c[order[taken]]) > b
   masks = {k: jnp.asarray(want[k]) for k in ELIGIBLE}
-  assert budget_lib.total_cost({k: np.broadcast_to(costs[k], SHAPES[k])
-                                for k in ELIGIBLE}, masks) == chosen
+  assert (
+    budget_lib.total_cost({k: np.broadcast_to(costs[k], SHAPES[k]) for k in ELIGIBLE}, masks)
+    == chosen
+  )
 
 
 def test_large_budget_beyond_int32_is_exact():
   rng = np.random.default_rng(5)
   params, grads = tie_heavy(5)
-  costs = {k: rng.integers(2**30, 2**31, s).astype(np.int32)
-           for k, s in SHAPES.items()}
-  scores = {k: np.abs(np.asarray(grads[k]) * np.asarray(params[k]))
-            for k in ELIGIBLE}
+  costs = {k: rng.integers(2**30, 2**31, s).astype(np.int32) for k, s in SHAPES.items()}
+  scores = {k: np.abs(np.asarray(grads[k]) * np.asarray(params[k])) for k in ELIGIBLE}
   _, order, c, _ = reference_mask(scores, costs, 0)
   csum = np.cumsum(c[order])
   for b in (int(csum[10]), int(csum[10]) - 1, int(csum[30]) + 5):
@@ -240,33 +230,29 @@ def test_large_budget_beyond_int32_is_exact():
 
 def test_gsm_end_to_end_respects_budget_every_step():
   rng = np.random.default_rng(3)
-  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-            for k, s in SHAPES.items()}
+  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
   costs = random_costs(rng, 50)
   full = {k: np.broadcast_to(costs[k], SHAPES[k]) for k in ELIGIBLE}
   budgets = optax.linear_schedule(400, 120, 3)
-  tx = optax_gsm.gsm(0.05, budget=budgets, costs=costs, momentum=0.9,
-                     unselected_decay=1e-2)
+  tx = optax_gsm.gsm(0.05, budget=budgets, costs=costs, momentum=0.9, unselected_decay=1e-2)
   state = tx.init(params)
   step = jax.jit(tx.update)
   for t in range(5):
-    g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-         for k, s in SHAPES.items()}
-    scores = {k: np.abs(np.asarray(g[k]) * np.asarray(params[k]))
-              for k in ELIGIBLE}
-    r32 = {k: (scores[k] / full[k].astype(np.float32)).astype(np.float32)
-           for k in ELIGIBLE}
+    g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
+    scores = {k: np.abs(np.asarray(g[k]) * np.asarray(params[k])) for k in ELIGIBLE}
+    r32 = {k: (scores[k] / full[k].astype(np.float32)).astype(np.float32) for k in ELIGIBLE}
     updates, state = step(g, state, params)
     inner = state[0]
     b = int(budgets(t))
     # The masks of this step, recomputed from the ratio order.
     masks, _ = budget_lib.budget_top_keys(
-        [budget_lib.ratio_keys(scores[k], costs[k]) for k in ELIGIBLE],
-        [costs[k] for k in ELIGIBLE], b)
+      [budget_lib.ratio_keys(scores[k], costs[k]) for k in ELIGIBLE],
+      [costs[k] for k in ELIGIBLE],
+      b,
+    )
     got = dict(zip(ELIGIBLE, masks))
     cost = budget_lib.total_cost(full, got)
-    assert cost <= b and int(inner.num_nonzero) == sum(
-        int(m.sum()) for m in masks)
+    assert cost <= b and int(inner.num_nonzero) == sum(int(m.sum()) for m in masks)
     # The threshold is the smallest selected ratio.
     smallest = min(float(r32[k][np.asarray(got[k])].min()) for k in ELIGIBLE)
     assert float(inner.threshold) == smallest
@@ -277,8 +263,7 @@ def test_gsm_end_to_end_respects_budget_every_step():
 def test_inject_hyperparams_changes_the_budget():
   params, grads = tie_heavy(4)
   costs = random_costs(np.random.default_rng(4), 6)
-  tx = optax.inject_hyperparams(optax_gsm.global_top_q)(budget=60,
-                                                        costs=costs)
+  tx = optax.inject_hyperparams(optax_gsm.global_top_q)(budget=60, costs=costs)
   state = tx.init(params)
   step = jax.jit(tx.update)
   u60, state = step(grads, state, params)
@@ -291,7 +276,8 @@ def test_inject_hyperparams_changes_the_budget():
       np.testing.assert_array_equal(x, y)
   # A float budget means its floor; a callable `costs` is a static argument.
   tx = optax.inject_hyperparams(optax_gsm.global_top_q, static_args=("costs",))(
-      budget=17.9, costs=lambda p: costs)
+    budget=17.9, costs=lambda p: costs
+  )
   got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(u17)):
     np.testing.assert_array_equal(x, y)
@@ -311,8 +297,8 @@ def test_callable_and_traced_costs_under_jit():
   assert int(s1.num_nonzero) == 100 // 6
   # Costs computed with jnp from the (traced) params: same answer.
   traced = optax_gsm.global_top_q(
-      budget=100, costs=lambda p: jax.tree.map(
-          lambda x: jnp.full(x.shape, 6, jnp.int32), p))
+    budget=100, costs=lambda p: jax.tree.map(lambda x: jnp.full(x.shape, 6, jnp.int32), p)
+  )
   u3, _ = jax.jit(traced.update)(grads, traced.init(params), params)
   for x, y in zip(jax.tree.leaves(u3), jax.tree.leaves(u2)):
     np.testing.assert_array_equal(x, y)
@@ -320,7 +306,6 @@ def test_callable_and_traced_costs_under_jit():
 
 def test_nnx_optimizer_with_a_cost_tree_of_nnx_state():
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.a = nnx.Linear(6, 4, rngs=rngs)
       self.b = nnx.Linear(4, 2, rngs=rngs)
@@ -331,10 +316,10 @@ def test_nnx_optimizer_with_a_cost_tree_of_nnx_state():
   model = Net(nnx.Rngs(0))
   # Built from nnx.state(model, nnx.Param): Param nodes around each leaf,
   # while nnx.Optimizer hands update() plain arrays.
-  costs = budget_lib.cost_tree(nnx.state(model, nnx.Param),
-                               lambda path, leaf: 3 if "'a'" in path else 1)
-  opt = nnx.Optimizer(model, optax_gsm.gsm(0.1, budget=20, costs=costs),
-                      wrt=nnx.Param)
+  costs = budget_lib.cost_tree(
+    nnx.state(model, nnx.Param), lambda path, leaf: 3 if "'a'" in path else 1
+  )
+  opt = nnx.Optimizer(model, optax_gsm.gsm(0.1, budget=20, costs=costs), wrt=nnx.Param)
   x = jnp.ones((3, 6))
 
   @nnx.jit
@@ -355,8 +340,7 @@ PARAMS, _ = tie_heavy(0)
 COSTS = unit_costs(PARAMS)
 
 
-@pytest.mark.parametrize("factory", [
-    optax_gsm.global_top_q, lambda **kw: optax_gsm.gsm(0.1, **kw)])
+@pytest.mark.parametrize("factory", [optax_gsm.global_top_q, lambda **kw: optax_gsm.gsm(0.1, **kw)])
 def test_target_errors_at_build(factory):
   three = "exactly one of `num_nonzero`.*`compression`.*`budget`"
   with pytest.raises(ValueError, match=three):
@@ -389,26 +373,43 @@ def _bad(**changes):
   return costs
 
 
-@pytest.mark.parametrize("costs, error, match", [
-    ({"conv": COSTS["conv"]}, ValueError, "`costs` must be a pytree with the "
-     "structure of params"),
-    (_bad(conv=COSTS["conv"].astype(np.float32)), TypeError,
-     r"`costs` at \['conv'\] must be integers.*float32"),
-    (_bad(fc=np.zeros(SHAPES["fc"], np.int32)), ValueError,
-     r"eligible leaf \['fc'\] must be in \[1, 2147483647\], got values in "
-     r"\[0, 0\]"),
-    (_bad(fc=-np.ones(SHAPES["fc"], np.int32)), ValueError,
-     r"\['fc'\] must be in \[1, 2147483647\]"),
-    (_bad(fc=np.full(SHAPES["fc"], 2**31, np.int64)), ValueError,
-     r"got values in \[2147483648, 2147483648\]"),
-    (_bad(conv=np.ones((3, 4, 2), np.int32)), ValueError,
-     r"\['conv'\] has shape \(3, 4, 2\), which does not broadcast to the "
-     r"leaf's shape \(2, 3, 4\)"),
+@pytest.mark.parametrize(
+  "costs, error, match",
+  [
+    ({"conv": COSTS["conv"]}, ValueError, "`costs` must be a pytree with the structure of params"),
+    (
+      _bad(conv=COSTS["conv"].astype(np.float32)),
+      TypeError,
+      r"`costs` at \['conv'\] must be integers.*float32",
+    ),
+    (
+      _bad(fc=np.zeros(SHAPES["fc"], np.int32)),
+      ValueError,
+      r"eligible leaf \['fc'\] must be in \[1, 2147483647\], got values in "
+      r"\[0, 0\]",
+    ),
+    (
+      _bad(fc=-np.ones(SHAPES["fc"], np.int32)),
+      ValueError,
+      r"\['fc'\] must be in \[1, 2147483647\]",
+    ),
+    (
+      _bad(fc=np.full(SHAPES["fc"], 2**31, np.int64)),
+      ValueError,
+      r"got values in \[2147483648, 2147483648\]",
+    ),
+    (
+      _bad(conv=np.ones((3, 4, 2), np.int32)),
+      ValueError,
+      r"\['conv'\] has shape \(3, 4, 2\), which does not broadcast to the "
+      r"leaf's shape \(2, 3, 4\)",
+    ),
     (_bad(fc=None), TypeError, r"None at the eligible leaf \['fc'\]"),
-    (_bad(bias=None), None, None),                  # not eligible: ignored
+    (_bad(bias=None), None, None),  # not eligible: ignored
     (_bad(bias=np.zeros(7, np.float32)), None, None),
     (lambda p: None, ValueError, "got costs=None"),
-])
+  ],
+)
 def test_cost_errors_at_init(costs, error, match):
   tx = optax_gsm.global_top_q(budget=5, costs=costs)
   if error is None:
@@ -420,6 +421,9 @@ def test_cost_errors_at_init(costs, error, match):
 
 def test_budget_schedule_checked_at_init():
   tx = optax_gsm.gsm(0.1, budget=lambda step: step - 3, costs=COSTS)
-  with pytest.raises(ValueError, match=r"`budget` \(at step 0\) must be >= 0"
-                     r".*got -3"):
+  with pytest.raises(
+    ValueError,
+    match=r"`budget` \(at step 0\) must be >= 0"
+    r".*got -3",
+  ):
     tx.init(PARAMS)

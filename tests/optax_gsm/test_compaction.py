@@ -30,14 +30,15 @@ def test_unread_and_unfed_on_conv_and_flattened_kernels():
 
 def test_fold_equals_a_constant_input_through_a_valid_conv_after_flatten():
   rng = np.random.default_rng(0)
-  values = np.array([0.0, 1.5, 0.0, -0.25], np.float32)   # channels 1 and 3 constant
+  values = np.array([0.0, 1.5, 0.0, -0.25], np.float32)  # channels 1 and 3 constant
   # VALID 3x3 convolution on a 6x6 map.
   k = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
   b = rng.standard_normal(5).astype(np.float32)
   x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
   x[..., 1], x[..., 3] = values[1], values[3]
   conv = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   want = conv(x, k) + b
   keep = [0, 2]
   got = conv(x[..., keep], k[:, :, keep]) + cl.fold_constant_inputs(k, b, values)
@@ -46,8 +47,7 @@ def test_fold_equals_a_constant_input_through_a_valid_conv_after_flatten():
   d = rng.standard_normal((36 * 4, 3)).astype(np.float32)
   want = x.reshape(2, -1) @ d
   view = d.reshape(36, 4, 3)[:, keep].reshape(-1, 3)
-  got = x[..., keep].reshape(2, -1) @ view + cl.fold_constant_inputs(d, None, values,
-                                                                     spatial=36)
+  got = x[..., keep].reshape(2, -1) @ view + cl.fold_constant_inputs(d, None, values, spatial=36)
   np.testing.assert_allclose(got, want, atol=1e-4)
   with pytest.raises(ValueError, match=r"`values` must have shape \(4,\)"):
     cl.fold_constant_inputs(k, b, np.zeros(3))
@@ -57,6 +57,7 @@ def test_fold_equals_a_constant_input_through_a_valid_conv_after_flatten():
 
 def test_batch_norm_constant_matches_flax_in_eval_mode():
   from flax import nnx
+
   rng = np.random.default_rng(1)
   bn = nnx.BatchNorm(6, epsilon=1e-5, use_running_average=True, rngs=nnx.Rngs(0))
   stats = {k: rng.standard_normal(6).astype(np.float32) for k in ("mean", "scale", "bias")}

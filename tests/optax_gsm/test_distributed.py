@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORKER = HERE / "_distributed_worker.py"
 TIMEOUT_S = 300
-LEAVES = tuple(sorted(worker.SHAPES))          # jax.tree.leaves order
+LEAVES = tuple(sorted(worker.SHAPES))  # jax.tree.leaves order
 N = worker.N_ELIGIBLE
 
 
@@ -57,12 +57,11 @@ def _env() -> dict:
   env = dict(os.environ)
   # The workers size their devices with jax_num_cpu_devices; drop any
   # inherited device-count flag.
-  env["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                     if p])
+    [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
   env.setdefault("OMP_NUM_THREADS", "1")
   return env
 
@@ -79,8 +78,12 @@ class _Proc:
     self.log = open(log, "w")
     self.args = args
     self.popen = subprocess.Popen(
-        [sys.executable, str(WORKER), *args], cwd=ROOT, env=_env(),
-        stdout=self.log, stderr=subprocess.STDOUT)
+      [sys.executable, str(WORKER), *args],
+      cwd=ROOT,
+      env=_env(),
+      stdout=self.log,
+      stderr=subprocess.STDOUT,
+    )
 
   def wait(self, deadline: float) -> None:
     try:
@@ -90,8 +93,7 @@ class _Proc:
       self.popen.wait()
       pytest.fail(f"worker {self.args} timed out; log tail:\n{self.tail()}")
     if rc != 0:
-      pytest.fail(f"worker {self.args} exited with {rc}; log tail:\n"
-                  f"{self.tail()}")
+      pytest.fail(f"worker {self.args} exited with {rc}; log tail:\n{self.tail()}")
 
   def tail(self) -> str:
     self.log.flush()
@@ -110,11 +112,9 @@ def launched(tmp_path_factory):
   out = tmp_path_factory.mktemp("distributed")
   port = str(_free_port())
   procs = {
-      "single": _Proc(["single", str(out)], out / "single.log"),
-      "host0": _Proc(["multihost", str(out), "0", "2", port],
-                     out / "host0.log"),
-      "host1": _Proc(["multihost", str(out), "1", "2", port],
-                     out / "host1.log"),
+    "single": _Proc(["single", str(out)], out / "single.log"),
+    "host0": _Proc(["multihost", str(out), "0", "2", port], out / "host0.log"),
+    "host1": _Proc(["multihost", str(out), "1", "2", port], out / "host1.log"),
   }
   deadline = time.monotonic() + TIMEOUT_S
   yield out, procs, deadline
@@ -171,8 +171,7 @@ def test_mask_is_bitwise_the_one_device_mask(single, layout, case):
   want = _tree(data, f"ref/{case}/mask", worker.ELIGIBLE)
   # The worker reads the mask off the update: exact as no gradient is 0.
   assert all(np.all(g != 0) for g in worker.make_grads(case)[1].values())
-  _assert_same(_tree(data, f"{layout}/{case}/mask", worker.ELIGIBLE), want,
-               f"{layout} mask")
+  _assert_same(_tree(data, f"{layout}/{case}/mask", worker.ELIGIBLE), want, f"{layout} mask")
   # And the one-device mask is the independent numpy ranking.
   params, grads = worker.make_grads(case)
   scores = [np.abs(grads[k] * params[k]) for k in worker.ELIGIBLE]
@@ -194,13 +193,12 @@ def test_gsm_update_is_bitwise_the_one_device_update(single, layout, case):
     for kind in ("params", "state"):
       ref_keys = _state_keys(data, f"ref/{case}/{t}/{kind}")
       for rk in ref_keys:
-        k = layout + rk[len("ref"):]
+        k = layout + rk[len("ref") :]
         np.testing.assert_array_equal(data[k], data[rk], err_msg=k)
 
 
 @pytest.mark.parametrize("layout", worker.LAYOUTS)
-def test_training_step_uses_the_one_device_mask_for_its_gradient(
-    single, layout):
+def test_training_step_uses_the_one_device_mask_for_its_gradient(single, layout):
   """A full jitted training step (loss, gradient averaged over the sharded
   batch, GSM, apply) on the mesh: for the gradient it averaged, its mask and
   its new params are bitwise those of one device given the same gradient."""
@@ -209,13 +207,15 @@ def test_training_step_uses_the_one_device_mask_for_its_gradient(
     grads = _tree(data, f"{layout}/train/{t}/grads", worker.ELIGIBLE)
     assert all(np.all(g != 0) for g in grads.values())
     _assert_same(
-        _tree(data, f"{layout}/train/{t}/mask", worker.ELIGIBLE),
-        _tree(data, f"{layout}/train/{t}/samegrad_mask", worker.ELIGIBLE),
-        f"step {t} mask")
+      _tree(data, f"{layout}/train/{t}/mask", worker.ELIGIBLE),
+      _tree(data, f"{layout}/train/{t}/samegrad_mask", worker.ELIGIBLE),
+      f"step {t} mask",
+    )
     _assert_same(
-        _tree(data, f"{layout}/train/{t}/params"),
-        _tree(data, f"{layout}/train/{t}/samegrad_params"),
-        f"step {t} params")
+      _tree(data, f"{layout}/train/{t}/params"),
+      _tree(data, f"{layout}/train/{t}/samegrad_params"),
+      f"step {t} params",
+    )
 
 
 @pytest.mark.parametrize("layout", worker.LAYOUTS)
@@ -230,15 +230,18 @@ def test_training_trajectory_matches_one_device(single, layout):
   """
   data, _ = single
   for t in range(worker.STEPS):
-    _assert_same(_tree(data, f"{layout}/train/{t}/mask", worker.ELIGIBLE),
-                 _tree(data, f"ref/train/{t}/mask", worker.ELIGIBLE),
-                 f"step {t} mask")
+    _assert_same(
+      _tree(data, f"{layout}/train/{t}/mask", worker.ELIGIBLE),
+      _tree(data, f"ref/train/{t}/mask", worker.ELIGIBLE),
+      f"step {t} mask",
+    )
     for kind in ("grads", "params"):
       got = _tree(data, f"{layout}/train/{t}/{kind}")
       want = _tree(data, f"ref/train/{t}/{kind}")
       for k in LEAVES:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"step {t} {kind} {k}")
+        np.testing.assert_allclose(
+          got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"step {t} {kind} {k}"
+        )
 
 
 def _collectives(report, layout, fn):
@@ -246,8 +249,7 @@ def _collectives(report, layout, fn):
 
 
 def _is_scalar_all_reduce(c) -> bool:
-  return c["op"] == "all-reduce" and all(
-      a["elements"] == 1 for a in c["arrays"])
+  return c["op"] == "all-reduce" and all(a["elements"] == 1 for a in c["arrays"])
 
 
 # "Small": a bound that does not grow with the model.
@@ -258,8 +260,7 @@ def _selection_fns(report, layout):
   """The compiled functions that select: the mask of every exact backend
   except top_k, the GSM update and the training step."""
   methods = report["info"][layout]["methods"]
-  return ([f"masks_{m}" for m in methods if m != "top_k"]
-          + ["gsm_apply", "train_step"])
+  return [f"masks_{m}" for m in methods if m != "top_k"] + ["gsm_apply", "train_step"]
 
 
 @pytest.mark.parametrize("layout", ("fsdp", "2d"))
@@ -269,9 +270,11 @@ def test_every_backend_gives_the_one_device_mask(single, layout):
   data, report = single
   for m in report["info"][layout]["methods"][1:]:
     for case in ("random", "ties"):
-      _assert_same(_tree(data, f"{layout}/{case}/mask_{m}", worker.ELIGIBLE),
-                   _tree(data, f"ref/{case}/mask", worker.ELIGIBLE),
-                   f"{m} {case}")
+      _assert_same(
+        _tree(data, f"{layout}/{case}/mask_{m}", worker.ELIGIBLE),
+        _tree(data, f"ref/{case}/mask", worker.ELIGIBLE),
+        f"{m} {case}",
+      )
 
 
 def test_data_parallel_selection_needs_no_communication(single):
@@ -293,9 +296,15 @@ def test_data_parallel_step_all_reduces_the_gradient_once(single):
 
 
 def _fmt(fn, cs):
-  return fn + ": " + "; ".join(
+  return (
+    fn
+    + ": "
+    + "; ".join(
       f"{c['op']} {'+'.join(a['dtype'] + str(a['shape']) for a in c['arrays'])}"
-      f" at {c['op_name'][:80]}" for c in cs)
+      f" at {c['op_name'][:80]}"
+      for c in cs
+    )
+  )
 
 
 def _small_all_reduce(c) -> bool:
@@ -325,8 +334,7 @@ def test_counting_passes_only_all_reduce_small_counts(single, layout):
   _, report = single
   for fn in _selection_fns(report, layout):
     cs = _collectives(report, layout, fn)
-    bad = [c for c in cs if c["in_while"] and not c["in_cond"]
-           and not _small_all_reduce(c)]
+    bad = [c for c in cs if c["in_while"] and not c["in_cond"] and not _small_all_reduce(c)]
     assert not bad, _fmt(fn, bad)
 
 
@@ -368,8 +376,7 @@ def test_threshold_tie_break_is_scalar_all_reduces(single, layout):
   on each device)."""
   _, report = single
   cs = _collectives(report, layout, "masks_threshold")
-  assert cs and all(_is_scalar_all_reduce(c) for c in cs), (
-      _fmt("masks_threshold", cs))
+  assert cs and all(_is_scalar_all_reduce(c) for c in cs), _fmt("masks_threshold", cs)
 
 
 @pytest.mark.parametrize("layout", ("fsdp", "2d"))
@@ -419,16 +426,17 @@ def test_multihost_processes_agree(multihost):
 
 @pytest.mark.parametrize("layout", worker.MULTIHOST_LAYOUTS)
 @pytest.mark.parametrize("case", ("random", "ties"))
-def test_multihost_update_is_bitwise_the_single_process_one(
-    single, multihost, layout, case):
+def test_multihost_update_is_bitwise_the_single_process_one(single, multihost, layout, case):
   data, _ = single
   for host in multihost:
-    _assert_same(_tree(host, f"{layout}/{case}/mask", worker.ELIGIBLE),
-                 _tree(data, f"ref/{case}/mask", worker.ELIGIBLE),
-                 f"{layout} mask")
+    _assert_same(
+      _tree(host, f"{layout}/{case}/mask", worker.ELIGIBLE),
+      _tree(data, f"ref/{case}/mask", worker.ELIGIBLE),
+      f"{layout} mask",
+    )
     for t in range(2):
       for rk in _state_keys(data, f"ref/{case}/{t}/"):
-        k = layout + rk[len("ref"):]
+        k = layout + rk[len("ref") :]
         np.testing.assert_array_equal(host[k], data[rk], err_msg=k)
 
 
@@ -442,25 +450,32 @@ def test_multihost_training_matches_single_process(single, multihost, layout):
   for host in multihost:
     for t in range(worker.STEPS):
       mask = _tree(host, f"{layout}/train/{t}/mask", worker.ELIGIBLE)
-      _assert_same(mask, _tree(host, f"{layout}/train/{t}/samegrad_mask",
-                               worker.ELIGIBLE), f"step {t} mask")
-      _assert_same(_tree(host, f"{layout}/train/{t}/params"),
-                   _tree(host, f"{layout}/train/{t}/samegrad_params"),
-                   f"step {t} params")
-      _assert_same(mask, _tree(data, f"ref/train/{t}/mask", worker.ELIGIBLE),
-                   f"step {t} mask vs one process")
+      _assert_same(
+        mask, _tree(host, f"{layout}/train/{t}/samegrad_mask", worker.ELIGIBLE), f"step {t} mask"
+      )
+      _assert_same(
+        _tree(host, f"{layout}/train/{t}/params"),
+        _tree(host, f"{layout}/train/{t}/samegrad_params"),
+        f"step {t} params",
+      )
+      _assert_same(
+        mask, _tree(data, f"ref/train/{t}/mask", worker.ELIGIBLE), f"step {t} mask vs one process"
+      )
       got = _tree(host, f"{layout}/train/{t}/params")
       for other in ("ref", layout):
         want = _tree(data, f"{other}/train/{t}/params")
         for k in LEAVES:
-          np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6,
-                                     err_msg=f"step {t} {k} vs {other}")
+          np.testing.assert_allclose(
+            got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"step {t} {k} vs {other}"
+          )
 
 
 # --- sharding helpers: errors and rules (this process) -----------------------
 
 
-@pytest.mark.parametrize("spec, match", [
+@pytest.mark.parametrize(
+  "spec, match",
+  [
     ("", "empty"),
     ("data", "not of the form name=size"),
     ("data=4,model", "entry 'model' is not of the form"),
@@ -471,7 +486,8 @@ def test_multihost_training_matches_single_process(single, multihost, layout):
     ("data=2,data=4", "axis name 'data' appears more than once"),
     ("1data=2", "axis name '1data' is not a Python identifier"),
     ("data=-1,model=-1", "at most one axis size may be -1"),
-])
+  ],
+)
 def test_parse_mesh_shape_errors(spec, match):
   with pytest.raises(ValueError, match=match) as e:
     sharding.parse_mesh_shape(spec)
@@ -479,8 +495,7 @@ def test_parse_mesh_shape_errors(spec, match):
 
 
 def test_parse_mesh_shape():
-  assert sharding.parse_mesh_shape("data=4,model=2") == {"data": 4,
-                                                         "model": 2}
+  assert sharding.parse_mesh_shape("data=4,model=2") == {"data": 4, "model": 2}
   assert list(sharding.parse_mesh_shape(" b = 1 , a = 8 ")) == ["b", "a"]
   with pytest.raises(TypeError, match="must be a string"):
     sharding.parse_mesh_shape({"data": 4})
@@ -488,9 +503,13 @@ def test_parse_mesh_shape():
 
 def test_make_mesh_device_count_errors():
   n = jax.device_count()
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"mesh shape 'data={n},model=2' has {n} x 2 = {2 * n} devices, but "
-      rf"there are {n} devices")):
+      rf"there are {n} devices"
+    ),
+  ):
     sharding.make_mesh(f"data={n},model=2")
   with pytest.raises(ValueError, match="-1 axis cannot be sized"):
     sharding.make_mesh(f"data=-1,model={n + 1}")
@@ -513,20 +532,27 @@ def test_make_mesh():
 
 def test_fsdp_partition_specs_rule():
   tree = {
-      "big": jax.ShapeDtypeStruct((6, 16, 8), jnp.float32),   # 16 wins
-      "tie": jax.ShapeDtypeStruct((8, 8), jnp.float32),       # first wins
-      "odd": jax.ShapeDtypeStruct((3, 5, 7), jnp.float32),    # replicated
-      "small": jnp.zeros((4, 4)),                             # below size
-      "scalar": jnp.zeros(()),
-      "int": 3,
-      "none": None,
+    "big": jax.ShapeDtypeStruct((6, 16, 8), jnp.float32),  # 16 wins
+    "tie": jax.ShapeDtypeStruct((8, 8), jnp.float32),  # first wins
+    "odd": jax.ShapeDtypeStruct((3, 5, 7), jnp.float32),  # replicated
+    "small": jnp.zeros((4, 4)),  # below size
+    "scalar": jnp.zeros(()),
+    "int": 3,
+    "none": None,
   }
-  specs = sharding.fsdp_partition_specs(tree, {"data": 2, "model": 4},
-                                        "model", min_size=64)
-  assert specs == {"big": P(None, "model"), "tie": P("model"), "odd": P(),
-                   "small": P(), "scalar": P(), "int": P(), "none": None}
-  specs = sharding.fsdp_partition_specs(tree, {"data": 2, "model": 4},
-                                        ("data", "model"), min_size=0)
+  specs = sharding.fsdp_partition_specs(tree, {"data": 2, "model": 4}, "model", min_size=64)
+  assert specs == {
+    "big": P(None, "model"),
+    "tie": P("model"),
+    "odd": P(),
+    "small": P(),
+    "scalar": P(),
+    "int": P(),
+    "none": None,
+  }
+  specs = sharding.fsdp_partition_specs(
+    tree, {"data": 2, "model": 4}, ("data", "model"), min_size=0
+  )
   assert specs["big"] == P(None, ("data", "model"))
   assert specs["small"] == P()
   sharding.validate_partition_specs(tree, specs, {"data": 2, "model": 4})
@@ -538,36 +564,44 @@ def test_fsdp_partition_specs_keep_the_last_axis_whole_when_they_can():
   split by rows (96 / 8 = 12 columns would straddle rows of 32), and the
   last axis is only the fallback."""
   tree = {
-      "kernel": jax.ShapeDtypeStruct((64, 96), jnp.float32),
-      "conv": jax.ShapeDtypeStruct((5, 5, 20, 56), jnp.float32),
-      "fallback": jax.ShapeDtypeStruct((5, 96), jnp.float32),
+    "kernel": jax.ShapeDtypeStruct((64, 96), jnp.float32),
+    "conv": jax.ShapeDtypeStruct((5, 5, 20, 56), jnp.float32),
+    "fallback": jax.ShapeDtypeStruct((5, 96), jnp.float32),
   }
   specs = sharding.fsdp_partition_specs(tree, {"model": 8}, min_size=0)
-  assert specs == {"kernel": P("model"), "conv": P(None, None, None, "model"),
-                   "fallback": P(None, "model")}
+  assert specs == {
+    "kernel": P("model"),
+    "conv": P(None, None, None, "model"),
+    "fallback": P(None, "model"),
+  }
   specs = sharding.fsdp_partition_specs(tree, {"model": 4}, min_size=0)
   assert specs["conv"] == P(None, None, "model")
 
 
 def test_fsdp_specs_follow_params_into_the_gsm_state():
   import optax_gsm
-  params = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32),
-            "b": jax.ShapeDtypeStruct((32,), jnp.float32)}
+
+  params = {
+    "w": jax.ShapeDtypeStruct((64, 32), jnp.float32),
+    "b": jax.ShapeDtypeStruct((32,), jnp.float32),
+  }
   tx = optax_gsm.gsm(0.1, compression=4, score_momentum=0.5)
   state = jax.eval_shape(tx.init, params)
-  specs = sharding.fsdp_partition_specs(state, {"model": 8}, "model",
-                                        min_size=1024)
+  specs = sharding.fsdp_partition_specs(state, {"model": 8}, "model", min_size=1024)
   leaves = jax.tree.leaves(specs)
-  assert leaves.count(P("model")) == 2     # momentum and score average of w
+  assert leaves.count(P("model")) == 2  # momentum and score average of w
   assert all(s in (P(), P("model")) for s in leaves)
   sharding.validate_partition_specs(state, specs, {"model": 8})
 
 
 def test_fsdp_partition_specs_errors():
   tree = {"w": jnp.zeros((8, 8))}
-  with pytest.raises(ValueError, match=r"`axis`='modle': 'modle' is not an "
-                     r"axis of the mesh; the mesh axes are \('data', "
-                     r"'model'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`axis`='modle': 'modle' is not an "
+    r"axis of the mesh; the mesh axes are \('data', "
+    r"'model'\)",
+  ):
     sharding.fsdp_partition_specs(tree, {"data": 2, "model": 4}, "modle")
   with pytest.raises(TypeError, match="`axis` must be a mesh axis name"):
     sharding.fsdp_partition_specs(tree, {"model": 4}, 3)
@@ -579,8 +613,7 @@ def test_fsdp_partition_specs_errors():
     sharding.fsdp_partition_specs(tree, {"model": 4}, "model", min_size=1.5)
   with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
     sharding.fsdp_partition_specs(tree, ["model"], "model")
-  with pytest.raises(TypeError, match="mesh axis 'model' must have a "
-                     "positive int size, got 0"):
+  with pytest.raises(TypeError, match="mesh axis 'model' must have a positive int size, got 0"):
     sharding.fsdp_partition_specs(tree, {"model": 0}, "model")
 
 
@@ -591,26 +624,48 @@ def test_validate_partition_specs_errors():
   sharding.validate_partition_specs(tree, ok, mesh)
   sharding.validate_partition_specs(tree, P(), mesh)
   cases = [
-      ({"w": P("model"), "b": P()}, ValueError,
-       r"specs\['w'\] = P\('model'\): dimension 0 of the leaf \(shape "
-       r"\(6, 8\)\) has size 6, which is not divisible by 4, the size of "
-       r"mesh axis 'model'"),
-      ({"w": P(("data", "model")), "b": P()}, ValueError,
-       r"dimension 0 .* size 6, which is not divisible by 8, the product of "
-       r"the sizes of mesh axes \('data', 'model'\)"),
-      ({"w": P("data", "modle"), "b": P()}, ValueError,
-       r"'modle' is not an axis of the mesh; the mesh axes are "
-       r"\('data', 'model'\)"),
-      ({"w": P("data", "data"), "b": P()}, ValueError,
-       r"uses mesh axis 'data' for more than one dimension"),
-      ({"w": P(), "b": P("model", None)}, ValueError,
-       r"specs\['b'\] = P\('model', None\) has 2 entries, but the leaf has "
-       r"only 1 dimensions"),
-      ({"w": P(), "b": ("model",)}, TypeError,
-       r"specs\['b'\] must be a jax.sharding.PartitionSpec, got \('model',\)"),
-      ({"w": P()}, ValueError, r"`specs` must be a pytree of PartitionSpec "
-       r"with the structure of the arrays"),
-      ({"w": P(3), "b": P()}, TypeError, r"must be a mesh axis name"),
+    (
+      {"w": P("model"), "b": P()},
+      ValueError,
+      r"specs\['w'\] = P\('model'\): dimension 0 of the leaf \(shape "
+      r"\(6, 8\)\) has size 6, which is not divisible by 4, the size of "
+      r"mesh axis 'model'",
+    ),
+    (
+      {"w": P(("data", "model")), "b": P()},
+      ValueError,
+      r"dimension 0 .* size 6, which is not divisible by 8, the product of "
+      r"the sizes of mesh axes \('data', 'model'\)",
+    ),
+    (
+      {"w": P("data", "modle"), "b": P()},
+      ValueError,
+      r"'modle' is not an axis of the mesh; the mesh axes are "
+      r"\('data', 'model'\)",
+    ),
+    (
+      {"w": P("data", "data"), "b": P()},
+      ValueError,
+      r"uses mesh axis 'data' for more than one dimension",
+    ),
+    (
+      {"w": P(), "b": P("model", None)},
+      ValueError,
+      r"specs\['b'\] = P\('model', None\) has 2 entries, but the leaf has "
+      r"only 1 dimensions",
+    ),
+    (
+      {"w": P(), "b": ("model",)},
+      TypeError,
+      r"specs\['b'\] must be a jax.sharding.PartitionSpec, got \('model',\)",
+    ),
+    (
+      {"w": P()},
+      ValueError,
+      r"`specs` must be a pytree of PartitionSpec "
+      r"with the structure of the arrays",
+    ),
+    ({"w": P(3), "b": P()}, TypeError, r"must be a mesh axis name"),
   ]
   for specs, exc, match in cases:
     with pytest.raises(exc, match=match):

@@ -11,7 +11,6 @@ import optax_gsm
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(6, 16, rngs=rngs)
     self.norm = nnx.LayerNorm(16, rngs=rngs)
@@ -28,8 +27,10 @@ def loss_fn(model, x, y):
 
 def batch(seed):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((32, 6)), jnp.float32),
-          jnp.asarray(rng.integers(0, 3, 32)))
+  return (
+    jnp.asarray(rng.standard_normal((32, 6)), jnp.float32),
+    jnp.asarray(rng.integers(0, 3, 32)),
+  )
 
 
 def test_nnx_optimizer_trains_and_matches_functional_update():
@@ -53,6 +54,7 @@ def test_nnx_optimizer_trains_and_matches_functional_update():
   def functional_step(params, fstate, x, y):
     def f(p):
       return loss_fn(nnx.merge(graphdef, p), x, y)
+
     grads = jax.grad(f)(params)
     updates, fstate = tx.update(grads, fstate, params)
     return optax.apply_updates(params, updates), fstate
@@ -78,17 +80,17 @@ def test_magnitude_prune_and_report_on_nnx_state():
   report = optax_gsm.sparsity_report(pruned)
   assert report.eligible.nonzeros == round((6 * 16 + 16 * 3) / 8)
   nnx.update(model, pruned)
-  assert int(jnp.sum(model.fc1.kernel[...] != 0)) + int(
-      jnp.sum(model.fc2.kernel[...] != 0)) == report.eligible.nonzeros
+  assert (
+    int(jnp.sum(model.fc1.kernel[...] != 0)) + int(jnp.sum(model.fc2.kernel[...] != 0))
+    == report.eligible.nonzeros
+  )
 
 
 def test_state_round_trips_through_orbax(tmp_path):
   params = {"w": jnp.ones((4, 4)), "layers": [jnp.ones((3, 2)), jnp.ones(2)]}
-  tx = optax_gsm.gsm(optax.cosine_decay_schedule(0.1, 10), num_nonzero=5,
-                     score_momentum=0.9)
+  tx = optax_gsm.gsm(optax.cosine_decay_schedule(0.1, 10), num_nonzero=5, score_momentum=0.9)
   state = tx.init(params)
-  grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype)
-                       .reshape(p.shape), params)
+  grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), params)
   for _ in range(3):
     _, state = tx.update(grads, state, params)
 

@@ -61,8 +61,7 @@ def test_no_eligible_leaf():
   with pytest.raises(ValueError, match="No eligible leaf"):
     tx.init({"b": jnp.ones(3), "c": jnp.ones(4)})
   with pytest.raises(ValueError, match="No eligible leaf"):
-    optax_gsm.sparsity_report(PARAMS, where={"w": False, "v": False,
-                                             "b": False})
+    optax_gsm.sparsity_report(PARAMS, where={"w": False, "v": False, "b": False})
 
 
 def test_integer_leaf_marked_eligible():
@@ -119,30 +118,48 @@ def test_metric_with_wrong_shape():
     tx.update(PARAMS, tx.init(PARAMS), PARAMS)
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
+@pytest.mark.parametrize(
+  "kwargs, error, pattern",
+  [
     ({"num_nonzero": True}, TypeError, "`num_nonzero` must be a number, got the bool True"),
     ({"compression": True}, TypeError, "`compression` must be a number, got the bool True"),
-    ({"compression": 2, "score_momentum": 1.0}, ValueError,
-     r"`score_momentum` must be in \[0.0, 1.0\), got 1.0"),
-    ({"compression": 2, "unselected_decay": float("inf")}, ValueError,
-     r"`unselected_decay` must be in \[0.0, inf\), got inf"),
-    ({"compression": 2, "unselected_shrink": 1.0}, ValueError,
-     r"`unselected_shrink` must be in \[0.0, 1.0\), got 1.0"),
-    ({"compression": 2, "unselected_shrink": -1e-3}, ValueError,
-     r"`unselected_shrink` must be in \[0.0, 1.0\), got -0.001"),
+    (
+      {"compression": 2, "score_momentum": 1.0},
+      ValueError,
+      r"`score_momentum` must be in \[0.0, 1.0\), got 1.0",
+    ),
+    (
+      {"compression": 2, "unselected_decay": float("inf")},
+      ValueError,
+      r"`unselected_decay` must be in \[0.0, inf\), got inf",
+    ),
+    (
+      {"compression": 2, "unselected_shrink": 1.0},
+      ValueError,
+      r"`unselected_shrink` must be in \[0.0, 1.0\), got 1.0",
+    ),
+    (
+      {"compression": 2, "unselected_shrink": -1e-3},
+      ValueError,
+      r"`unselected_shrink` must be in \[0.0, 1.0\), got -0.001",
+    ),
     ({"compression": 2, "momentum": True}, TypeError, "`momentum` must be a number, got the bool"),
-])
+  ],
+)
 def test_out_of_range_hyperparameters_at_build(kwargs, error, pattern):
   with pytest.raises(error, match=pattern):
     optax_gsm.gsm(0.1, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
+@pytest.mark.parametrize(
+  "kwargs, pattern",
+  [
     ({"compression": lambda step: 0.0}, r"gives C=0.0 at step 0"),
     ({"compression": lambda step: jnp.nan}, r"gives C=nan at step 0"),
     ({"num_nonzero": lambda step: 0}, r"gives Q=0 at step 0"),
     ({"num_nonzero": lambda step: jnp.nan}, r"gives Q=nan at step 0"),
-])
+  ],
+)
 def test_schedule_target_out_of_range_at_init(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     optax_gsm.gsm(0.1, **kwargs).init(PARAMS)
@@ -151,6 +168,7 @@ def test_schedule_target_out_of_range_at_init(kwargs, pattern):
 def test_schedule_target_out_of_range_later():
   """Eagerly a bad step raises; under jit it keeps the previous Q."""
   import jax  # pylint: disable=g-import-not-at-top
+
   schedule = lambda step: jnp.where(step >= 1, 0.0, 2.0)
   grads = {k: jnp.ones_like(v) for k, v in PARAMS.items()}
   tx = optax_gsm.global_top_q(compression=schedule)
@@ -162,14 +180,17 @@ def test_schedule_target_out_of_range_later():
   state = tx.init(PARAMS)
   for _ in range(3):
     updates, state = step(grads, state, PARAMS)
-    assert int(state.num_nonzero) == 13   # round(26 / 2), kept
+    assert int(state.num_nonzero) == 13  # round(26 / 2), kept
     assert int(sum(jnp.sum(updates[k] != 0) for k in ("w", "v"))) == 13
 
 
 def test_callable_metric_under_inject_hyperparams_names_static_args():
   import optax  # pylint: disable=g-import-not-at-top
-  tx = optax.inject_hyperparams(optax_gsm.global_top_q)(
-      compression=2.0, metric=lambda score: score)
-  with pytest.raises(TypeError, match=r"`metric` must be one of .* got an array\. "
-                     r"Under optax.inject_hyperparams .*static_args"):
+
+  tx = optax.inject_hyperparams(optax_gsm.global_top_q)(compression=2.0, metric=lambda score: score)
+  with pytest.raises(
+    TypeError,
+    match=r"`metric` must be one of .* got an array\. "
+    r"Under optax.inject_hyperparams .*static_args",
+  ):
     tx.init(PARAMS)

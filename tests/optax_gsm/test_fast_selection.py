@@ -48,9 +48,9 @@ def _select(leaves, q, method):
 @jax.jit
 def _search(leaves, q, hint, sigma):
   keys = [selection.scores_to_keys(l) for l in leaves]
-  return fast_select.select(lambda ks, i: ks[i], keys,
-                            [k.shape for k in keys], q, hint=hint,
-                            sigma=sigma, return_info=True)
+  return fast_select.select(
+    lambda ks, i: ks[i], keys, [k.shape for k in keys], q, hint=hint, sigma=sigma, return_info=True
+  )
 
 
 def _assert_masks(got, want, msg=""):
@@ -64,16 +64,15 @@ def _leaves(kind, rng, shapes=SHAPES, dtype=np.float32):
   for shape in shapes:
     if kind == "random":
       x = rng.standard_normal(shape)
-    elif kind == "zeros":          # mostly exact zeros, a few positives
+    elif kind == "zeros":  # mostly exact zeros, a few positives
       x = np.abs(rng.standard_normal(shape)) * (rng.random(shape) < 0.2)
-    elif kind == "few":            # few distinct values, signs, -0.0
+    elif kind == "few":  # few distinct values, signs, -0.0
       x = rng.choice(np.array([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0]), shape)
     elif kind == "nan":
       x = np.where(rng.random(shape) < 0.3, np.nan, rng.standard_normal(shape))
       x = np.where(rng.random(shape) < 0.05, np.inf, x)
-    elif kind == "tiny":           # subnormals and huge values
-      x = rng.choice(np.array([1e-45, 3e-45, 1e-38, 1e30, 3e38, -1e-45]),
-                     shape)
+    elif kind == "tiny":  # subnormals and huge values
+      x = rng.choice(np.array([1e-45, 3e-45, 1e-38, 1e30, 3e38, -1e-45]), shape)
     else:
       raise ValueError(kind)
     out.append(np.asarray(x, dtype))
@@ -81,8 +80,7 @@ def _leaves(kind, rng, shapes=SHAPES, dtype=np.float32):
 
 
 def _qs(n, rng):
-  return sorted({0, 1, 2, n - 1, n, int(rng.integers(0, n + 1)),
-                 int(rng.integers(0, n + 1))})
+  return sorted({0, 1, 2, n - 1, n, int(rng.integers(0, n + 1)), int(rng.integers(0, n + 1))})
 
 
 # --- exactness --------------------------------------------------------------------
@@ -104,8 +102,7 @@ def test_every_backend_matches_numpy(kind):
 
 def test_bfloat16_scores():
   rng = np.random.default_rng(0)
-  leaves = [jnp.asarray(l, jnp.bfloat16)
-            for l in _leaves("random", rng, shapes=((8, 40), (33,)))]
+  leaves = [jnp.asarray(l, jnp.bfloat16) for l in _leaves("random", rng, shapes=((8, 40), (33,)))]
   as_f32 = [np.asarray(l.astype(jnp.float32)) for l in leaves]
   n = sum(l.size for l in as_f32)
   for q in _qs(n, rng):
@@ -121,15 +118,13 @@ def test_static_q_and_python_int():
   keys = [selection.scores_to_keys(jnp.asarray(l)) for l in leaves]
   for q in (7, 70):
     want, _ = np_select(leaves, q)
-    masks, _ = jax.jit(lambda ks, q=q: selection.top_q_keys(
-        ks, q, method="search"))(keys)
+    masks, _ = jax.jit(lambda ks, q=q: selection.top_q_keys(ks, q, method="search"))(keys)
     _assert_masks(masks, want)
 
 
 def test_traced_q_under_jit():
   rng = np.random.default_rng(2)
-  leaves = [jnp.asarray(l) for l in _leaves("random", rng,
-                                            shapes=((16, 64), (50,)))]
+  leaves = [jnp.asarray(l) for l in _leaves("random", rng, shapes=((16, 64), (50,)))]
 
   @jax.jit
   def f(q):
@@ -140,9 +135,9 @@ def test_traced_q_under_jit():
     _assert_masks(f(jnp.int32(q)), np_select(leaves, q)[0])
 
 
-@pytest.mark.parametrize("hint_kind", [
-    "exact", "near", "far_above", "far_below", "nan_key", "int_max",
-    "int_min_plus_one"])
+@pytest.mark.parametrize(
+  "hint_kind", ["exact", "near", "far_above", "far_below", "nan_key", "int_max", "int_min_plus_one"]
+)
 def test_search_is_exact_from_any_hint(hint_kind):
   """Warm-start hits and misses: the hint only changes the passes."""
   rng = np.random.default_rng(3)
@@ -152,15 +147,16 @@ def test_search_is_exact_from_any_hint(hint_kind):
     for q in _qs(n, rng):
       want, want_kth = np_select(leaves, q)
       hint = {
-          "exact": want_kth,
-          "near": min(max(want_kth + 37, INT_MIN + 1), 2**31 - 1),
-          "far_above": 2**30, "far_below": -2**30,
-          "nan_key": INT_MIN, "int_max": 2**31 - 1,
-          "int_min_plus_one": INT_MIN + 1,
+        "exact": want_kth,
+        "near": min(max(want_kth + 37, INT_MIN + 1), 2**31 - 1),
+        "far_above": 2**30,
+        "far_below": -(2**30),
+        "nan_key": INT_MIN,
+        "int_max": 2**31 - 1,
+        "int_min_plus_one": INT_MIN + 1,
       }[hint_kind]
       for sigma in (0.5, 4096.0, 1e9):
-        masks, kth, info = _search(leaves, jnp.int32(q), jnp.int32(hint),
-                                   jnp.float32(sigma))
+        masks, kth, info = _search(leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
         _assert_masks(masks, want, f"{kind} q={q} hint={hint_kind}")
         if q > 0 and want_kth != INT_MIN:
           assert int(kth) == want_kth
@@ -174,38 +170,35 @@ def test_search_with_exact_hint_needs_few_passes():
   n = sum(l.size for l in leaves)
   q = n // 5
   _, kth = np_select(leaves, q)
-  _, got, info = _search(leaves, jnp.int32(q), jnp.int32(kth),
-                         jnp.float32(64.0))
+  _, got, info = _search(leaves, jnp.int32(q), jnp.int32(kth), jnp.float32(64.0))
   assert int(got) == kth
   assert int(info.key_passes) <= 3, info
 
 
 def test_ties_spanning_leaves_are_cut_by_global_index():
   # All entries equal: the first q in global order, across leaf boundaries.
-  leaves = [np.ones((3, 40), np.float32), np.ones((7,), np.float32),
-            np.ones((2, 33), np.float32)]
+  leaves = [np.ones((3, 40), np.float32), np.ones((7,), np.float32), np.ones((2, 33), np.float32)]
   n = sum(l.size for l in leaves)
   for q in (1, 119, 120, 121, 126, 127, 128, n - 1):
     want, _ = np_select(leaves, q)
-    masks, _, info = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN),
-                             jnp.float32(1.0))
+    masks, _, info = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
     _assert_masks(masks, want, f"q={q}")
     assert sum(int(np.sum(m)) for m in masks) == q
 
 
 def test_nan_rule():
   s = [np.array([np.nan, 1.0, np.nan, 0.0], np.float32)]
-  for q, want in ((2, [False, True, False, True]),
-                  (3, [False, True, False, True]),
-                  (4, [True, True, True, True])):
-    masks, _, _ = _search(s, jnp.int32(q), jnp.int32(INT_MIN),
-                          jnp.float32(1.0))
+  for q, want in (
+    (2, [False, True, False, True]),
+    (3, [False, True, False, True]),
+    (4, [True, True, True, True]),
+  ):
+    masks, _, _ = _search(s, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
     np.testing.assert_array_equal(np.asarray(masks[0]), want)
 
 
 def test_empty_and_single_entry():
-  masks, kth = selection.top_q_keys(
-      [jnp.zeros((0,), jnp.int32)], 0, method="search")
+  masks, kth = selection.top_q_keys([jnp.zeros((0,), jnp.int32)], 0, method="search")
   assert masks[0].shape == (0,) and int(kth) == INT_MIN
   k = selection.scores_to_keys(jnp.float32(2.0))
   masks, kth = selection.top_q_keys([k], 1, method="search")
@@ -214,23 +207,23 @@ def test_empty_and_single_entry():
 
 # --- properties -------------------------------------------------------------------
 
-_VALUES = st.sampled_from([0.0, -0.0, 1.0, 2.0, 0.5, -1.0, 1e-30, 3e38,
-                           float("nan"), float("inf"), -float("inf")])
+_VALUES = st.sampled_from(
+  [0.0, -0.0, 1.0, 2.0, 0.5, -1.0, 1e-30, 3e38, float("nan"), float("inf"), -float("inf")]
+)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(
-    a=hnp.arrays(np.float32, (4, 40), elements=_VALUES | st.floats(
-        -4, 4, width=32)),
-    b=hnp.arrays(np.float32, (37,), elements=_VALUES),
-    q=st.integers(0, 197),
-    hint=st.integers(INT_MIN, 2**31 - 1),
-    sigma=st.floats(0.5, 1e9))
+  a=hnp.arrays(np.float32, (4, 40), elements=_VALUES | st.floats(-4, 4, width=32)),
+  b=hnp.arrays(np.float32, (37,), elements=_VALUES),
+  q=st.integers(0, 197),
+  hint=st.integers(INT_MIN, 2**31 - 1),
+  sigma=st.floats(0.5, 1e9),
+)
 def test_properties(a, b, q, hint, sigma):
   leaves = [a, b]
   n = a.size + b.size
-  masks, _, _ = _search(leaves, jnp.int32(q), jnp.int32(hint),
-                        jnp.float32(sigma))
+  masks, _, _ = _search(leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
   masks = [np.asarray(m) for m in masks]
   want, _ = np_select(leaves, q)
   _assert_masks(masks, want)
@@ -253,13 +246,20 @@ def test_properties(a, b, q, hint, sigma):
 
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"a": jnp.asarray(rng.standard_normal((24, 64)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((10, 9)), jnp.float32),
-            "bias": jnp.zeros((9,), jnp.float32)}
-  grads = [jax.tree.map(
+  params = {
+    "a": jnp.asarray(rng.standard_normal((24, 64)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((10, 9)), jnp.float32),
+    "bias": jnp.zeros((9,), jnp.float32),
+  }
+  grads = [
+    jax.tree.map(
       lambda p, s=s: jnp.asarray(
-          np.random.default_rng(100 + s).standard_normal(p.shape)
-          * (1.0 + 0.05 * s), jnp.float32), params) for s in range(6)]
+        np.random.default_rng(100 + s).standard_normal(p.shape) * (1.0 + 0.05 * s), jnp.float32
+      ),
+      params,
+    )
+    for s in range(6)
+  ]
   return params, grads
 
 
@@ -278,13 +278,10 @@ def _run(tx, params, grads):
 def test_gsm_auto_matches_top_k_over_steps():
   params, grads = _problem()
   kw = dict(compression=7, momentum=0.9, weight_decay=1e-3)
-  p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw),
-                           params, grads)
-  p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw),
-                         params, grads)
+  p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
+  p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
   for k in params:
-    np.testing.assert_array_equal(np.asarray(p_auto[k]),
-                                  np.asarray(p_ref[k]))
+    np.testing.assert_array_equal(np.asarray(p_auto[k]), np.asarray(p_ref[k]))
   for sa, sr in zip(s_auto, s_ref):
     assert float(sa[0].threshold) == float(sr[0].threshold)
   # The warm start is in use: the state tracks the threshold's drift.
@@ -302,9 +299,11 @@ def test_gsm_warm_start_miss_is_exact():
   update = jax.jit(tx.update)
   _, state = update(grads[0], state, params)
   # A threshold far from the answer, and a huge drift estimate.
-  bad = state._replace(threshold=state.threshold * 1e6,
-                       threshold_drift=jnp.float32(-3e8),
-                       threshold_spread=jnp.float32(1e9))
+  bad = state._replace(
+    threshold=state.threshold * 1e6,
+    threshold_drift=jnp.float32(-3e8),
+    threshold_spread=jnp.float32(1e9),
+  )
   got, _ = update(grads[1], bad, params)
   want, _ = jax.jit(ref.update)(grads[1], ref.init(params), params)
   for k in params:
@@ -314,20 +313,19 @@ def test_gsm_warm_start_miss_is_exact():
 def test_inject_hyperparams_traced_compression():
   params, grads = _problem(2)
   tx = optax.inject_hyperparams(optax_gsm.gsm)(
-      learning_rate=0.05, compression=6.0, selection="auto")
+    learning_rate=0.05, compression=6.0, selection="auto"
+  )
   ref = optax_gsm.gsm(0.05, compression=6.0, selection="top_k")
   p1, _, _ = _run(tx, params, grads[:3])
   p2, _, _ = _run(ref, params, grads[:3])
   for k in params:
-    np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]),
-                               rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=0, atol=0)
 
 
 def test_multisteps():
   params, grads = _problem(3)
   tx = optax.MultiSteps(optax_gsm.gsm(0.05, compression=4), every_k_schedule=2)
-  ref = optax.MultiSteps(optax_gsm.gsm(0.05, compression=4, selection="top_k"),
-                         every_k_schedule=2)
+  ref = optax.MultiSteps(optax_gsm.gsm(0.05, compression=4, selection="top_k"), every_k_schedule=2)
   p1, _, _ = _run(tx, params, grads[:4])
   p2, _, _ = _run(ref, params, grads[:4])
   for k in params:
@@ -345,13 +343,13 @@ def test_magnitude_prune_auto_matches_top_k():
 def test_warm_start_saturates():
   for key in (INT_MIN, INT_MIN + 1, 0, 2**31 - 1, 0x7F800000):
     for drift in (-1e12, -5.0, 0.0, 7.0, 1e12):
-      ws = fast_select.warm_start(jnp.int32(key), jnp.float32(drift),
-                                  jnp.float32(10.0), jnp.bool_(True))
+      ws = fast_select.warm_start(
+        jnp.int32(key), jnp.float32(drift), jnp.float32(10.0), jnp.bool_(True)
+      )
       h = int(ws.hint)
       if key == INT_MIN:
-        assert h == INT_MIN          # no hint
+        assert h == INT_MIN  # no hint
       else:
         assert INT_MIN < h <= int(fast_select.TOP_KEY)
-  ws = fast_select.warm_start(jnp.int32(5), jnp.float32(0.0),
-                              jnp.float32(0.0), jnp.bool_(False))
+  ws = fast_select.warm_start(jnp.int32(5), jnp.float32(0.0), jnp.float32(0.0), jnp.bool_(False))
   assert int(ws.hint) == INT_MIN

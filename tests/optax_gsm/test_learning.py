@@ -27,9 +27,10 @@ def make_teacher():
   x = rng.standard_normal((N_TRAIN, D_IN)).astype(np.float32)
   y = x @ w + 0.01 * rng.standard_normal((N_TRAIN, D_OUT)).astype(np.float32)
   x_test = rng.standard_normal((2000, D_IN)).astype(np.float32)
-  student = {"w": jnp.asarray(0.01 * rng.standard_normal((D_IN, D_OUT)),
-                              jnp.float32),
-             "b": jnp.zeros(D_OUT)}
+  student = {
+    "w": jnp.asarray(0.01 * rng.standard_normal((D_IN, D_OUT)), jnp.float32),
+    "b": jnp.zeros(D_OUT),
+  }
   return support, (x, y), (x_test, x_test @ w), student
 
 
@@ -47,6 +48,7 @@ def train(tx, params, data, steps):
       p, s = carry
       updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
       return (optax.apply_updates(p, updates), s), None
+
     return jax.lax.scan(step, (params, state), None, length=steps)[0]
 
   return run(params, state)[0]
@@ -54,10 +56,13 @@ def train(tx, params, data, steps):
 
 def test_gsm_recovers_sparse_teacher_where_magnitude_pruning_fails():
   support, train_data, test_data, student = make_teacher()
-  dense = train(optax.chain(optax.add_decayed_weights(1e-4),
-                            optax.sgd(0.01, momentum=0.9)),
-                student, train_data, 2000)
-  assert float(loss(dense, *train_data)) < 1e-4     # interpolates
+  dense = train(
+    optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9)),
+    student,
+    train_data,
+    2000,
+  )
+  assert float(loss(dense, *train_data)) < 1e-4  # interpolates
 
   def pruned_result(params):
     pruned, masks = optax_gsm.magnitude_prune(params, Q)
@@ -65,9 +70,9 @@ def test_gsm_recovers_sparse_teacher_where_magnitude_pruning_fails():
     return float(loss(pruned, *test_data)), recovered
 
   mag_loss, mag_recovered = pruned_result(dense)
-  gsm_params = train(optax_gsm.gsm(0.05, num_nonzero=Q, momentum=0.9,
-                                   weight_decay=5e-3),
-                     dense, train_data, 4000)
+  gsm_params = train(
+    optax_gsm.gsm(0.05, num_nonzero=Q, momentum=0.9, weight_decay=5e-3), dense, train_data, 4000
+  )
   gsm_before = float(loss(gsm_params, *test_data))
   gsm_loss, gsm_recovered = pruned_result(gsm_params)
 
@@ -76,7 +81,7 @@ def test_gsm_recovers_sparse_teacher_where_magnitude_pruning_fails():
   # and has test loss ~26.
   assert gsm_recovered == 1.0
   assert gsm_loss < 0.01
-  assert abs(gsm_loss - gsm_before) < 1e-3           # pruning is lossless
+  assert abs(gsm_loss - gsm_before) < 1e-3  # pruning is lossless
   assert mag_recovered < 1.0
   assert mag_loss > 10.0
   assert mag_loss > 1000 * gsm_loss

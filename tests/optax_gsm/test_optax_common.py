@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
 try:
   from optax._src import test_utils
 except ImportError:  # optax < 0.2.5, the oldest supported (setup.cfg)
@@ -45,6 +46,7 @@ class Case:
     pre_sgd: chain ``optax.sgd(0.1)`` before it (the transforms that expect
       to see updates rather than gradients: masking, scheduled pruning).
   """
+
   name: str
   factory: Callable[..., Any]
   kwargs: Callable[[Any], dict]
@@ -54,8 +56,7 @@ class Case:
   def make(self, params, inject=False):
     kwargs = self.kwargs(params)
     if inject:
-      tx = optax.inject_hyperparams(self.factory,
-                                    static_args=self.static_args)(**kwargs)
+      tx = optax.inject_hyperparams(self.factory, static_args=self.static_args)(**kwargs)
     else:
       tx = self.factory(**kwargs)
     if self.pre_sgd:
@@ -71,50 +72,86 @@ def _ones_masks(params):
 
 
 CASES = (
-    Case("gsm", optax_gsm.gsm,
-         lambda p: dict(learning_rate=0.1, compression=2, momentum=0.9,
-                        weight_decay=1e-3)),
-    Case("gsm_paper_rule_score_momentum", optax_gsm.gsm,
-         lambda p: dict(learning_rate=0.1, num_nonzero=5, momentum=0.9,
-                        score_momentum=0.5, unselected_shrink=None,
-                        selection="threshold")),
-    Case("gsm_budget", optax_gsm.gsm,
-         lambda p: dict(learning_rate=0.1, budget=24, momentum=0.9,
-                        costs=optax_gsm.bytes_cost_tree),
-         static_args=("costs",)),
-    Case("global_top_q", optax_gsm.global_top_q,
-         lambda p: dict(num_nonzero=5)),
-    Case("global_top_q_callable_where_metric", optax_gsm.global_top_q,
-         lambda p: dict(compression=2.0, selection="top_k",
-                        where=optax_gsm.default_where,
-                        metric=lambda g, w: jnp.abs(w)),
-         static_args=("where", "metric")),
-    Case("dynamic_network_surgery", baselines.dynamic_network_surgery,
-         lambda p: dict(c_rate=0.0, stop_step=100),
-         # Python numbers by design (the mask schedule and the init-time
-         # thresholds), as optax's harness lists its uninjectable ones.
-         static_args=("c_rate", "gamma", "power", "stop_step", "seed", "low",
-                      "high")),
-    Case("scheduled_magnitude_prune", baselines.scheduled_magnitude_prune,
-         lambda p: dict(sparsity=lambda t: 0.25, frequency=2),
-         static_args=("sparsity", "frequency", "begin_step", "end_step"),
-         pre_sgd=True),
-    Case("masked_updates", baselines.masked_updates,
-         lambda p: dict(masks=_ones_masks(p)), pre_sgd=True),
-    Case("autoprune_regularizer", structured.autoprune_regularizer,
-         lambda p: dict(strength=1e-2, regularizer="l2"),
-         static_args=("alpha",)),
-    Case("autoprune_masks", structured.autoprune_masks,
-         lambda p: dict(learning_rate=0.1, strength=1e-2, momentum=0.9),
-         static_args=("alpha", "momentum")),
+  Case(
+    "gsm",
+    optax_gsm.gsm,
+    lambda p: dict(learning_rate=0.1, compression=2, momentum=0.9, weight_decay=1e-3),
+  ),
+  Case(
+    "gsm_paper_rule_score_momentum",
+    optax_gsm.gsm,
+    lambda p: dict(
+      learning_rate=0.1,
+      num_nonzero=5,
+      momentum=0.9,
+      score_momentum=0.5,
+      unselected_shrink=None,
+      selection="threshold",
+    ),
+  ),
+  Case(
+    "gsm_budget",
+    optax_gsm.gsm,
+    lambda p: dict(learning_rate=0.1, budget=24, momentum=0.9, costs=optax_gsm.bytes_cost_tree),
+    static_args=("costs",),
+  ),
+  Case("global_top_q", optax_gsm.global_top_q, lambda p: dict(num_nonzero=5)),
+  Case(
+    "global_top_q_callable_where_metric",
+    optax_gsm.global_top_q,
+    lambda p: dict(
+      compression=2.0,
+      selection="top_k",
+      where=optax_gsm.default_where,
+      metric=lambda g, w: jnp.abs(w),
+    ),
+    static_args=("where", "metric"),
+  ),
+  Case(
+    "dynamic_network_surgery",
+    baselines.dynamic_network_surgery,
+    lambda p: dict(c_rate=0.0, stop_step=100),
+    # Python numbers by design (the mask schedule and the init-time
+    # thresholds), as optax's harness lists its uninjectable ones.
+    static_args=("c_rate", "gamma", "power", "stop_step", "seed", "low", "high"),
+  ),
+  Case(
+    "scheduled_magnitude_prune",
+    baselines.scheduled_magnitude_prune,
+    lambda p: dict(sparsity=lambda t: 0.25, frequency=2),
+    static_args=("sparsity", "frequency", "begin_step", "end_step"),
+    pre_sgd=True,
+  ),
+  Case(
+    "masked_updates", baselines.masked_updates, lambda p: dict(masks=_ones_masks(p)), pre_sgd=True
+  ),
+  Case(
+    "autoprune_regularizer",
+    structured.autoprune_regularizer,
+    lambda p: dict(strength=1e-2, regularizer="l2"),
+    static_args=("alpha",),
+  ),
+  Case(
+    "autoprune_masks",
+    structured.autoprune_masks,
+    lambda p: dict(learning_rate=0.1, strength=1e-2, momentum=0.9),
+    static_args=("alpha", "momentum"),
+  ),
 )
-TOP_Q = ("gsm", "gsm_paper_rule_score_momentum", "gsm_budget",
-         "global_top_q", "global_top_q_callable_where_metric")
+TOP_Q = (
+  "gsm",
+  "gsm_paper_rule_score_momentum",
+  "gsm_budget",
+  "global_top_q",
+  "global_top_q_callable_where_metric",
+)
 
 
 def _params(dtype=jnp.float32):
-  return {"w": jnp.asarray(np.linspace(-1.0, 1.2, 12).reshape(3, 4), dtype),
-          "b": jnp.asarray([0.5, -0.25, 1.0, 2.0], dtype)}
+  return {
+    "w": jnp.asarray(np.linspace(-1.0, 1.2, 12).reshape(3, 4), dtype),
+    "b": jnp.asarray([0.5, -0.25, 1.0, 2.0], dtype),
+  }
 
 
 def _grads(params, scale=1.0):
@@ -125,15 +162,16 @@ def _step(tx):
   def step(params, state):
     updates, state = tx.update(_grads(params), state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
 def _xfail_if(case_names, reason):
   def mark(case):
     if case.name in case_names:
-      return pytest.param(case, marks=pytest.mark.xfail(strict=True,
-                                                        reason=reason))
+      return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=reason))
     return case
+
   return [mark(c) for c in CASES]
 
 
@@ -166,10 +204,9 @@ def test_inject_hyperparams_matches_plain(case):
   grads = _grads(params)
   updates, state = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
   state_inject = jax.jit(tx_inject.init)(params)
-  updates_inject, new_inject = jax.jit(tx_inject.update)(
-      grads, state_inject, params)
+  updates_inject, new_inject = jax.jit(tx_inject.update)(grads, state_inject, params)
   test_utils.assert_trees_all_close(updates_inject, updates, rtol=1e-5)
-  if case.pre_sgd:     # chain(sgd, inject_hyperparams(factory)(...))
+  if case.pre_sgd:  # chain(sgd, inject_hyperparams(factory)(...))
     inner, state = new_inject[1].inner_state, state[1]
   else:
     inner = new_inject.inner_state
@@ -190,8 +227,7 @@ def test_multi_steps(case, dtype):
   grads = [_grads(params, s) for s in (1.0, 2.0, 3.0)]
   for g in grads[:2]:
     updates, state = update(g, state, params)
-    test_utils.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
-                                                            params))
+    test_utils.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
   updates, state = update(grads[2], state, params)
   # The third call applies the inner update to the mean gradient, 2 g.
   want, _ = tx.update(grads[1], tx.init(params), params)
@@ -210,11 +246,9 @@ def test_apply_if_finite_skips_a_non_finite_step(case):
   safe = optax.apply_if_finite(tx, max_consecutive_errors=3)
   update = jax.jit(safe.update)
   state0 = safe.init(params)
-  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan),
-                     _grads(params))
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), _grads(params))
   updates, state1 = update(bad, state0, params)
-  test_utils.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
-                                                          params))
+  test_utils.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
   assert int(state1.notfinite_count) == 1
   assert not bool(state1.last_finite)
   test_utils.assert_trees_all_equal(state1.inner_state, state0.inner_state)
@@ -222,8 +256,7 @@ def test_apply_if_finite_skips_a_non_finite_step(case):
   updates, state2 = update(_grads(params), state1, params)
   want, want_state = tx.update(_grads(params), tx.init(params), params)
   test_utils.assert_trees_all_close(updates, want, rtol=1e-6)
-  test_utils.assert_trees_all_close(state2.inner_state, want_state,
-                                    rtol=1e-6)
+  test_utils.assert_trees_all_close(state2.inner_state, want_state, rtol=1e-6)
   assert int(state2.notfinite_count) == 0
 
 
@@ -240,8 +273,11 @@ def test_tree_map_params(case):
   # A change of the params-shaped buffers reaches every one of them, and
   # only them.
   doubled = optax.tree_utils.tree_map_params(
-      tx, lambda v: v * 2 if jnp.issubdtype(v.dtype, jnp.floating) else v,
-      state, transform_non_params=lambda v: v)
+    tx,
+    lambda v: v * 2 if jnp.issubdtype(v.dtype, jnp.floating) else v,
+    state,
+    transform_non_params=lambda v: v,
+  )
   test_utils.assert_trees_all_equal_structs(doubled, state)
 
 
@@ -255,6 +291,7 @@ def _scan_steps(tx, params, n=3):
     p, s = carry
     p, s = _step(tx)(p, s)
     return (p, s), None
+
   (params, new_state), _ = jax.lax.scan(body, (params, state), length=n)
   return state, params, new_state
 
@@ -283,23 +320,24 @@ def test_state_dtype_stable_with_float64_params_under_x64(case):
     test_utils.assert_trees_all_equal_dtypes(new_state, state)
   # The float32 run: stable too, and equal to float32 precision.
   if case.name == "gsm_budget":
-    return          # bytes_cost_tree prices a float64 entry higher
+    return  # bytes_cost_tree prices a float64 entry higher
   params32 = _params(jnp.float32)
   state32, new32, new_state32 = _scan_steps(case.make(params32), params32)
   test_utils.assert_trees_all_equal_dtypes(new_state32, state32)
   test_utils.assert_trees_all_close(
-      jax.tree.map(lambda x: np.asarray(x, np.float32), new_params), new32,
-      rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda x: np.asarray(x, np.float32), new_params), new32, rtol=1e-5, atol=1e-6
+  )
 
 
 # --- zero-size and scalar leaves -------------------------------------------------------
 
 
 def _odd_params():
-  return {"w": jnp.asarray(np.linspace(-1.0, 1.2, 12).reshape(3, 4),
-                           jnp.float32),
-          "empty": jnp.zeros((0, 4), jnp.float32),
-          "scalar": jnp.asarray(0.7, jnp.float32)}
+  return {
+    "w": jnp.asarray(np.linspace(-1.0, 1.2, 12).reshape(3, 4), jnp.float32),
+    "empty": jnp.zeros((0, 4), jnp.float32),
+    "scalar": jnp.asarray(0.7, jnp.float32),
+  }
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -315,8 +353,8 @@ def test_zero_size_and_scalar_leaves(case):
   tx_rest = case.make(rest)
   want, _ = jax.jit(_step(tx_rest))(rest, tx_rest.init(rest))
   test_utils.assert_trees_all_close(
-      {"w": new_params["w"], "scalar": new_params["scalar"]}, want,
-      rtol=1e-6)
+    {"w": new_params["w"], "scalar": new_params["scalar"]}, want, rtol=1e-6
+  )
 
 
 def test_zero_size_leaf_at_compression_1():
@@ -329,13 +367,15 @@ def test_zero_size_leaf_at_compression_1():
 
 
 def _quadratic():
-  target = {"w": jnp.asarray(np.linspace(-2.0, 2.0, 12).reshape(3, 4),
-                             jnp.float32),
-            "b": jnp.asarray([1.0, -1.0, 0.5, 0.0], jnp.float32)}
+  target = {
+    "w": jnp.asarray(np.linspace(-2.0, 2.0, 12).reshape(3, 4), jnp.float32),
+    "b": jnp.asarray([1.0, -1.0, 0.5, 0.0], jnp.float32),
+  }
   params = jax.tree.map(jnp.zeros_like, target)
 
   def loss(p):
     return sum(jnp.sum((p[k] - target[k]) ** 2) for k in p) / 2
+
   return params, target, loss
 
 
@@ -344,8 +384,8 @@ def _run(tx, params, loss, steps=200):
     p, s = carry
     updates, s = tx.update(jax.grad(loss)(p), s, p)
     return (optax.apply_updates(p, updates), s), None
-  (params, _), _ = jax.lax.scan(body, (params, tx.init(params)),
-                                length=steps)
+
+  (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), length=steps)
   return params
 
 
@@ -353,17 +393,16 @@ def _run(tx, params, loss, steps=200):
 def test_gsm_at_compression_1_is_sgd_momentum_with_weight_decay(nesterov):
   params, target, loss = _quadratic()
   lr, beta, wd = 0.05, 0.9, 1e-2
-  tx = optax_gsm.gsm(lr, compression=1, momentum=beta, weight_decay=wd,
-                     nesterov=nesterov)
-  mask = {"w": True, "b": False}          # the default eligible leaves
-  ref = optax.chain(optax.add_decayed_weights(wd, mask=mask),
-                    optax.sgd(lr, momentum=beta, nesterov=nesterov))
+  tx = optax_gsm.gsm(lr, compression=1, momentum=beta, weight_decay=wd, nesterov=nesterov)
+  mask = {"w": True, "b": False}  # the default eligible leaves
+  ref = optax.chain(
+    optax.add_decayed_weights(wd, mask=mask), optax.sgd(lr, momentum=beta, nesterov=nesterov)
+  )
   got = jax.jit(lambda p: _run(tx, p, loss))(params)
   want = jax.jit(lambda p: _run(ref, p, loss))(params)
   test_utils.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   # Both reach the minimum of the decayed quadratic: w* = t / (1 + wd).
-  test_utils.assert_trees_all_close(
-      got, {"w": target["w"] / (1 + wd), "b": target["b"]}, atol=1e-4)
+  test_utils.assert_trees_all_close(got, {"w": target["w"] / (1 + wd), "b": target["b"]}, atol=1e-4)
 
 
 def test_global_top_q_at_compression_1_is_the_identity():
@@ -371,12 +410,13 @@ def test_global_top_q_at_compression_1_is_the_identity():
   tx = optax.chain(optax_gsm.global_top_q(compression=1), optax.sgd(0.1, 0.5))
   ref = optax.sgd(0.1, 0.5)
   test_utils.assert_trees_all_close(
-      jax.jit(lambda p: _run(tx, p, loss, 50))(params),
-      jax.jit(lambda p: _run(ref, p, loss, 50))(params), rtol=1e-6)
+    jax.jit(lambda p: _run(tx, p, loss, 50))(params),
+    jax.jit(lambda p: _run(ref, p, loss, 50))(params),
+    rtol=1e-6,
+  )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name not in TOP_Q],
-                         ids=repr)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name not in TOP_Q], ids=repr)
 def test_baselines_converge_on_a_quadratic_when_nothing_is_pruned(case):
   # With nothing to prune (dns's thresholds at 0 prune nothing here since
   # every weight moves away from 0), the transformations leave sgd intact.
@@ -388,7 +428,10 @@ def test_baselines_converge_on_a_quadratic_when_nothing_is_pruned(case):
     kwargs["strength"] = 0.0
   tx = case.factory(**kwargs)
   if case.name != "autoprune_masks":
-    tx = optax.chain(optax.sgd(0.1, 0.5), tx) if case.pre_sgd else (
-        optax.chain(tx, optax.sgd(0.1, 0.5)))
+    tx = (
+      optax.chain(optax.sgd(0.1, 0.5), tx)
+      if case.pre_sgd
+      else (optax.chain(tx, optax.sgd(0.1, 0.5)))
+    )
   got = jax.jit(lambda p: _run(tx, p, loss, 150))(params)
   test_utils.assert_trees_all_close(got, target, atol=1e-3)

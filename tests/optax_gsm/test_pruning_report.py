@@ -15,13 +15,16 @@ from tests.optax_gsm import reference
 @pytest.mark.parametrize("selection", ["auto", "threshold", "top_k"])
 def test_magnitude_prune_matches_reference(selection):
   rng = np.random.default_rng(0)
-  params = {"a": jnp.asarray(rng.standard_normal((20, 30)), jnp.float32),
-            "b": [jnp.asarray(rng.standard_normal((5, 5, 3, 4)), jnp.float32),
-                  jnp.asarray(rng.standard_normal(4), jnp.float32)]}
+  params = {
+    "a": jnp.asarray(rng.standard_normal((20, 30)), jnp.float32),
+    "b": [
+      jnp.asarray(rng.standard_normal((5, 5, 3, 4)), jnp.float32),
+      jnp.asarray(rng.standard_normal(4), jnp.float32),
+    ],
+  }
   q = 77
   pruned, masks = optax_gsm.magnitude_prune(params, q, selection=selection)
-  want = reference.ranked_selection(
-      [np.abs(params["a"]), np.abs(params["b"][0])], q)
+  want = reference.ranked_selection([np.abs(params["a"]), np.abs(params["b"][0])], q)
   np.testing.assert_array_equal(masks["a"], want[0])
   np.testing.assert_array_equal(masks["b"][0], want[1])
   assert bool(masks["b"][1].all())
@@ -35,8 +38,7 @@ def test_magnitude_prune_exact_q_with_ties_at_zero():
   # Fewer non-zeros than Q: exactly Q entries are kept (some of them zeros),
   # the earliest zeros by global index. Dict leaves are in sorted key order,
   # so "v" comes before "w".
-  params = {"w": jnp.array([[0.0, 3.0], [0.0, 0.0]]),
-            "v": jnp.array([[0.0, 1.0]])}
+  params = {"w": jnp.array([[0.0, 3.0], [0.0, 0.0]]), "v": jnp.array([[0.0, 1.0]])}
   _, masks = optax_gsm.magnitude_prune(params, 3)
   assert sum(int(m.sum()) for m in jax.tree.leaves(masks)) == 3
   np.testing.assert_array_equal(masks["v"], [[True, True]])
@@ -54,16 +56,23 @@ def test_magnitude_prune_compression_and_dtype():
 
 
 def test_sparsity_report_values_and_json():
-  params = {"conv": jnp.zeros((3, 3, 2, 2)).at[0, 0, 0, 0].set(1.0),
-            "dense": jnp.array([[1.0, 0.0], [2.0, 3.0]]),
-            "bias": jnp.array([0.0, 5.0])}
+  params = {
+    "conv": jnp.zeros((3, 3, 2, 2)).at[0, 0, 0, 0].set(1.0),
+    "dense": jnp.array([[1.0, 0.0], [2.0, 3.0]]),
+    "bias": jnp.array([0.0, 5.0]),
+  }
   report = optax_gsm.sparsity_report(params)
   d = json.loads(report.to_json())
   rows = {r["path"]: r for r in d["leaves"]}
-  assert rows["['conv']"] == {"path": "['conv']", "shape": [3, 3, 2, 2],
-                              "size": 36, "nonzeros": 1,
-                              "nonzero_ratio": 1 / 36, "compression": 36.0,
-                              "eligible": True}
+  assert rows["['conv']"] == {
+    "path": "['conv']",
+    "shape": [3, 3, 2, 2],
+    "size": 36,
+    "nonzeros": 1,
+    "nonzero_ratio": 1 / 36,
+    "compression": 36.0,
+    "eligible": True,
+  }
   assert rows["['bias']"]["eligible"] is False
   assert d["eligible"]["size"] == 40 and d["eligible"]["nonzeros"] == 4
   assert d["eligible"]["compression"] == 10.0

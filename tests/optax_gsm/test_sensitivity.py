@@ -27,8 +27,7 @@ def _model():
     mag = rng.uniform(lo, hi, (4, 3))
     return jnp.asarray(mag * rng.choice([-1.0, 1.0], (4, 3)), jnp.float32)
 
-  params = {"a": layer(1, 2), "b": layer(0.1, 0.2), "c": layer(0.01, 0.02),
-            "bias": jnp.ones(3)}
+  params = {"a": layer(1, 2), "b": layer(0.1, 0.2), "c": layer(0.01, 0.02), "bias": jnp.ones(3)}
   x = jnp.eye(4)
 
   @jax.jit
@@ -47,22 +46,21 @@ def _model():
 def test_layer_sensitivity_finds_the_layer_that_matters():
   params, _, eval_fn = _model()
   res = sensitivity.layer_sensitivity(
-      params, eval_fn, ratios=(0.5, 0.7, 0.9), gsm_params=params,
-      num_nonzero=16)
+    params, eval_fn, ratios=(0.5, 0.7, 0.9), gsm_params=params, num_nonzero=16
+  )
   assert [layer.path for layer in res.layers] == ["['a']", "['b']", "['c']"]
   assert res.baseline == 0.0
   a, b, c = res.layers
   for j in range(3):
     assert a.drops[j] > 10 * b.drops[j] > 100 * c.drops[j] > 0
   for layer in res.layers:
-    assert list(layer.drops) == sorted(layer.drops)   # more pruned, worse
+    assert list(layer.drops) == sorted(layer.drops)  # more pruned, worse
     assert layer.size == 12
   # The drop is exactly the squared magnitude of what was removed.
   removed = np.sort(np.abs(np.asarray(params["a"])).ravel())[:6]
-  assert a.drops[0] == pytest.approx(float(np.sum(removed ** 2)), rel=1e-5)
+  assert a.drops[0] == pytest.approx(float(np.sum(removed**2)), rel=1e-5)
   # GSM's signal: Q=16 keeps all of A and the 4 largest of B.
-  assert (a.nonzero_ratio, b.nonzero_ratio, c.nonzero_ratio) == (
-      1.0, 4 / 12, 0.0)
+  assert (a.nonzero_ratio, b.nonzero_ratio, c.nonzero_ratio) == (1.0, 4 / 12, 0.0)
   assert res.spearman == {"nonzero_ratio": 1.0}
 
 
@@ -82,8 +80,7 @@ def test_selection_counts_from_a_short_gsm_run():
   def step(p, state, q_state):
     grads = jax.grad(loss)(p)
     selected, q_state = top_q.update(grads, q_state, p)
-    mask = {k: (v != 0) if k != "bias" else jnp.zeros(3, bool)
-            for k, v in selected.items()}
+    mask = {k: (v != 0) if k != "bias" else jnp.zeros(3, bool) for k, v in selected.items()}
     updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state, q_state, mask
 
@@ -94,12 +91,10 @@ def test_selection_counts_from_a_short_gsm_run():
     masks.append(mask)
   counts = sensitivity.accumulate_selection_counts(masks)
   assert int(sum(np.sum(counts[k]) for k in "abc")) == 5 * 16
-  res = sensitivity.layer_sensitivity(params, eval_fn, ratios=(0.5,),
-                                      selection_counts=counts)
+  res = sensitivity.layer_sensitivity(params, eval_fn, ratios=(0.5,), selection_counts=counts)
   a, b, c = res.layers
   assert a.selection_share > b.selection_share > c.selection_share
-  assert a.selection_share + b.selection_share + c.selection_share == (
-      pytest.approx(1.0))
+  assert a.selection_share + b.selection_share + c.selection_share == (pytest.approx(1.0))
   # Density: the layer's selections per weight relative to the average.
   assert a.selection_density == pytest.approx(3 * a.selection_share)
   assert res.spearman["selection_density"] == 1.0
@@ -116,8 +111,8 @@ def test_eval_calls_edge_ratios_and_where():
     return eval_fn(p)
 
   res = sensitivity.layer_sensitivity(
-      params, counting, ratios=(0.0, 1.0),
-      where={"a": True, "b": False, "c": True, "bias": False})
+    params, counting, ratios=(0.0, 1.0), where={"a": True, "b": False, "c": True, "bias": False}
+  )
   assert len(calls) == 1 + 2 * 2
   assert [layer.path for layer in res.layers] == ["['a']", "['c']"]
   assert res.layers[0].drops[0] == 0.0
@@ -131,7 +126,8 @@ def test_prunes_by_magnitude_with_index_tie_break():
   params = {"w": jnp.array([[1.0, -1.0], [1.0, 3.0]])}
   seen = []
   sensitivity.layer_sensitivity(
-      params, lambda p: seen.append(np.asarray(p["w"])) or 0.0, ratios=(0.5,))
+    params, lambda p: seen.append(np.asarray(p["w"])) or 0.0, ratios=(0.5,)
+  )
   # Two of the three tied 1.0s must go: the ones with the higher index.
   np.testing.assert_array_equal(seen[1], [[1.0, 0.0], [0.0, 3.0]])
 
@@ -140,14 +136,20 @@ def test_result_json_and_table():
   params, _, eval_fn = _model()
   counts = jax.tree.map(lambda x: np.ones(x.shape, np.int32), params)
   res = sensitivity.layer_sensitivity(
-      params, eval_fn, ratios=(0.5, 0.9), gsm_params=params, compression=3,
-      selection_counts=counts)
+    params, eval_fn, ratios=(0.5, 0.9), gsm_params=params, compression=3, selection_counts=counts
+  )
   d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
   assert d["ratios"] == [0.5, 0.9]
   assert d["layers"][0]["path"] == "['a']"
-  assert set(d["layers"][0]) >= {"drops", "accuracies", "mean_drop",
-                                 "nonzero_ratio", "selection_share",
-                                 "selection_density", "size"}
+  assert set(d["layers"][0]) >= {
+    "drops",
+    "accuracies",
+    "mean_drop",
+    "nonzero_ratio",
+    "selection_share",
+    "selection_density",
+    "size",
+  }
   # Uniform counts: every layer's density is 1, so rho is undefined.
   assert d["spearman"]["selection_density"] is None
   assert np.isnan(res.spearman["selection_density"])
@@ -155,8 +157,14 @@ def test_result_json_and_table():
   # B and C gets average ranks, rho = 1.5 / sqrt(2 * 1.5).
   assert d["spearman"]["nonzero_ratio"] == pytest.approx(np.sqrt(3) / 2)
   text = str(res)
-  for s in ("['a']", "drop@0.5", "drop@0.9", "nonzero_ratio",
-            "spearman(mean drop, nonzero_ratio) = +0.866", "baseline"):
+  for s in (
+    "['a']",
+    "drop@0.5",
+    "drop@0.9",
+    "nonzero_ratio",
+    "spearman(mean drop, nonzero_ratio) = +0.866",
+    "baseline",
+  ):
     assert s in text
   assert json.loads(res.to_json())["baseline"] == 0.0
 
@@ -197,14 +205,17 @@ def test_accumulate_selection_counts():
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
-@hypothesis.given(st.integers(2, 12).flatmap(lambda n: st.tuples(
-    st.lists(st.integers(0, 4), min_size=n, max_size=n),
-    st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=n,
-             max_size=n))))
+@hypothesis.given(
+  st.integers(2, 12).flatmap(
+    lambda n: st.tuples(
+      st.lists(st.integers(0, 4), min_size=n, max_size=n),
+      st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=n, max_size=n),
+    )
+  )
+)
 def test_spearman_and_ranks_match_scipy(xy):
   x, y = xy
-  np.testing.assert_array_equal(sensitivity.rankdata(x),
-                                scipy.stats.rankdata(x))
+  np.testing.assert_array_equal(sensitivity.rankdata(x), scipy.stats.rankdata(x))
   got = sensitivity.spearman(x, y)
   if len(set(x)) < 2 or len(set(y)) < 2:
     assert np.isnan(got)
@@ -224,18 +235,17 @@ def test_spearman_errors():
 def test_plot(tmp_path):
   pytest.importorskip("matplotlib")
   from experiments import sensitivity_plot  # pylint: disable=import-outside-toplevel
+
   params, _, eval_fn = _model()
   counts = jax.tree.map(lambda x: np.arange(x.size).reshape(x.shape), params)
   res = sensitivity.layer_sensitivity(
-      params, eval_fn, gsm_params=params, num_nonzero=16,
-      selection_counts=counts)
-  fig = sensitivity_plot.plot_sensitivity(res, tmp_path / "s.png",
-                                          title="toy")
+    params, eval_fn, gsm_params=params, num_nonzero=16, selection_counts=counts
+  )
+  fig = sensitivity_plot.plot_sensitivity(res, tmp_path / "s.png", title="toy")
   assert (tmp_path / "s.png").stat().st_size > 1000
   ax = fig.axes[0]
-  assert len(ax.patches) == 3 * 3          # 3 layers x 3 ratios
+  assert len(ax.patches) == 3 * 3  # 3 layers x 3 ratios
   assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
-  assert len(fig.axes[1].lines) == 2       # non-zero ratio, selection density
-  fig2 = sensitivity_plot.plot_sensitivity(json.loads(res.to_json()),
-                                           tmp_path / "s.pdf")
+  assert len(fig.axes[1].lines) == 2  # non-zero ratio, selection density
+  fig2 = sensitivity_plot.plot_sensitivity(json.loads(res.to_json()), tmp_path / "s.pdf")
   assert (tmp_path / "s.pdf").exists() and len(fig2.axes) == 2

@@ -40,25 +40,26 @@ def _sparse(rng, shape, density, dtype):
 def test_round_trip_dtypes_structures_and_special_leaves(tmp_path):
   rng = np.random.default_rng(0)
   special = np.array([0.0, -0.0, np.nan, -np.inf, 1e-40, 3.0], np.float32)
-  nan_payload = np.array([0x7FC00001, 0xFFC12345, 0], np.uint32).view(
-      np.float32)
+  nan_payload = np.array([0x7FC00001, 0xFFC12345, 0], np.uint32).view(np.float32)
   params = {
-      "f32": _sparse(rng, (40, 30), 0.02, np.float32),
-      "bf16": jnp.asarray(_sparse(rng, (64, 64), 0.3, np.float32),
-                          jnp.bfloat16),
-      "f16": _sparse(rng, (17, 5), 0.6, np.float16),
-      "f64": _sparse(rng, (9,), 0.5, np.float64),
-      "ints": [np.array([0, -3, 0, 2**31 - 1], np.int32),
-               np.array([[0, 200], [0, 0]], np.uint8),
-               np.array([0, -(2**62)], np.int64), np.array([True, False])],
-      "special": (special, nan_payload, np.float32(-0.0)),
-      "all_zero": np.zeros((300, 7), np.float32),
-      "dense": rng.standard_normal((50, 50)).astype(np.float32),
-      "empty": (np.zeros((0,), np.float32), np.zeros((3, 0, 2), jnp.bfloat16)),
-      "scalar": np.float32(2.5),
-      "int_keys": {7: np.ones(3, np.int8), -1: np.zeros(2, np.int8)},
-      "none": None,
-      "nested": [[], {}, ()],
+    "f32": _sparse(rng, (40, 30), 0.02, np.float32),
+    "bf16": jnp.asarray(_sparse(rng, (64, 64), 0.3, np.float32), jnp.bfloat16),
+    "f16": _sparse(rng, (17, 5), 0.6, np.float16),
+    "f64": _sparse(rng, (9,), 0.5, np.float64),
+    "ints": [
+      np.array([0, -3, 0, 2**31 - 1], np.int32),
+      np.array([[0, 200], [0, 0]], np.uint8),
+      np.array([0, -(2**62)], np.int64),
+      np.array([True, False]),
+    ],
+    "special": (special, nan_payload, np.float32(-0.0)),
+    "all_zero": np.zeros((300, 7), np.float32),
+    "dense": rng.standard_normal((50, 50)).astype(np.float32),
+    "empty": (np.zeros((0,), np.float32), np.zeros((3, 0, 2), jnp.bfloat16)),
+    "scalar": np.float32(2.5),
+    "int_keys": {7: np.ones(3, np.int8), -1: np.zeros(2, np.int8)},
+    "none": None,
+    "nested": [[], {}, ()],
   }
   path = tmp_path / "m.npz"
   info = sparse_io.save_sparse(path, params)
@@ -71,7 +72,7 @@ def test_round_trip_dtypes_structures_and_special_leaves(tmp_path):
   enc = {leaf.path: leaf.encoding for leaf in info.leaves}
   assert enc["['dense']"] == "dense"
   assert enc["['f32']"] == "coo"
-  assert enc["['bf16']"] == "bitmask"     # 30% dense: the mask is smallest
+  assert enc["['bf16']"] == "bitmask"  # 30% dense: the mask is smallest
   assert enc["['all_zero']"] == "coo"
   nz = {leaf.path: leaf.nonzeros for leaf in info.leaves}
   # -0.0 and NaN are stored (any bit set), +0.0 is not.
@@ -83,12 +84,12 @@ def test_round_trip_dtypes_structures_and_special_leaves(tmp_path):
 
 
 def test_payload_sizes_and_report(tmp_path):
-  w = np.zeros((1000, 100), np.float32)       # 100,000 entries
-  w.reshape(-1)[::50] = 1.0                    # 2,000 non-zeros: csr
+  w = np.zeros((1000, 100), np.float32)  # 100,000 entries
+  w.reshape(-1)[::50] = 1.0  # 2,000 non-zeros: csr
   u = np.zeros((1000, 100), np.float32)
-  u.reshape(-1)[::5000] = 2.0                  # 20 non-zeros: int32 coo
-  v = np.zeros((100, 100), np.float16)         # 10,000: uint16 COO / bitmask
-  v[:, :40] = 1.0                              # 4,000 non-zeros (40%)
+  u.reshape(-1)[::5000] = 2.0  # 20 non-zeros: int32 coo
+  v = np.zeros((100, 100), np.float16)  # 10,000: uint16 COO / bitmask
+  v[:, :40] = 1.0  # 4,000 non-zeros (40%)
   info = sparse_io.save_sparse(tmp_path / "s.npz", {"w": w, "u": u, "v": v})
   rows = {r.path: r for r in info.leaves}
   assert rows["['w']"].encoding == "csr"
@@ -98,8 +99,7 @@ def test_payload_sizes_and_report(tmp_path):
   assert rows["['v']"].encoding == "bitmask"
   assert rows["['v']"].payload_bytes == 10_000 // 8 + 4000 * 2
   assert rows["['w']"].dense_payload_bytes == 400_000
-  assert_bitwise_equal(sparse_io.load_sparse(tmp_path / "s.npz"),
-                       {"w": w, "u": u, "v": v})
+  assert_bitwise_equal(sparse_io.load_sparse(tmp_path / "s.npz"), {"w": w, "u": u, "v": v})
   dense_path = tmp_path / "dense.npz"
   np.savez(dense_path, u, v, w)
   # The dense reference is the same leaves as a plain .npz (member names
@@ -116,7 +116,7 @@ def test_payload_sizes_and_report(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.int8])
 def test_csr_rows_edges_round_trip(tmp_path, dtype):
-  n = 3 * 70_001                               # 4 rows of 65,536, last partial
+  n = 3 * 70_001  # 4 rows of 65,536, last partial
   x = np.zeros(n, np.float32)
   at = [0, 1, 65_535, 65_536, 65_537, 3 * 65_536 + 5, n - 1]  # row 2 empty
   x[at] = np.arange(1, len(at) + 1)
@@ -133,36 +133,37 @@ def test_csr_rows_edges_round_trip(tmp_path, dtype):
 
 def dataclass_replace_path(info, path):
   import dataclasses
+
   return dataclasses.replace(info, path=path)
 
 
 def test_lenet_300_100_at_60x(tmp_path, capsys):
   rng = np.random.default_rng(0)
   params = {}
-  for name, (i, o) in {"fc1": (784, 300), "fc2": (300, 100),
-                       "fc3": (100, 10)}.items():
+  for name, (i, o) in {"fc1": (784, 300), "fc2": (300, 100), "fc3": (100, 10)}.items():
     params[name] = {
-        "kernel": jnp.asarray(rng.standard_normal((i, o)) / np.sqrt(i),
-                              jnp.float32),
-        "bias": jnp.asarray(0.1 * rng.standard_normal(o), jnp.float32)}
+      "kernel": jnp.asarray(rng.standard_normal((i, o)) / np.sqrt(i), jnp.float32),
+      "bias": jnp.asarray(0.1 * rng.standard_normal(o), jnp.float32),
+    }
   pruned, _ = optax_gsm.magnitude_prune(params, compression=60)
   path = tmp_path / "lenet300100_60x.npz"
   info = sparse_io.save_sparse(path, pruned)
   assert_bitwise_equal(sparse_io.load_sparse(path), jax.device_get(pruned))
-  assert optax_gsm.sparsity_report(pruned).eligible.nonzeros == round(
-      266_200 / 60)
+  assert optax_gsm.sparsity_report(pruned).eligible.nonzeros == round(266_200 / 60)
   dense_path = tmp_path / "dense.npz"
   np.savez(dense_path, *[np.asarray(x) for x in jax.tree.leaves(pruned)])
   enc = {r.path: r.encoding for r in info.leaves}
-  assert enc["['fc1']['kernel']"] == "csr"   # 235,200 entries
+  assert enc["['fc1']['kernel']"] == "csr"  # 235,200 entries
   assert enc["['fc1']['bias']"] == "dense"
   # 4,437 kept kernel weights at about 6 bytes + 410 dense biases.
   assert info.file_bytes < 50_000
   assert info.ratio > 20
   with capsys.disabled():
-    print(f"\nLeNet-300-100 at 60x: sparse file {info.file_bytes:,} bytes, "
-          f"dense .npz {info.dense_file_bytes:,} bytes (np.savez "
-          f"{os.path.getsize(dense_path):,}), {info.ratio:.1f}x smaller")
+    print(
+      f"\nLeNet-300-100 at 60x: sparse file {info.file_bytes:,} bytes, "
+      f"dense .npz {info.dense_file_bytes:,} bytes (np.savez "
+      f"{os.path.getsize(dense_path):,}), {info.ratio:.1f}x smaller"
+    )
     print(info)
 
 
@@ -181,11 +182,9 @@ def test_flax_nnx_state_round_trip_with_target(tmp_path):
   # Without a target, other pytree nodes come back as nested dicts.
   plain = sparse_io.load_sparse(path)
   assert set(plain) == {"bias", "kernel"}
-  np.testing.assert_array_equal(plain["kernel"]["value"],
-                                pruned["kernel"][...])
+  np.testing.assert_array_equal(plain["kernel"]["value"], pruned["kernel"][...])
   # A ShapeDtypeStruct target works too.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   assert type(sparse_io.load_sparse(path, target=abstract)) is type(state)
 
 
@@ -203,8 +202,7 @@ def test_namedtuple_saved_through_key_paths(tmp_path):
 # ---------------------------------------------------------------------------
 # Hypothesis: random sparse pytrees.
 
-_DTYPES = [np.float32, np.float16, jnp.bfloat16, np.int32, np.int8,
-           np.uint16, np.float64, np.bool_]
+_DTYPES = [np.float32, np.float16, jnp.bfloat16, np.int32, np.int8, np.uint16, np.float64, np.bool_]
 
 
 @st.composite
@@ -222,14 +220,15 @@ def sparse_leaf(draw):
 
 
 _trees = st.recursive(
-    sparse_leaf() | st.none(),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.lists(children, max_size=3).map(tuple)
-        | st.dictionaries(st.text("abcxyz_", min_size=1, max_size=4),
-                          children, max_size=3)
-        | st.dictionaries(st.integers(-3, 3), children, max_size=3)),
-    max_leaves=6)
+  sparse_leaf() | st.none(),
+  lambda children: (
+    st.lists(children, max_size=3)
+    | st.lists(children, max_size=3).map(tuple)
+    | st.dictionaries(st.text("abcxyz_", min_size=1, max_size=4), children, max_size=3)
+    | st.dictionaries(st.integers(-3, 3), children, max_size=3)
+  ),
+  max_leaves=6,
+)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -249,8 +248,7 @@ def test_round_trip_random_pytrees(tree):
       coo = k * (sparse_io.coo_index_dtype(n).itemsize + width)
       bitmask = (n + 7) // 8 + k * width
       assert leaf.payload_bytes <= n * width
-      assert leaf.payload_bytes <= min(coo, bitmask) + (
-          sparse_io.MEMBER_OVERHEAD_BYTES)
+      assert leaf.payload_bytes <= min(coo, bitmask) + (sparse_io.MEMBER_OVERHEAD_BYTES)
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +258,10 @@ def test_round_trip_random_pytrees(tree):
 @pytest.fixture
 def saved(tmp_path):
   rng = np.random.default_rng(1)
-  params = {"w": _sparse(rng, (60, 50), 0.05, np.float32),
-            "b": rng.standard_normal(50).astype(np.float32)}
+  params = {
+    "w": _sparse(rng, (60, 50), 0.05, np.float32),
+    "b": rng.standard_normal(50).astype(np.float32),
+  }
   path = tmp_path / "model.npz"
   sparse_io.save_sparse(path, params)
   return path, params
@@ -280,6 +280,7 @@ def _rewrite(path, members):
 
 def _npy_bytes(arr):
   import io
+
   buf = io.BytesIO()
   np.lib.format.write_array(buf, arr, allow_pickle=False)
   return buf.getvalue()
@@ -292,8 +293,7 @@ def _header(path):
 
 def _with_header(path, header):
   members = _members(path)
-  members["header.npy"] = _npy_bytes(
-      np.frombuffer(json.dumps(header).encode(), np.uint8))
+  members["header.npy"] = _npy_bytes(np.frombuffer(json.dumps(header).encode(), np.uint8))
   _rewrite(path, members)
 
 
@@ -310,7 +310,7 @@ def test_missing_file_names_the_path(tmp_path):
 def test_truncated_file(saved, keep):
   path, _ = saved
   data = path.read_bytes()
-  path.write_bytes(data[:int(len(data) * keep)])
+  path.write_bytes(data[: int(len(data) * keep)])
   with pytest.raises(SparseFileError, match="not a readable"):
     sparse_io.load_sparse(path)
 
@@ -319,10 +319,10 @@ def test_flipped_byte_in_payload_is_caught(saved):
   path, params = saved
   data = bytearray(path.read_bytes())
   raw = np.asarray(params["b"]).tobytes()
-  at = bytes(data).index(raw[:16])            # inside b's values
+  at = bytes(data).index(raw[:16])  # inside b's values
   data[at + 5] ^= 0x10
   path.write_bytes(bytes(data))
-  with pytest.raises(SparseFileError):        # zip CRC-32 catches it
+  with pytest.raises(SparseFileError):  # zip CRC-32 catches it
     sparse_io.load_sparse(path)
 
 
@@ -330,14 +330,13 @@ def test_changed_payload_with_valid_zip_fails_sha256(saved):
   path, _ = saved
   members = _members(path)
   header = _header(path)
-  name = [m for m in header["leaves"] if m["path"] == "['w']"][0][
-      "arrays"]["values"] + ".npy"
+  name = [m for m in header["leaves"] if m["path"] == "['w']"][0]["arrays"]["values"] + ".npy"
   with zipfile.ZipFile(path) as zf:
     values = np.lib.format.read_array(zf.open(name), allow_pickle=False)
   values = values.copy()
-  values[3] ^= 1                              # one bit of one weight
+  values[3] ^= 1  # one bit of one weight
   members[name] = _npy_bytes(values)
-  _rewrite(path, members)                     # a valid zip, fresh CRCs
+  _rewrite(path, members)  # a valid zip, fresh CRCs
   with pytest.raises(SparseFileError, match="sha256 checksum mismatch"):
     sparse_io.load_sparse(path)
 
@@ -391,7 +390,9 @@ def test_wrong_format_or_version(saved):
     sparse_io.load_sparse(path)
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     # Edits of checksummed fields are caught by the checksum.
     (lambda m: m.update(shape=[61, 50]), "sha256 checksum mismatch"),
     (lambda m: m.update(shape=[50, 60]), "sha256 checksum mismatch"),
@@ -406,7 +407,8 @@ def test_wrong_format_or_version(saved):
     (lambda m: m.update(encoding="dense"), "needs arrays"),
     (lambda m: m.update(nonzeros="3"), "'nonzeros'"),
     (lambda m: m["arrays"].update(values="9.values"), "no entry '9.values'"),
-])
+  ],
+)
 def test_inconsistent_leaf_metadata(saved, edit, match):
   path, _ = saved
   header = _header(path)
@@ -419,17 +421,26 @@ def test_inconsistent_leaf_metadata(saved, edit, match):
 def test_malformed_tree_in_header(saved):
   path, _ = saved
   header = _header(path)
-  _with_header(path, {**header, "tree": {"kind": "dict", "keys": ["b"],
-                                         "children": [{"kind": "leaf"}]}})
+  _with_header(
+    path, {**header, "tree": {"kind": "dict", "keys": ["b"], "children": [{"kind": "leaf"}]}}
+  )
   with pytest.raises(SparseFileError, match="fewer leaves"):
     sparse_io.load_sparse(path)
   _with_header(path, {**header, "tree": {"kind": "mystery"}})
   with pytest.raises(SparseFileError, match="malformed"):
     sparse_io.load_sparse(path)
   # Swapping the dict keys would swap the leaves: the key paths disagree.
-  _with_header(path, {**header, "tree": {
-      "kind": "dict", "keys": ["w", "b"],
-      "children": [{"kind": "leaf"}, {"kind": "leaf"}]}})
+  _with_header(
+    path,
+    {
+      **header,
+      "tree": {
+        "kind": "dict",
+        "keys": ["w", "b"],
+        "children": [{"kind": "leaf"}, {"kind": "leaf"}],
+      },
+    },
+  )
   with pytest.raises(SparseFileError, match="has path"):
     sparse_io.load_sparse(path)
 
@@ -440,9 +451,9 @@ def test_pickled_member_is_refused_not_executed(saved):
   header = _header(path)
   meta = [m for m in header["leaves"] if m["path"] == "['b']"][0]
   import io
+
   buf = io.BytesIO()
-  np.lib.format.write_array(buf, np.array([object()], dtype=object),
-                            allow_pickle=True)
+  np.lib.format.write_array(buf, np.array([object()], dtype=object), allow_pickle=True)
   members[meta["arrays"]["values"] + ".npy"] = buf.getvalue()
   _rewrite(path, members)
   with pytest.raises(SparseFileError, match="cannot read entry"):
@@ -455,12 +466,16 @@ def test_target_mismatch(saved):
     sparse_io.load_sparse(path, target={"w": params["w"]})
   with pytest.raises(SparseFileError, match="structures differ"):
     sparse_io.load_sparse(path, target={"w": params["w"], "c": params["b"]})
-  with pytest.raises(SparseFileError, match=r"float32\[60, 50\] in the file "
-                     r"but float32\[50, 60\]"):
+  with pytest.raises(
+    SparseFileError,
+    match=r"float32\[60, 50\] in the file "
+    r"but float32\[50, 60\]",
+  ):
     sparse_io.load_sparse(path, target={"w": params["w"].T, "b": params["b"]})
   with pytest.raises(SparseFileError, match="bfloat16"):
-    sparse_io.load_sparse(path, target={
-        "w": jnp.asarray(params["w"], jnp.bfloat16), "b": params["b"]})
+    sparse_io.load_sparse(
+      path, target={"w": jnp.asarray(params["w"], jnp.bfloat16), "b": params["b"]}
+    )
   back = sparse_io.load_sparse(path, target=params)
   assert_bitwise_equal(back, params)
 
@@ -490,13 +505,11 @@ def test_negative_zeros_kept_or_dropped(tmp_path, dtype):
   info = sparse_io.save_sparse(tmp_path / "a.npz", {"x": x})
   assert info.leaves[0].nonzeros == 3
   assert_bitwise_equal(sparse_io.load_sparse(tmp_path / "a.npz"), {"x": x})
-  info = sparse_io.save_sparse(tmp_path / "b.npz", {"x": x},
-                               keep_negative_zeros=False)
+  info = sparse_io.save_sparse(tmp_path / "b.npz", {"x": x}, keep_negative_zeros=False)
   assert info.leaves[0].nonzeros == 1
   back = sparse_io.load_sparse(tmp_path / "b.npz")["x"]
   np.testing.assert_array_equal(back.astype(np.float32), x.astype(np.float32))
-  assert not np.signbit(back.astype(np.float32)[back.astype(np.float32) == 0]
-                        ).any()
+  assert not np.signbit(back.astype(np.float32)[back.astype(np.float32) == 0]).any()
 
 
 def _forge(path, leaf_path, role, new_array):
@@ -510,12 +523,12 @@ def _forge(path, leaf_path, role, new_array):
   for r, name in meta["arrays"].items():
     data = members[name + ".npy"]
     import io
+
     arrays[r] = np.lib.format.read_array(io.BytesIO(data))
   # pylint: disable=protected-access
   roles = sparse_io._ROLES[meta["encoding"]]
   meta["sha256"] = sparse_io._sha256(meta, [arrays[r] for r in roles])
-  members["header.npy"] = _npy_bytes(
-      np.frombuffer(json.dumps(header).encode(), np.uint8))
+  members["header.npy"] = _npy_bytes(np.frombuffer(json.dumps(header).encode(), np.uint8))
   _rewrite(path, members)
 
 
@@ -526,8 +539,7 @@ def test_forged_but_inconsistent_payloads(tmp_path):
   big = np.zeros(200_000, np.float32)
   big[::997] = 1.0
   sparse_io.save_sparse(path, {"s": small, "b": big})
-  assert [r.encoding for r in sparse_io.sparse_file_report(path).leaves] == [
-      "csr", "coo"]
+  assert [r.encoding for r in sparse_io.sparse_file_report(path).leaves] == ["csr", "coo"]
   _forge(path, "['s']", "indices", np.array([50, 3], "<u2"))
   with pytest.raises(SparseFileError, match="strictly increasing"):
     sparse_io.load_sparse(path)
@@ -545,11 +557,11 @@ def test_forged_but_inconsistent_payloads(tmp_path):
 def test_deeply_nested_header_tree(saved):
   path, _ = saved
   header = json.dumps({**_header(path), "tree": None})
-  deep = ('{"kind":"list","children":[' * 100_000 + '{"kind":"leaf"}'
-          + "]}" * 100_000)
+  deep = '{"kind":"list","children":[' * 100_000 + '{"kind":"leaf"}' + "]}" * 100_000
   members = _members(path)
-  members["header.npy"] = _npy_bytes(np.frombuffer(
-      header.replace('"tree": null', '"tree": ' + deep).encode(), np.uint8))
+  members["header.npy"] = _npy_bytes(
+    np.frombuffer(header.replace('"tree": null', '"tree": ' + deep).encode(), np.uint8)
+  )
   _rewrite(path, members)
   with pytest.raises(SparseFileError):
     sparse_io.load_sparse(path)
@@ -561,6 +573,7 @@ def test_deeply_nested_header_tree(saved):
 def test_header_of_pickle_bytes_is_refused(saved):
   path, _ = saved
   import pickle
+
   members = _members(path)
   members["header.npy"] = pickle.dumps({"format": "optax_gsm.sparse"})
   _rewrite(path, members)
@@ -568,34 +581,34 @@ def test_header_of_pickle_bytes_is_refused(saved):
     with pytest.raises(SparseFileError) as e:
       fn(path)
     text = str(e.value)
-    assert text.startswith(f"{path}: cannot read the header: the entry is "
-                           "not a .npy array but ")
+    assert text.startswith(f"{path}: cannot read the header: the entry is not a .npy array but ")
     assert "expected a .npy array" in text
 
 
 def test_leaf_member_of_raw_bytes_is_refused(saved):
   path, _ = saved
   members = _members(path)
-  name = [m for m in _header(path)["leaves"] if m["path"] == "['b']"][0][
-      "arrays"]["values"]
+  name = [m for m in _header(path)["leaves"] if m["path"] == "['b']"][0]["arrays"]["values"]
   members[name + ".npy"] = b"not an npy file at all"
   _rewrite(path, members)
-  with pytest.raises(SparseFileError,
-                     match=r"leaf \d \(\['b'\]\): cannot read entry .*"
-                     r"22 raw bytes starting b'not an n'"):
+  with pytest.raises(
+    SparseFileError,
+    match=r"leaf \d \(\['b'\]\): cannot read entry .*"
+    r"22 raw bytes starting b'not an n'",
+  ):
     sparse_io.load_sparse(path)
 
 
-@pytest.mark.parametrize("fn", [sparse_io.load_sparse,
-                                sparse_io.sparse_file_report])
+@pytest.mark.parametrize("fn", [sparse_io.load_sparse, sparse_io.sparse_file_report])
 def test_single_npy_file_is_refused(tmp_path, fn):
   path = tmp_path / "weights.npy"
   np.save(path, np.ones(3, np.float32))
   with pytest.raises(SparseFileError) as e:
     fn(path)
   assert str(e.value) == (
-      f"{path} is a single .npy array (ndarray), not a sparse model .npz "
-      "file (a zip of .npy arrays with a 'header' entry).")
+    f"{path} is a single .npy array (ndarray), not a sparse model .npz "
+    "file (a zip of .npy arrays with a 'header' entry)."
+  )
 
 
 def test_header_has_a_tree_checksum(saved):
@@ -604,13 +617,13 @@ def test_header_has_a_tree_checksum(saved):
   assert header["version"] == 2
   text = json.dumps(header["tree"], sort_keys=True, separators=(",", ":"))
   import hashlib
+
   assert header["tree_sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
 def _tuple_file(tmp_path):
   path = tmp_path / "t.npz"
-  sparse_io.save_sparse(path, {"a": (np.ones(2, np.float32),
-                                     np.zeros(3, np.int8)), "n": None})
+  sparse_io.save_sparse(path, {"a": (np.ones(2, np.float32), np.zeros(3, np.int8)), "n": None})
   return path
 
 
@@ -626,8 +639,7 @@ def _none_to_empty_tuple(tree):
   tree["children"][1] = {"kind": "tuple", "children": []}
 
 
-@pytest.mark.parametrize("edit", [_tuple_to_list, _append_none,
-                                  _none_to_empty_tuple])
+@pytest.mark.parametrize("edit", [_tuple_to_list, _append_none, _none_to_empty_tuple])
 @pytest.mark.parametrize("fn", ["load", "load_target", "report"])
 def test_edited_tree_is_refused(tmp_path, edit, fn):
   path = _tuple_file(tmp_path)
@@ -635,11 +647,12 @@ def test_edited_tree_is_refused(tmp_path, edit, fn):
   header = _header(path)
   edit(header["tree"])
   _with_header(path, header)
-  call = {"load": lambda: sparse_io.load_sparse(path),
-          "load_target": lambda: sparse_io.load_sparse(path, target=target),
-          "report": lambda: sparse_io.sparse_file_report(path)}[fn]
-  with pytest.raises(SparseFileError,
-                     match=r"does not match its checksum .*edited"):
+  call = {
+    "load": lambda: sparse_io.load_sparse(path),
+    "load_target": lambda: sparse_io.load_sparse(path, target=target),
+    "report": lambda: sparse_io.sparse_file_report(path),
+  }[fn]
+  with pytest.raises(SparseFileError, match=r"does not match its checksum .*edited"):
     call()
 
 
@@ -666,31 +679,41 @@ def test_version_1_file_still_loads_and_its_tree_is_checked(tmp_path):
   # Without a checksum, fields that save_sparse never writes still fail.
   header["tree"]["children"][0]["extra"] = 1
   _with_header(path, header)
-  with pytest.raises(SparseFileError, match=r"malformed: ValueError: at "
-                     r"\['a'\]: a 'tuple' node has the fields \['children', "
-                     r"'kind'\], got \['children', 'extra', 'kind'\]"):
+  with pytest.raises(
+    SparseFileError,
+    match=r"malformed: ValueError: at "
+    r"\['a'\]: a 'tuple' node has the fields \['children', "
+    r"'kind'\], got \['children', 'extra', 'kind'\]",
+  ):
     sparse_io.load_sparse(path)
 
 
-@pytest.mark.parametrize("tree, match", [
-    ({"kind": "dict", "keys": ["a", "a"], "children": [
-        {"kind": "leaf"}, {"kind": "leaf"}]}, "repeated dict keys"),
-    ({"kind": "dict", "keys": [True, "n"], "children": [
-        {"kind": "leaf"}, {"kind": "none"}]}, "dict keys must be str or int"),
-    ({"kind": "dict", "keys": ["a"], "children": {"a": 1}},
-     "'children' must be a list"),
-    ({"kind": "node", "type": "x.Y", "keys": [{"slot": 0}], "children": [
-        {"kind": "leaf"}]}, "a key entry must be"),
+@pytest.mark.parametrize(
+  "tree, match",
+  [
+    (
+      {"kind": "dict", "keys": ["a", "a"], "children": [{"kind": "leaf"}, {"kind": "leaf"}]},
+      "repeated dict keys",
+    ),
+    (
+      {"kind": "dict", "keys": [True, "n"], "children": [{"kind": "leaf"}, {"kind": "none"}]},
+      "dict keys must be str or int",
+    ),
+    ({"kind": "dict", "keys": ["a"], "children": {"a": 1}}, "'children' must be a list"),
+    (
+      {"kind": "node", "type": "x.Y", "keys": [{"slot": 0}], "children": [{"kind": "leaf"}]},
+      "a key entry must be",
+    ),
     ({"kind": "leaf", "keys": []}, "a 'leaf' node has the fields"),
     ([], "expected a node"),
-])
+  ],
+)
 def test_malformed_tree_fields(tmp_path, tree, match):
   path = _tuple_file(tmp_path)
   header = _header(path)
   header["tree"] = tree
   _with_header(path, header)
-  with pytest.raises(SparseFileError, match="malformed: ValueError: .*"
-                     + match):
+  with pytest.raises(SparseFileError, match="malformed: ValueError: .*" + match):
     sparse_io.load_sparse(path)
 
 
@@ -707,12 +730,12 @@ def test_failed_save_removes_its_temporary_file(tmp_path, monkeypatch, error):
   def fail(fileobj, members):
     fileobj.write(b"partial")
     raise error
+
   monkeypatch.setattr(sparse_io, "_write_zip", fail)
-  with pytest.raises(type(error) if isinstance(error, BaseException)
-                     else error):
+  with pytest.raises(type(error) if isinstance(error, BaseException) else error):
     sparse_io.save_sparse(path, {"w": np.zeros(3, np.float32)})
   assert _temps(tmp_path) == []
-  assert path.read_bytes() == before          # the old file is intact
+  assert path.read_bytes() == before  # the old file is intact
 
 
 def test_failed_replace_removes_its_temporary_file(tmp_path, monkeypatch):
@@ -720,6 +743,7 @@ def test_failed_replace_removes_its_temporary_file(tmp_path, monkeypatch):
 
   def fail(src, dst):
     raise PermissionError("read-only destination")
+
   monkeypatch.setattr(sparse_io.os, "replace", fail)
   with pytest.raises(PermissionError):
     sparse_io.save_sparse(path, {"w": np.ones(3, np.float32)})
@@ -731,22 +755,27 @@ def test_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
   import subprocess
   import sys
   import time
+
   path = tmp_path / "model.npz"
   # A save killed (SIGKILL: no finally runs) while writing its temporary file.
   code = (
-      "import sys, time, numpy as np\n"
-      "from optax_gsm import sparse_io\n"
-      "write = sparse_io._write_zip\n"
-      "def hang(f, members):\n"
-      "  if isinstance(f, sparse_io._SizeOnly):\n"
-      "    return write(f, members)\n"
-      "  f.write(b'partial'); f.flush(); print('writing', flush=True)\n"
-      "  time.sleep(60)\n"
-      "sparse_io._write_zip = hang\n"
-      "sparse_io.save_sparse(sys.argv[1], {'w': np.ones(3, np.float32)})\n")
-  proc = subprocess.Popen([sys.executable, "-c", code, str(path)],
-                          stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    "import sys, time, numpy as np\n"
+    "from optax_gsm import sparse_io\n"
+    "write = sparse_io._write_zip\n"
+    "def hang(f, members):\n"
+    "  if isinstance(f, sparse_io._SizeOnly):\n"
+    "    return write(f, members)\n"
+    "  f.write(b'partial'); f.flush(); print('writing', flush=True)\n"
+    "  time.sleep(60)\n"
+    "sparse_io._write_zip = hang\n"
+    "sparse_io.save_sparse(sys.argv[1], {'w': np.ones(3, np.float32)})\n"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code, str(path)],
+    stdout=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   try:
     assert proc.stdout.readline().strip() == "writing"
     (stale,) = _temps(tmp_path)
@@ -759,7 +788,7 @@ def test_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  assert _temps(tmp_path) == [stale]          # the killed writer left it
+  assert _temps(tmp_path) == [stale]  # the killed writer left it
   os.utime(tmp_path / stale, (old, old))
   # A fresh one is kept: its writer may not have locked it yet.
   young = tmp_path / ".model.npzabcd1234.tmp"
@@ -771,5 +800,4 @@ def test_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
   info = sparse_io.save_sparse(path, {"w": np.ones(4, np.float32)})
   assert _temps(tmp_path) == sorted([young.name, other.name])
   assert info.path == str(path)
-  assert_bitwise_equal(sparse_io.load_sparse(path),
-                       {"w": np.ones(4, np.float32)})
+  assert_bitwise_equal(sparse_io.load_sparse(path), {"w": np.ones(4, np.float32)})

@@ -20,20 +20,21 @@ def sigmoid(x):
 
 W = np.array([[0.5, -2.0], [4.0, -0.25]], np.float32)
 M = np.array([[1.0, -1.0], [-0.5, 2.0]], np.float32)
-C = np.array([[1.0, 2.0], [-3.0, 0.5]], np.float32)   # dL/d(w~) for L = sum(C w~)
+C = np.array([[1.0, 2.0], [-3.0, 0.5]], np.float32)  # dL/d(w~) for L = sum(C w~)
 
 # h(M) = [[1, 0], [0, 1]]; sign(W) = [[1, -1], [1, -1]]; C * sign(W):
 C_SIGN = [[1.0, -2.0], [-3.0, -0.5]]
 HAND_SLOPES = {
-    "softplus": [[sigmoid(1.0), sigmoid(-1.0)], [sigmoid(-0.5), sigmoid(2.0)]],
-    "leaky_relu": [[1.0, 0.2], [0.2, 1.0]],
-    "linear": [[1.0, 1.0], [1.0, 1.0]],
+  "softplus": [[sigmoid(1.0), sigmoid(-1.0)], [sigmoid(-0.5), sigmoid(2.0)]],
+  "leaky_relu": [[1.0, 0.2], [0.2, 1.0]],
+  "linear": [[1.0, 1.0], [1.0, 1.0]],
 }
 
 
 def grads(ste, decouple=True, alpha=0.2, m=M):
-  f = lambda w, m: jnp.sum(jnp.asarray(C) * st.masked_weight(
-      w, m, ste, alpha=alpha, decouple=decouple))
+  f = lambda w, m: jnp.sum(
+    jnp.asarray(C) * st.masked_weight(w, m, ste, alpha=alpha, decouple=decouple)
+  )
   return jax.grad(f, argnums=(0, 1))(jnp.asarray(W), jnp.asarray(m))
 
 
@@ -52,27 +53,26 @@ def test_masked_weight_update_rule_by_hand(ste):
 @pytest.mark.parametrize("ste", ["softplus", "leaky_relu", "linear"])
 def test_masked_weight_without_decoupling_uses_w(ste):
   _, g_m = grads(ste, decouple=False)
-  np.testing.assert_allclose(g_m, C * W * np.array(HAND_SLOPES[ste]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(g_m, C * W * np.array(HAND_SLOPES[ste]), rtol=1e-6)
 
 
 def test_leaky_relu_slope_and_zero_boundary():
   m = jnp.array([0.0, -3.0, 1e-3])
   np.testing.assert_array_equal(st.binary_step(m), [0.0, 0.0, 1.0])
-  np.testing.assert_allclose(st.ste_derivative(m, "leaky_relu", alpha=0.05),
-                             [0.05, 0.05, 1.0])
+  np.testing.assert_allclose(st.ste_derivative(m, "leaky_relu", alpha=0.05), [0.05, 0.05, 1.0])
   g = jax.grad(lambda m: jnp.sum(st.binary_gate(m, "softplus")))(m)
   np.testing.assert_allclose(g, [0.5, sigmoid(-3.0), sigmoid(1e-3)], rtol=1e-6)
 
 
 def test_per_channel_mask_sums_over_the_channel():
-  w = jnp.array([[1.0, -2.0, 3.0], [-4.0, 5.0, 0.0]])      # (in=2, out=3)
-  m = jnp.array([0.5, -1.0, 2.0])                           # one per output
+  w = jnp.array([[1.0, -2.0, 3.0], [-4.0, 5.0, 0.0]])  # (in=2, out=3)
+  m = jnp.array([0.5, -1.0, 2.0])  # one per output
   c = jnp.array([[1.0, 1.0, 2.0], [3.0, -1.0, 1.0]])
   out = st.masked_weight(w, m, "linear")
   np.testing.assert_array_equal(out, [[1.0, 0.0, 3.0], [-4.0, 0.0, 0.0]])
-  g_w, g_m = jax.grad(lambda w, m: jnp.sum(c * st.masked_weight(w, m, "linear")),
-                      argnums=(0, 1))(w, m)
+  g_w, g_m = jax.grad(lambda w, m: jnp.sum(c * st.masked_weight(w, m, "linear")), argnums=(0, 1))(
+    w, m
+  )
   # column j: sum_i c_ij sign(w_ij); sign(0) = 0.
   np.testing.assert_allclose(g_m, [1 * 1 + 3 * -1, 1 * -1 + -1 * 1, 2 * 1 + 0])
   np.testing.assert_array_equal(g_w, [[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]])
@@ -86,20 +86,21 @@ def test_pruned_weight_keeps_its_value_and_recovers():
   mtx = st.autoprune_masks(1.0, strength=0.0, ste="linear")
   opt, mopt = tx.init(params), mtx.init(masks)
   x = jnp.array([[1.0], [1.0]])
+
   # The loss wants the second weight back: L = (y - x (w~)_1)^2 with y = -3.
   def loss(p, m):
     w = st.apply_autoprune_masks(p, m, ste="linear")["w"]
     return jnp.sum((jnp.array([[-3.0]]) - x @ w[:, 1:]) ** 2)
+
   gp, gm = jax.grad(loss, argnums=(0, 1))(params, masks)
   assert float(gp["w"][0, 1]) == 0.0
   u, opt = tx.update(gp, opt, params)
   params = optax.apply_updates(params, u)
   u, mopt = mtx.update(gm, mopt, masks)
   masks = optax.apply_updates(masks, u)
-  assert float(params["w"][0, 1]) == -3.0          # value kept
-  assert float(masks["w"][0, 1]) > 0               # gate reopened
-  np.testing.assert_array_equal(
-      st.apply_autoprune_masks(params, masks)["w"], [[2.0, -3.0]])
+  assert float(params["w"][0, 1]) == -3.0  # value kept
+  assert float(masks["w"][0, 1]) > 0  # gate reopened
+  np.testing.assert_array_equal(st.apply_autoprune_masks(params, masks)["w"], [[2.0, -3.0]])
 
 
 def test_masked_weight_errors():
@@ -119,26 +120,27 @@ def test_masked_weight_errors():
 # The mask optimiser.
 
 
-@pytest.mark.parametrize("regularizer,ste,expected", [
+@pytest.mark.parametrize(
+  "regularizer,ste,expected",
+  [
     ("gate_l1", "softplus", [sigmoid(-1.0), sigmoid(2.0)]),
     ("gate_l1", "leaky_relu", [0.2, 1.0]),
     ("gate_l1", "linear", [1.0, 1.0]),
     ("l1", "softplus", [-1.0, 1.0]),
     ("l2", "softplus", [-1.0, 2.0]),
-])
+  ],
+)
 def test_regularizer_gradients(regularizer, ste, expected):
   m = {"a": jnp.array([-1.0, 2.0]), "b": None}
   tx = st.autoprune_regularizer(0.5, regularizer=regularizer, ste=ste)
   g = {"a": jnp.array([1.0, -1.0]), "b": None}
   u, state = tx.update(g, tx.init(m), m)
-  np.testing.assert_allclose(u["a"], np.array([1.0, -1.0])
-                             + 0.5 * np.array(expected), rtol=1e-6)
+  np.testing.assert_allclose(u["a"], np.array([1.0, -1.0]) + 0.5 * np.array(expected), rtol=1e-6)
   assert u["b"] is None and int(state.count) == 1
 
 
 def test_regularizer_schedule_and_jit():
-  tx = st.autoprune_regularizer(lambda count: 0.1 * (count + 1),
-                                regularizer="l2")
+  tx = st.autoprune_regularizer(lambda count: 0.1 * (count + 1), regularizer="l2")
   m = jnp.array([1.0])
   state = tx.init(m)
   update = jax.jit(tx.update)
@@ -179,10 +181,12 @@ def test_init_and_apply_masks_tree():
 
 def tiny_net_params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"k": rng.standard_normal((3, 3, 1, 3)).astype(np.float32),
-          "b": rng.standard_normal(3).astype(np.float32) * 0.1,
-          "w": rng.standard_normal((3, 2)).astype(np.float32),
-          "c": rng.standard_normal(2).astype(np.float32)}
+  return {
+    "k": rng.standard_normal((3, 3, 1, 3)).astype(np.float32),
+    "b": rng.standard_normal(3).astype(np.float32) * 0.1,
+    "w": rng.standard_normal((3, 2)).astype(np.float32),
+    "c": rng.standard_normal(2).astype(np.float32),
+  }
 
 
 def numpy_tiny_net(p, x, y):
@@ -191,38 +195,38 @@ def numpy_tiny_net(p, x, y):
   z = np.zeros((n, 3, 3, 3))
   for i in range(3):
     for j in range(3):
-      patch = x[:, i:i + 3, j:j + 3, :]                     # (N, 3, 3, 1)
+      patch = x[:, i : i + 3, j : j + 3, :]  # (N, 3, 3, 1)
       z[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, p["k"]) + p["b"]
   a = np.maximum(z, 0)
-  pooled = a.mean(axis=(1, 2))                               # (N, 3)
+  pooled = a.mean(axis=(1, 2))  # (N, 3)
   logits = pooled @ p["w"] + p["c"]
   prob = np.exp(logits - logits.max(1, keepdims=True))
   prob /= prob.sum(1, keepdims=True)
-  d_logits = prob - np.eye(2)[y]                             # dL_n/dlogits
+  d_logits = prob - np.eye(2)[y]  # dL_n/dlogits
   d_pooled = d_logits @ p["w"].T
   d_a = np.broadcast_to(d_pooled[:, None, None, :] / 9.0, a.shape)
-  g = (a * d_a).sum(axis=(1, 2))                             # (N, 3)
+  g = (a * d_a).sum(axis=(1, 2))  # (N, 3)
   return a, d_a, g
 
 
 def jax_tiny_net(p, x, gate):
-  z = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z = jax.lax.conv_general_dilated(
+    x, p["k"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   a = st.apply_gate(jax.nn.relu(z + p["b"]), gate)
   return a.mean(axis=(1, 2)) @ p["w"] + p["c"]
 
 
 def tiny_batch(seed, n=6):
   rng = np.random.default_rng(100 + seed)
-  return (rng.standard_normal((n, 5, 5, 1)).astype(np.float32),
-          rng.integers(0, 2, n))
+  return (rng.standard_normal((n, 5, 5, 1)).astype(np.float32), rng.integers(0, 2, n))
 
 
 def jax_gate_grads(p, x, y):
   def total(gate):
     logits = jax_tiny_net(p, jnp.asarray(x), gate)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.asarray(y)))
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)))
+
   return jax.grad(total)(jnp.ones((x.shape[0], 3)))
 
 
@@ -233,8 +237,7 @@ def test_gate_gradient_equals_numpy_activation_criterion():
   g = jax_gate_grads(p, x, y)
   np.testing.assert_allclose(g, g_np, rtol=1e-4, atol=1e-6)
   # The direct definition from activations gives the same numbers.
-  np.testing.assert_allclose(st.per_example_from_activations(a, d_a), g_np,
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(st.per_example_from_activations(a, d_a), g_np, rtol=1e-5, atol=1e-7)
 
 
 def test_criteria_match_numpy_formulas():
@@ -248,23 +251,22 @@ def test_criteria_match_numpy_formulas():
     all_g.append(g_np)
     batch_means.append(g_np.mean(0))
     stats = accumulate(stats, {"conv": jax_gate_grads(p, x, y)})
-  g = np.concatenate(all_g)                                   # (10, 3)
-  taylor = np.abs(g).mean(0) / 9.0                            # M = 3 x 3
-  np.testing.assert_allclose(st.taylor_first_order(stats, {"conv": 9})["conv"],
-                             taylor, rtol=1e-4)
-  np.testing.assert_allclose(st.taylor_gate(stats)["conv"],
-                             np.mean(np.square(batch_means), 0), rtol=1e-4)
-  np.testing.assert_allclose(st.fisher(stats)["conv"],
-                             (g ** 2).sum(0) / (2 * len(g)), rtol=1e-4)
+  g = np.concatenate(all_g)  # (10, 3)
+  taylor = np.abs(g).mean(0) / 9.0  # M = 3 x 3
+  np.testing.assert_allclose(st.taylor_first_order(stats, {"conv": 9})["conv"], taylor, rtol=1e-4)
+  np.testing.assert_allclose(
+    st.taylor_gate(stats)["conv"], np.mean(np.square(batch_means), 0), rtol=1e-4
+  )
+  np.testing.assert_allclose(st.fisher(stats)["conv"], (g**2).sum(0) / (2 * len(g)), rtol=1e-4)
   normed = st.l2_normalize({"conv": taylor})["conv"]
-  np.testing.assert_allclose(normed, taylor / np.linalg.norm(taylor),
-                             rtol=1e-5)
+  np.testing.assert_allclose(normed, taylor / np.linalg.norm(taylor), rtol=1e-5)
 
 
 def test_accumulate_with_gates_of_zero_ignores_removed_maps():
   stats = st.init_gate_stats({"a": 2})
-  stats = st.accumulate_gate_stats(stats, {"a": jnp.array([[1.0, 5.0]])},
-                                   {"a": jnp.array([1.0, 0.0])})
+  stats = st.accumulate_gate_stats(
+    stats, {"a": jnp.array([[1.0, 5.0]])}, {"a": jnp.array([1.0, 0.0])}
+  )
   assert st.fisher(stats)["a"].tolist() == [0.5, 0.0]
 
 
@@ -285,8 +287,7 @@ def test_lowest_ranked_and_cost_adjustment():
 
 
 def test_l2_normalize_ignores_removed_maps():
-  out = st.l2_normalize({"a": jnp.array([3.0, 4.0, 100.0])},
-                        {"a": jnp.array([True, True, False])})
+  out = st.l2_normalize({"a": jnp.array([3.0, 4.0, 100.0])}, {"a": jnp.array([True, True, False])})
   np.testing.assert_allclose(out["a"][:2], [0.6, 0.8], rtol=1e-6)
 
 

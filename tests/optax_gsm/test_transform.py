@@ -15,10 +15,9 @@ from tests.optax_gsm import reference
 def make_problem(seed=0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   params = {
-      "conv": {"kernel": rng.standard_normal((3, 3, 2, 4)),
-               "bias": rng.standard_normal(4)},
-      "dense": [rng.standard_normal((8, 5)), rng.standard_normal(5)],
-      "head": (rng.standard_normal((5, 3)),),
+    "conv": {"kernel": rng.standard_normal((3, 3, 2, 4)), "bias": rng.standard_normal(4)},
+    "dense": [rng.standard_normal((8, 5)), rng.standard_normal(5)],
+    "head": (rng.standard_normal((5, 3)),),
   }
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   return params
@@ -26,8 +25,7 @@ def make_problem(seed=0, dtype=jnp.float32):
 
 def grads_like(params, seed):
   rng = np.random.default_rng(1000 + seed)
-  return jax.tree.map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
 
 
 @pytest.mark.parametrize("selection", ["threshold", "top_k", "auto"])
@@ -40,8 +38,9 @@ def test_global_top_q_matches_reference(selection):
 
   leaves_p, leaves_g = jax.tree.leaves(params), jax.tree.leaves(grads)
   flags = [p.ndim >= 2 for p in leaves_p]
-  scores = [np.abs(np.asarray(g) * np.asarray(p))
-            for g, p, f in zip(leaves_g, leaves_p, flags) if f]
+  scores = [
+    np.abs(np.asarray(g) * np.asarray(p)) for g, p, f in zip(leaves_g, leaves_p, flags) if f
+  ]
   masks = iter(reference.ranked_selection(scores, q))
   for u, g, f in zip(jax.tree.leaves(updates), leaves_g, flags):
     want = np.where(next(masks), g, 0.0) if f else g
@@ -57,8 +56,11 @@ def test_compression_gives_rounded_q():
   assert n == 3 * 3 * 2 * 4 + 8 * 5 + 5 * 3
   tx = optax_gsm.global_top_q(compression=7)
   updates, state = tx.update(grads_like(params, 1), tx.init(params), params)
-  kept = sum(int(jnp.sum(u != 0)) for u, p in zip(
-      jax.tree.leaves(updates), jax.tree.leaves(params)) if p.ndim >= 2)
+  kept = sum(
+    int(jnp.sum(u != 0))
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))
+    if p.ndim >= 2
+  )
   assert kept == round(n / 7) == int(state.num_nonzero)
 
 
@@ -66,15 +68,17 @@ def test_compression_gives_rounded_q():
 def test_other_metrics(metric):
   params = make_problem()
   grads = grads_like(params, 2)
-  fn = (lambda g, w: g ** 2) if metric == "callable" else metric
+  fn = (lambda g, w: g**2) if metric == "callable" else metric
   tx = optax_gsm.global_top_q(10, metric=fn)
   updates, _ = tx.update(grads, tx.init(params), params)
   source = grads if metric == "callable" else params
-  scores = [np.asarray(x) ** 2 for x, p in zip(
-      jax.tree.leaves(source), jax.tree.leaves(params)) if p.ndim >= 2]
+  scores = [
+    np.asarray(x) ** 2
+    for x, p in zip(jax.tree.leaves(source), jax.tree.leaves(params))
+    if p.ndim >= 2
+  ]
   masks = iter(reference.ranked_selection(scores, 10))
-  for u, g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(grads),
-                     jax.tree.leaves(params)):
+  for u, g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), jax.tree.leaves(params)):
     if p.ndim >= 2:
       np.testing.assert_array_equal(u, np.where(next(masks), g, 0.0))
 
@@ -90,15 +94,13 @@ def test_where_tree_and_callable():
     assert int(jnp.sum(updates["dense"][0] != 0)) == 5
 
 
-@pytest.mark.parametrize("shrink", [None, optax_gsm.DEFAULT_UNSELECTED_SHRINK,
-                                    0.3])
+@pytest.mark.parametrize("shrink", [None, optax_gsm.DEFAULT_UNSELECTED_SHRINK, 0.3])
 def test_gsm_multi_step_matches_numpy_update_rule(shrink):
   """The default rule, the paper's (shrink None) and a strong shrink."""
   params = make_problem()
   grads_seq = [grads_like(params, s) for s in range(5)]
   lr, q, beta, eta = 0.05, 30, 0.9, 1e-2
-  tx = optax_gsm.gsm(lr, num_nonzero=q, momentum=beta, weight_decay=eta,
-                     unselected_shrink=shrink)
+  tx = optax_gsm.gsm(lr, num_nonzero=q, momentum=beta, weight_decay=eta, unselected_shrink=shrink)
   state = tx.init(params)
   p = params
   step = jax.jit(tx.update)
@@ -110,10 +112,15 @@ def test_gsm_multi_step_matches_numpy_update_rule(shrink):
   # The mask at each step depends on the float32 params; run the reference
   # with masks recomputed from its own float64 trajectory.
   want, _ = reference.gsm_steps(
-      [np.asarray(x) for x in jax.tree.leaves(params)],
-      [[np.asarray(x) for x in jax.tree.leaves(g)] for g in grads_seq],
-      lr=lr, q=q, momentum=beta, weight_decay=eta, eligible=flags,
-      unselected_shrink=shrink or 0.0)
+    [np.asarray(x) for x in jax.tree.leaves(params)],
+    [[np.asarray(x) for x in jax.tree.leaves(g)] for g in grads_seq],
+    lr=lr,
+    q=q,
+    momentum=beta,
+    weight_decay=eta,
+    eligible=flags,
+    unselected_shrink=shrink or 0.0,
+  )
   # Only eligible leaves get decay; others are plain momentum SGD.
   for got, w in zip(jax.tree.leaves(p), want):
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
@@ -122,18 +129,29 @@ def test_gsm_multi_step_matches_numpy_update_rule(shrink):
 def test_unselected_decay_matches_reference():
   params = make_problem()
   grads_seq = [grads_like(params, s) for s in range(3)]
-  tx = optax_gsm.gsm(0.1, num_nonzero=20, momentum=0.5, weight_decay=1e-3,
-                     unselected_decay=0.05, unselected_shrink=None)
+  tx = optax_gsm.gsm(
+    0.1,
+    num_nonzero=20,
+    momentum=0.5,
+    weight_decay=1e-3,
+    unselected_decay=0.05,
+    unselected_shrink=None,
+  )
   state, p = tx.init(params), params
   for g in grads_seq:
     updates, state = tx.update(g, state, p)
     p = optax.apply_updates(p, updates)
   flags = [x.ndim >= 2 for x in jax.tree.leaves(params)]
   want, _ = reference.gsm_steps(
-      [np.asarray(x) for x in jax.tree.leaves(params)],
-      [[np.asarray(x) for x in jax.tree.leaves(g)] for g in grads_seq],
-      lr=0.1, q=20, momentum=0.5, weight_decay=1e-3, eligible=flags,
-      unselected_decay=0.05)
+    [np.asarray(x) for x in jax.tree.leaves(params)],
+    [[np.asarray(x) for x in jax.tree.leaves(g)] for g in grads_seq],
+    lr=0.1,
+    q=20,
+    momentum=0.5,
+    weight_decay=1e-3,
+    eligible=flags,
+    unselected_decay=0.05,
+  )
   for got, w in zip(jax.tree.leaves(p), want):
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
 
@@ -162,11 +180,11 @@ def test_score_momentum_ranks_by_running_average():
 def test_compression_one_is_sgd_with_weight_decay(nesterov):
   params = make_problem()
   lr = optax.piecewise_constant_schedule(0.1, {2: 0.1})
-  tx = optax_gsm.gsm(lr, compression=1, momentum=0.9, weight_decay=5e-4,
-                     nesterov=nesterov)
+  tx = optax_gsm.gsm(lr, compression=1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
   ref = optax.chain(
-      optax.add_decayed_weights(5e-4, mask=optax_gsm.default_where),
-      optax.sgd(lr, momentum=0.9, nesterov=nesterov))
+    optax.add_decayed_weights(5e-4, mask=optax_gsm.default_where),
+    optax.sgd(lr, momentum=0.9, nesterov=nesterov),
+  )
   p1 = p2 = params
   s1, s2 = tx.init(params), ref.init(params)
   for step in range(4):
@@ -189,14 +207,12 @@ def test_num_nonzero_schedule_and_traced_q():
   for s in range(5):
     _, state = step(grads_like(params, s), state, params)
     seen.append(int(state[0].num_nonzero))
-  assert seen == [n, round(n - (n - 10) / 3), round(n - 2 * (n - 10) / 3),
-                  10, 10]
+  assert seen == [n, round(n - (n - 10) / 3), round(n - 2 * (n - 10) / 3), 10, 10]
 
 
 def test_inject_hyperparams():
   params = make_problem()
-  tx = optax.inject_hyperparams(optax_gsm.gsm)(
-      learning_rate=0.1, num_nonzero=25, momentum=0.9)
+  tx = optax.inject_hyperparams(optax_gsm.gsm)(learning_rate=0.1, num_nonzero=25, momentum=0.9)
   state = tx.init(params)
   step = jax.jit(tx.update)
   updates, state = step(grads_like(params, 0), state, params)
@@ -230,8 +246,7 @@ def test_apply_if_finite_skips_nan_step():
   params = make_problem()
   tx = optax.apply_if_finite(optax_gsm.gsm(0.1, num_nonzero=12), 3)
   state = tx.init(params)
-  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan),
-                     grads_like(params, 0))
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads_like(params, 0))
   u, state = tx.update(bad, state, params)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
   assert int(state.notfinite_count) == 1
@@ -249,16 +264,17 @@ def test_bfloat16_leaves():
     assert u.dtype == jnp.bfloat16
   gtq = optax_gsm.global_top_q(17)
   masked, _ = gtq.update(grads, gtq.init(params), params)
-  scores = [np.abs(np.asarray(g, np.float32) * np.asarray(p, np.float32))
-            for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params))
-            if p.ndim >= 2]
+  scores = [
+    np.abs(np.asarray(g, np.float32) * np.asarray(p, np.float32))
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params))
+    if p.ndim >= 2
+  ]
   masks = iter(reference.ranked_selection(scores, 17))
-  for u, g, p in zip(jax.tree.leaves(masked), jax.tree.leaves(grads),
-                     jax.tree.leaves(params)):
+  for u, g, p in zip(jax.tree.leaves(masked), jax.tree.leaves(grads), jax.tree.leaves(params)):
     if p.ndim >= 2:
-      np.testing.assert_array_equal(np.asarray(u, np.float32),
-                                    np.where(next(masks),
-                                             np.asarray(g, np.float32), 0))
+      np.testing.assert_array_equal(
+        np.asarray(u, np.float32), np.where(next(masks), np.asarray(g, np.float32), 0)
+      )
 
 
 def test_nan_gradient_entries_are_never_selected():
@@ -302,12 +318,11 @@ def test_non_finite_score_never_enters_the_score_average():
 @pytest.mark.parametrize("shrink", [None, optax_gsm.DEFAULT_UNSELECTED_SHRINK])
 def test_tree_map_params_maps_the_params_shaped_state(score_momentum, shrink):
   params = make_problem()
-  tx = optax_gsm.gsm(0.1, compression=4, score_momentum=score_momentum,
-                     unselected_shrink=shrink)
+  tx = optax_gsm.gsm(0.1, compression=4, score_momentum=score_momentum, unselected_shrink=shrink)
   state = tx.init(params)
   mapped = optax.tree_utils.tree_map_params(
-      tx, lambda p: jnp.full(p.shape, 7.0), state,
-      transform_non_params=lambda v: v)
+    tx, lambda p: jnp.full(p.shape, 7.0), state, transform_non_params=lambda v: v
+  )
   # The momentum buffer and (with score momentum) the score average.
   trace_state = mapped[2]
   for leaf in jax.tree.leaves(trace_state.trace):
@@ -322,12 +337,20 @@ def test_tree_map_params_maps_the_params_shaped_state(score_momentum, shrink):
   assert int(mapped[0].count) == 0
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: optax_gsm.gsm(0.1, compression=7),
-    lambda: optax_gsm.gsm(optax.cosine_decay_schedule(0.1, 10), compression=7,
-                          unselected_shrink=None, score_momentum=0.5),
+    lambda: optax_gsm.gsm(
+      optax.cosine_decay_schedule(0.1, 10),
+      compression=7,
+      unselected_shrink=None,
+      score_momentum=0.5,
+    ),
     lambda: optax_gsm.global_top_q(compression=lambda step: 7 + step),
-], ids=["gsm", "gsm paper rule, schedules", "global_top_q, schedule"])
+  ],
+  ids=["gsm", "gsm paper rule, schedules", "global_top_q, schedule"],
+)
 def test_eager_and_jitted_updates_are_identical(make):
   params = make_problem()
   tx = make()
@@ -338,8 +361,7 @@ def test_eager_and_jitted_updates_are_identical(make):
     g = grads_like(params, s)
     eager_u, eager_state = tx.update(g, eager_state, eager_params)
     jit_u, jit_state = step(g, jit_state, jit_params)
-    for a, b in zip(jax.tree.leaves((eager_u, eager_state)),
-                    jax.tree.leaves((jit_u, jit_state))):
+    for a, b in zip(jax.tree.leaves((eager_u, eager_state)), jax.tree.leaves((jit_u, jit_state))):
       np.testing.assert_array_equal(a, b)
     eager_params = optax.apply_updates(eager_params, eager_u)
     jit_params = optax.apply_updates(jit_params, jit_u)
