@@ -625,7 +625,7 @@ def _dynamic_sparse(
       jnp.where(a & b, du, -w.astype(du.dtype))
       for du, w, a, b in zip(u_leaves, p_leaves, m_leaves, m_new)
     ]
-    new_count = optax.safe_increment(t)
+    new_count = _checks.increment(t)
     new_masks = jax.tree.unflatten(treedef, list(m_new))
     if grow == "gradient":
       new_state = RigLState(count=new_count, masks=new_masks, inner_state=inner_state)
