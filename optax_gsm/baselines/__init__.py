@@ -42,12 +42,9 @@ from optax_gsm.baselines.dns import dynamic_network_surgery
 from optax_gsm.baselines.dns import surgery_forward
 from optax_gsm.baselines.lobs import HessianAccumulator
 from optax_gsm.baselines.lobs import conv_patches
-from optax_gsm.baselines.lobs import damped_inverse
 from optax_gsm.baselines.lobs import layer_hessian
 from optax_gsm.baselines.lobs import lobs_prune
 from optax_gsm.baselines.lobs import lobs_prune_layer
-from optax_gsm.baselines.lobs import obs_correction
-from optax_gsm.baselines.lobs import obs_sensitivity
 from optax_gsm.baselines.lottery import imp_masks
 from optax_gsm.baselines.lottery import rewind
 from optax_gsm.baselines.lottery import ticket_schedule
@@ -86,7 +83,6 @@ __all__ = (
   "apply_masks",
   "conv_patches",
   "count_kept",
-  "damped_inverse",
   "density_prune",
   "dns_masks",
   "dns_thresholds",
@@ -103,8 +99,6 @@ __all__ = (
   "lobs_prune_layer",
   "mask_leaves",
   "masked_updates",
-  "obs_correction",
-  "obs_sensitivity",
   "polynomial_sparsity_schedule",
   "rewind",
   "rigl",

@@ -8,6 +8,7 @@ import pytest
 
 import optax_gsm
 from optax_gsm import baselines
+from optax_gsm.baselines import lobs
 
 from tests.optax_gsm import reference
 
@@ -420,11 +421,11 @@ def test_obs_correction_is_the_constrained_least_squares_minimiser():
   h = baselines.layer_hessian(x)
   hinv = np.linalg.inv(h)
   for q in range(6):
-    got = baselines.obs_correction(w, hinv, q)
+    got = lobs.obs_correction(w, hinv, q)
     np.testing.assert_allclose(got, _constrained_lstsq(x, w, [q]), atol=1e-10)
     # The sensitivity is the error it causes: 1/2 (w - w')^T H (w - w').
     d = got - w
-    assert baselines.obs_sensitivity(w[:, None], hinv)[q, 0] == pytest.approx(
+    assert lobs.obs_sensitivity(w[:, None], hinv)[q, 0] == pytest.approx(
       0.5 * d @ h @ d, rel=1e-9
     )
 
