@@ -58,7 +58,11 @@ from experiments.fileio import (
   manual_dir_arg,
   run_command,
 )
-from experiments.methods.common import Budget, NotApplicable  # NotApplicable: re-exported
+from experiments.methods.common import (  # NotApplicable: re-exported
+  BUDGETS,
+  Budget,
+  NotApplicable,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "runs" / "compare"
@@ -754,9 +758,16 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--methods", nargs="+", default=None, help="default: all (see --list)")
   p.add_argument(
+    "--budget",
+    default="default",
+    choices=sorted(BUDGETS),
+    help="a named budget of experiments.methods.common.BUDGETS (default: default, "
+    "10 + 10 epochs; lenet5_short: the LeNet-5 tables); the flags below change single fields",
+  )
+  p.add_argument(
     "--quick",
     action="store_true",
-    help="tiny budget for CI: 4096 training examples, 1 epoch everywhere",
+    help="tiny budget for CI: 4096 training examples, 1 epoch everywhere (--budget quick)",
   )
   p.add_argument("--base-epochs", type=int, default=None)
   p.add_argument("--epochs", type=int, default=None, help="epochs per method after the base")
@@ -800,9 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_budget(args: argparse.Namespace) -> Any:
-  from experiments.methods.common import QUICK_BUDGET
-
-  budget = QUICK_BUDGET if args.quick else Budget()
+  """The named budget (``--budget``, ``--quick``), with the single-field flags applied."""
+  budget = BUDGETS["quick" if args.quick else args.budget]
   changes = {
     k: v
     for k, v in (

@@ -240,6 +240,25 @@ def test_budget_flags_override_only_their_field():
   assert quick == QUICK_BUDGET
 
 
+def test_named_budgets():
+  from experiments.methods.common import BUDGETS, QUICK_BUDGET, Budget
+
+  parse = compare.build_parser().parse_args
+  assert compare.make_budget(parse(["mnist"])) == Budget()
+  assert compare.make_budget(parse(["mnist", "--budget", "quick"])) == QUICK_BUDGET
+  # The LeNet-5 tables' budget, as their commands used to spell it in flags.
+  old = compare.make_budget(
+    parse(["mnist", "--base-epochs", "3", "--epochs", "3", "--gsm-weight-decay", "0.0167"])
+  )
+  assert compare.make_budget(parse(["mnist", "--budget", "lenet5_short"])) == old
+  assert BUDGETS["lenet5_short"].ticket_epochs_ == 3
+  # A flag still changes one field of the named budget.
+  got = compare.make_budget(parse(["mnist", "--budget", "lenet5_short", "--epochs", "4"]))
+  assert got == dataclasses.replace(BUDGETS["lenet5_short"], epochs=4)
+  with pytest.raises(SystemExit):
+    parse(["mnist", "--budget", "nope"])
+
+
 def test_every_method_has_its_own_marker_and_line_style() -> None:
   """The plot must read in black and white: no two methods may share a style."""
   from experiments.compare import LINESTYLES, MARKERS
