@@ -397,6 +397,7 @@ def main_single(out_dir: str):
   jax = _setup_jax(8)
   from optax_gsm import sharding
   from optax_gsm import transform
+  from tests.optax_gsm import _compat
 
   assert jax.device_count() == 8, jax.devices()
   t0 = time.time()
@@ -408,7 +409,7 @@ def main_single(out_dir: str):
     t1 = time.time()
     mesh = sharding.make_mesh(mesh_spec(name, 8))
     layout = Layout(name, mesh)
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
       auto = transform.resolve_selection("auto")
     info[name] = {
       "auto_resolves_to": auto,

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import optax_gsm
+from tests.optax_gsm import _compat
 
 
 class MLP(nnx.Module):
@@ -40,7 +41,7 @@ def test_nnx_optimizer_trains_and_matches_functional_update():
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   # The same steps done functionally on the pure param state.
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  params = _compat.as_pure(nnx.state(model, nnx.Param))
   graphdef, _ = nnx.split(model, nnx.Param)
   fstate = tx.init(params)
 
@@ -65,7 +66,7 @@ def test_nnx_optimizer_trains_and_matches_functional_update():
     losses.append(float(train_step(model, optimizer, x, y)))
     params, fstate = functional_step(params, fstate, x, y)
   assert losses[-1] < losses[0]
-  got = nnx.as_pure(nnx.state(model, nnx.Param))
+  got = _compat.as_pure(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Eligible leaves are the two kernels; LayerNorm scale and biases are not.
@@ -75,7 +76,7 @@ def test_nnx_optimizer_trains_and_matches_functional_update():
 
 def test_magnitude_prune_and_report_on_nnx_state():
   model = MLP(nnx.Rngs(1))
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  params = _compat.as_pure(nnx.state(model, nnx.Param))
   pruned, _ = optax_gsm.magnitude_prune(params, compression=8)
   report = optax_gsm.sparsity_report(pruned)
   assert report.eligible.nonzeros == round((6 * 16 + 16 * 3) / 8)
