@@ -425,9 +425,7 @@ def test_obs_correction_is_the_constrained_least_squares_minimiser():
     np.testing.assert_allclose(got, _constrained_lstsq(x, w, [q]), atol=1e-10)
     # The sensitivity is the error it causes: 1/2 (w - w')^T H (w - w').
     d = got - w
-    assert lobs.obs_sensitivity(w[:, None], hinv)[q, 0] == pytest.approx(
-      0.5 * d @ h @ d, rel=1e-9
-    )
+    assert lobs.obs_sensitivity(w[:, None], hinv)[q, 0] == pytest.approx(0.5 * d @ h @ d, rel=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["joint", "sequential"])
