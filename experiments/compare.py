@@ -179,10 +179,12 @@ def prepare_base(
   )
   if path.exists():
     both, meta = common.load_tree(path, {"init": init_params, "base": init_params})
+    import jax
     import numpy as np
 
     if not all(
-      np.array_equal(a, b) for a, b in zip(jax_leaves(both["init"]), jax_leaves(init_params))
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(both["init"]), jax.tree.leaves(init_params))
     ):
       raise RuntimeError(f"{path} was trained from other initial weights; delete it")
     base_params, seconds, cached = both["base"], float(meta.get("seconds", 0.0)), True
@@ -211,12 +213,6 @@ def prepare_base(
     "cached": cached,
     "path": str(path),
   }
-
-
-def jax_leaves(tree: Any) -> list[Any]:
-  import jax
-
-  return jax.tree.leaves(tree)
 
 
 # ------------------------------------------------------------------ the comparison

@@ -427,6 +427,7 @@ class Run:
     self._fit("gsm", trainer, train, test, cfg.gsm.epochs, self.out / "gsm" / "checkpoints")
 
   def phase_prune(self) -> None:
+    import jax
     import numpy as np
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -470,7 +471,7 @@ class Run:
       kept = int(
         sum(
           int(np.sum(np.asarray(m)))
-          for m, f in zip(jax_leaves(mask), jax_leaves(optax_gsm.default_where(pruned)))
+          for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(optax_gsm.default_where(pruned)))
           if f
         )
       )
@@ -499,9 +500,9 @@ class Run:
     both = sum(
       int(np.sum(np.asarray(a) & np.asarray(b)))
       for a, b, f in zip(
-        jax_leaves(masks["gsm"]),
-        jax_leaves(masks["base"]),
-        jax_leaves(optax_gsm.default_where(before["gsm"])),
+        jax.tree.leaves(masks["gsm"]),
+        jax.tree.leaves(masks["base"]),
+        jax.tree.leaves(optax_gsm.default_where(before["gsm"])),
       )
       if f
     )
@@ -594,12 +595,6 @@ class Run:
       flush=True,
     )
     self.results["phases"].setdefault(trainer.name, {})["step_benchmark"] = timing
-
-
-def jax_leaves(tree: Any) -> list[Any]:
-  import jax
-
-  return jax.tree.leaves(tree)
 
 
 def _nonzero(params: Any, threshold: float) -> tuple[int, int]:
