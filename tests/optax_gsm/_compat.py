@@ -14,21 +14,18 @@ except AttributeError:
 
 
 def as_pure(state):
-  """``flax.nnx.as_pure`` (flax >= 0.12.5): the state's Variables as arrays.
+  """``flax.nnx.as_pure`` (newer flax): the state's Variables as arrays.
 
-  Older flax keeps ``VariableState`` leaves in an ``nnx.State``; its pure
-  form maps each one to its value (``State.map`` keeps the State type, so
-  ``nnx.merge`` and ``nnx.update`` still take it).
+  Older flax (>= 0.12.1, the floor) keeps ``Variable`` leaves in an
+  ``nnx.State``; its pure form maps each one to its value (the tree map keeps
+  the State type, so ``nnx.merge`` and ``nnx.update`` still take it).
   """
   from flax import nnx
 
   if hasattr(nnx, "as_pure"):
     return nnx.as_pure(state)
-  return jax.tree.map(
-    lambda v: v.value if isinstance(v, nnx.VariableState) else v,
-    state,
-    is_leaf=lambda v: isinstance(v, nnx.VariableState),
-  )
+  is_variable = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+  return jax.tree.map(lambda v: v[...] if is_variable(v) else v, state, is_leaf=is_variable)
 
 
 def set_mesh(mesh):
