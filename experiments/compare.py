@@ -806,9 +806,18 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def budget_name(args: argparse.Namespace) -> str:
+  """The named budget: ``--budget``, or ``quick`` for ``--quick`` (the two must agree)."""
+  if args.quick and args.budget not in ("default", "quick"):
+    raise SystemExit(
+      f"--quick is --budget quick; it cannot be combined with --budget {args.budget}"
+    )
+  return "quick" if args.quick else args.budget
+
+
 def make_budget(args: argparse.Namespace) -> Any:
   """The named budget (``--budget``, ``--quick``), with the single-field flags applied."""
-  budget = BUDGETS["quick" if args.quick else args.budget]
+  budget = BUDGETS[budget_name(args)]
   changes = {
     k: v
     for k, v in (
@@ -841,7 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in available:
       print(f"{name}: {method_note(name, available)}")
     return 0
-  suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+  # A quick run, by either spelling, never writes over a full run's files.
+  quick = budget_name(args) == "quick"
+  suffix = ("_quick" if quick else "") + (f"_{args.tag}" if args.tag else "")
   if args.merge:
     merged = merge(args.merge, list(collect_methods()))
     if args.dataset and args.dataset != merged["dataset"]:

@@ -257,6 +257,9 @@ def test_named_budgets():
   assert got == dataclasses.replace(BUDGETS["lenet5_short"], epochs=4)
   with pytest.raises(SystemExit):
     parse(["mnist", "--budget", "nope"])
+  with pytest.raises(SystemExit, match="--quick is --budget quick"):
+    compare.make_budget(parse(["mnist", "--quick", "--budget", "lenet5_short"]))
+  assert compare.budget_name(parse(["mnist", "--budget", "quick"])) == "quick"
 
 
 def test_every_method_has_its_own_marker_and_line_style() -> None:
