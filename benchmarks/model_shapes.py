@@ -70,11 +70,39 @@ def synthetic100m_shapes():
   return {f"layer{i:02d}": {"kernel": (1250, 2000), "bias": (2000,)} for i in range(40)}
 
 
+def transformer300_shapes():
+  """A 300-leaf transformer-shaped pytree (18.6M parameters): 18 pre-norm
+  blocks of width 256 (16 leaves each: q, k, v, o, two MLP kernels, their
+  biases, two layer norms), embeddings, a final norm and three heads. Sized
+  for the compile time of a many-leaf step, not as a real model."""
+  d, h, vocab = 256, 1024, 8192
+  tree = {
+    "wte": {"embedding": (vocab, d)},
+    "wpe": {"embedding": (512, d)},
+    "ln_emb": {"scale": (d,), "bias": (d,)},
+  }
+  for i in range(18):
+    tree[f"block{i:02d}"] = {
+      "ln1": {"scale": (d,), "bias": (d,)},
+      **{name: {"kernel": (d, d), "bias": (d,)} for name in ("q", "k", "v", "o")},
+      "ln2": {"scale": (d,), "bias": (d,)},
+      "fc1": {"kernel": (d, h), "bias": (h,)},
+      "fc2": {"kernel": (h, d), "bias": (d,)},
+    }
+  tree["ln_f"] = {"scale": (d,), "bias": (d,)}
+  for name, out in (("head", vocab), ("pooler", d), ("classifier", 10)):
+    tree[name] = {"kernel": (d, out), "bias": (out,)}
+  return tree
+
+
+# transformer300 is not in SIZES (the default sizes of the benchmarks): it
+# serves benchmarks/selection.py's compile-time rows.
 SHAPES = {
   "lenet300": lenet300_shapes,
   "resnet56": resnet56_shapes,
   "resnet50": resnet50_shapes,
   "100m": synthetic100m_shapes,
+  "transformer300": transformer300_shapes,
 }
 
 
