@@ -7,6 +7,12 @@ once, and jits a pure ``state -> state`` step that merges them inside (the
 pattern of Flax's performance guide), donating the old state so parameters are
 updated in place.  ``Trainer.benchmark_step`` compares both variants.
 
+One step.  The gradient and the optimiser update of every training loop here
+are those of :func:`make_train_step`: :class:`Trainer` runs its stateful form
+on the model's ``nnx.Param`` arrays and its other state (BatchNorm statistics),
+with the optax state and step count taken out of, and put back into, the
+``nnx.Optimizer`` state, so checkpoints keep the ``nnx.Optimizer`` layout.
+
 Checkpoints.  After every epoch an orbax ``CheckpointManager`` writes
 ``<ckpt_dir>/<epochs done>/`` with three items: ``model`` (parameters and
 BatchNorm statistics), ``optimizer`` (step count and optimizer state: momentum,
@@ -209,6 +215,7 @@ def make_train_step(
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
   forward: Callable[[Any, Any], Any] | None = None,
   stateful: bool = False,
+  return_logits: bool = False,
 ) -> Callable[..., tuple[Any, ...]]:
   r"""One optimiser update on the mean loss of a batch, as a pure function (jit it).
 
@@ -222,9 +229,10 @@ def make_train_step(
   optional extra inputs of the model (channel gates, AutoPrune masks).  Their
   gradients :math:`\partial L / \partial u` come back beside the update, for the
   caller to use (gate statistics, a second optimiser): one value-and-gradient
-  pass serves both.  The functional training loops
-  (:func:`experiments.methods.common.train`, :mod:`experiments.structured`) all
-  build their steps here; :class:`Trainer` keeps its own NNX-state step.
+  pass serves both.  Every training loop builds its step here: the functional
+  ones (:func:`experiments.methods.common.train`, :mod:`experiments.structured`)
+  directly, :class:`Trainer` (stateful, with ``return_logits=True``) inside its
+  split/merge step on the NNX model and ``nnx.Optimizer`` state.
 
   Stateless (``stateful=False``): ``apply_fn(params, images, *inputs) -> logits``
   and ``step(params, opt_state, images, labels, *inputs) ->
@@ -244,6 +252,11 @@ def make_train_step(
       model runs on (DNS: ``W * T`` with a straight-through gradient); the
       gradient is still taken with respect to ``params``.
     stateful: whether ``apply_fn`` carries state, as above.
+    return_logits: also return the batch's logits (those the loss was computed
+      from, before the update) as one more, last, element: ``(params,
+      opt_state, loss, input_grads, logits)``, or ``(params, new_state,
+      opt_state, loss, input_grads, logits)`` when stateful; for metrics such
+      as the accuracy without a second forward pass.
 
   Returns:
     The step function (not jitted: callers add donation or wrap it in a larger
@@ -259,6 +272,15 @@ def make_train_step(
     ...                              jnp.array([0, 1, 2, 0]))
     >>> round(float(loss), 4)  # log 3: all logits are equal at w = 0
     1.0986
+
+    With ``return_logits=True`` the logits come last (here for a count of
+    correct argmax predictions):
+
+    >>> step = jax.jit(make_train_step(lambda w, x: x @ w, tx, return_logits=True))
+    >>> w, x, y = jnp.eye(2, 3), jnp.eye(2), jnp.array([0, 1])
+    >>> w, opt_state, loss, _, logits = step(w, tx.init(w), x, y)
+    >>> logits.shape, int(jnp.sum(jnp.argmax(logits, -1) == y))
+    ((2, 3), 2)
   """
 
   def step(params: Any, *args: Any) -> tuple[Any, ...]:
@@ -268,23 +290,23 @@ def make_train_step(
       state = None
       opt_state, images, labels, *inputs = args
 
-    def objective(p: Any, *inputs: Any) -> tuple[jax.Array, Any]:
+    def objective(p: Any, *inputs: Any) -> tuple[jax.Array, tuple[Any, Any]]:
       p_fwd = p if forward is None else forward(p, opt_state)
       if stateful:
         logits, new_state = apply_fn(p_fwd, state, images, *inputs)
       else:
         logits, new_state = apply_fn(p_fwd, images, *inputs), None
-      return loss_fn(logits, labels).mean(), new_state
+      return loss_fn(logits, labels).mean(), (new_state, logits)
 
     argnums = tuple(range(1 + len(inputs)))
-    (loss, new_state), grads = jax.value_and_grad(objective, argnums=argnums, has_aux=True)(
-      params, *inputs
-    )
+    (loss, (new_state, logits)), grads = jax.value_and_grad(
+      objective, argnums=argnums, has_aux=True
+    )(params, *inputs)
     updates, opt_state = tx.update(grads[0], opt_state, params)
     params = optax.apply_updates(params, updates)
-    if stateful:
-      return params, new_state, opt_state, loss, grads[1:]
-    return params, opt_state, loss, grads[1:]
+    out = (params, new_state, opt_state) if stateful else (params, opt_state)
+    out += (loss, grads[1:])
+    return out + (logits,) if return_logits else out
 
   return step
 
@@ -404,8 +426,8 @@ class Trainer:
 
   Args:
     model: the model; it is trained in place (call :meth:`sync` to read it).
-    tx: the optax transformation (``optax_gsm.gsm`` needs ``params`` in
-      ``update``; ``nnx.Optimizer`` passes them).
+    tx: the optax transformation of the ``nnx.Param`` leaves (``optax_gsm.gsm``
+      needs ``params`` in ``update``; :func:`make_train_step` passes them).
     lr_schedule: the learning-rate schedule inside ``tx``, for display only.
     nonzero_threshold: see ``ExperimentConfig.nonzero_threshold``.
     num_nonzero: Q shown in the progress bar (``None`` for dense training).
@@ -446,6 +468,8 @@ class Trainer:
     model.train()
     self._model_def, model_state = nnx.split(model)
     self._opt_def, opt_state = nnx.split(self.optimizer)
+    # The gradient and the update: the functional step every loop shares.
+    self._update = make_train_step(self._apply, tx, stateful=True, return_logits=True)
     if mesh is None:
       self.model_state, self.opt_state = _commit(model_state), _commit(opt_state)
       self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
@@ -471,18 +495,38 @@ class Trainer:
 
   # ------------------------------------------------------------------ steps
 
+  def _apply(self, params: Any, rest: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+    """``(logits, new rest)``: the model on pure ``nnx.Param`` and other state.
+
+    Merging pure arrays makes fresh Variables at the current trace level, so
+    BatchNorm may update its statistics inside the gradient's trace.
+    """
+    model = nnx.merge(self._model_def, params, rest)
+    logits = model(images)
+    return logits, nnx.as_pure(nnx.state(model, nnx.Param, ...)[1])
+
   def _step(
     self, model_state: Any, opt_state: Any, images: jax.Array, labels: jax.Array
   ) -> tuple[Any, Any, dict[str, jax.Array]]:
-    model = nnx.merge(self._model_def, model_state)
+    """One step on the split state: :func:`make_train_step` between NNX states.
+
+    The model state is split into its ``nnx.Param`` arrays (what ``tx``
+    updates, as ``nnx.Optimizer.update`` passes them) and the rest (BatchNorm
+    statistics, updated by the forward pass); the optax state comes out of the
+    optimizer state.  The results go back into the same ``nnx.State``
+    structures, and the step count is incremented as ``nnx.Optimizer.update``
+    does, so the checkpointed layout is that of ``nnx.split(model)`` and
+    ``nnx.split(optimizer)``.
+    """
+    params, rest = nnx.split_state(model_state, nnx.Param, ...)
     optimizer = nnx.merge(self._opt_def, opt_state)
-
-    def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-      logits = model(images)
-      return cross_entropy_loss(logits, labels).mean(), logits
-
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+    new_params, new_rest, new_opt_state, loss, _, logits = self._update(
+      nnx.as_pure(params), nnx.as_pure(rest), nnx.as_pure(optimizer.opt_state), images, labels
+    )
+    model = nnx.merge(self._model_def, model_state)
+    nnx.update(model, new_params, new_rest)
+    nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
+    optimizer.step[...] += 1
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return nnx.state(model), nnx.state(optimizer), {"loss": loss, "correct": correct}
 
@@ -549,8 +593,11 @@ class Trainer:
   def benchmark_step(self, images: Any, labels: Any, *, steps: int = 20) -> dict[str, float]:
     """Seconds per step of the split/merge + ``jax.jit`` step vs ``nnx.jit``.
 
-    Runs on copies of the model and optimizer, so the training state is
-    untouched.  Both variants are compiled (and warmed up) before timing.
+    Both variants run the same step (:meth:`_step`, i.e. :func:`make_train_step`);
+    the ``nnx.jit`` one takes the model and optimizer objects, so the difference
+    is the cost of ``nnx.jit`` walking the module graph on every call.  Runs on
+    copies of the model and optimizer, so the training state is untouched.  Both
+    variants are compiled (and warmed up) before timing.
     """
     self.sync()
     if self.batch_sharding is not None:
@@ -560,12 +607,10 @@ class Trainer:
 
     @nnx.jit
     def nnx_step(model: nnx.Module, optimizer: nnx.Optimizer, x: Any, y: Any) -> Any:
-      def loss_fn(model: nnx.Module) -> jax.Array:
-        return cross_entropy_loss(model(x), y).mean()
-
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-      optimizer.update(model, grads)
-      return loss
+      model_state, opt_state, metrics = self._step(nnx.state(model), nnx.state(optimizer), x, y)
+      nnx.update(model, model_state)
+      nnx.update(optimizer, opt_state)
+      return metrics["loss"]
 
     # Copies: the fast step donates its inputs, which must not be the buffers
     # that the training state (shared by the clones) still uses.
