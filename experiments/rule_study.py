@@ -198,7 +198,15 @@ def from_base(args: argparse.Namespace, data) -> None:
   q = round(optax_gsm.count_eligible(base) / args.compression)
   before, after = _cut(base, q, xt, yt)
   print(
-    json.dumps({"row": "dense base", "epochs": args.base_epochs, "before": before, "after": after}),
+    json.dumps(
+      {
+        "row": "dense base",
+        "epochs": args.base_epochs,
+        "batch_size": args.batch_size,
+        "before": before,
+        "after": after,
+      }
+    ),
     flush=True,
   )
   if args.save_params is not None:
@@ -208,8 +216,8 @@ def from_base(args: argparse.Namespace, data) -> None:
     tx = optax_gsm.gsm(
       lr_schedule(args.gsm_lr, args.gsm_epochs, spe, args.schedule),
       compression=args.compression,
-      momentum=0.99,
-      weight_decay=5e-4,
+      momentum=args.gsm_momentum,
+      weight_decay=args.gsm_weight_decay,
       unselected_shrink=shrink,
       score_momentum=args.score_momentum,
     )
@@ -222,8 +230,11 @@ def from_base(args: argparse.Namespace, data) -> None:
           "shrink": shrink,
           "gsm_epochs": args.gsm_epochs,
           "gsm_lr": args.gsm_lr,
+          "gsm_momentum": args.gsm_momentum,
+          "gsm_weight_decay": args.gsm_weight_decay,
           "score_momentum": args.score_momentum,
           "schedule": args.schedule,
+          "batch_size": args.batch_size,
           "compression": args.compression,
           "seed": args.seed,
           "before": before,
@@ -301,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--gsm-epochs", type=int, default=40)
       p.add_argument("--schedule", choices=("step", "cosine"), default="step")
       p.add_argument("--gsm-lr", type=float, default=1e-2)
+      p.add_argument("--gsm-momentum", type=float, default=0.99, help="GSM's beta")
+      p.add_argument("--gsm-weight-decay", type=float, default=5e-4, help="GSM's eta")
       p.add_argument("--score-momentum", type=float, default=None)
       p.add_argument("--batch-size", type=int, default=256)
       p.add_argument(
