@@ -132,6 +132,20 @@ def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, kind: str) ->
   return optax.piecewise_constant_schedule(base_lr, drops)
 
 
+def shrink_schedule(
+  shrink: float | None, ramp_epochs: float, steps_per_epoch: int
+) -> float | None | optax.Schedule:
+  """``unselected_shrink``: the constant ``shrink``, or a linear ramp 0 -> shrink.
+
+  With ``ramp_epochs > 0`` the shrink grows linearly from 0 to ``shrink`` over
+  the first ``ramp_epochs`` GSM epochs and stays there (an experiment: a
+  support chosen later, when the scores have settled).
+  """
+  if shrink is None or ramp_epochs <= 0:
+    return shrink
+  return optax.linear_schedule(0.0, shrink, int(ramp_epochs * steps_per_epoch))
+
+
 def parse_shrinks(text: str) -> list[float | None]:
   out: list[float | None] = []
   for item in text.split(","):
@@ -218,7 +232,7 @@ def from_base(args: argparse.Namespace, data) -> None:
       compression=args.compression,
       momentum=args.gsm_momentum,
       weight_decay=args.gsm_weight_decay,
-      unselected_shrink=shrink,
+      unselected_shrink=shrink_schedule(shrink, args.shrink_ramp_epochs, spe),
       score_momentum=args.score_momentum,
     )
     params = train(base, tx, args.gsm_epochs, x, y, seed=args.seed + 1, batch_size=args.batch_size)
@@ -233,6 +247,7 @@ def from_base(args: argparse.Namespace, data) -> None:
           "gsm_momentum": args.gsm_momentum,
           "gsm_weight_decay": args.gsm_weight_decay,
           "score_momentum": args.score_momentum,
+          "shrink_ramp_epochs": args.shrink_ramp_epochs,
           "schedule": args.schedule,
           "batch_size": args.batch_size,
           "compression": args.compression,
@@ -315,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--gsm-momentum", type=float, default=0.99, help="GSM's beta")
       p.add_argument("--gsm-weight-decay", type=float, default=5e-4, help="GSM's eta")
       p.add_argument("--score-momentum", type=float, default=None)
+      p.add_argument(
+        "--shrink-ramp-epochs",
+        type=float,
+        default=0.0,
+        help="ramp each shrink linearly from 0 over this many GSM epochs (0: constant)",
+      )
       p.add_argument("--batch-size", type=int, default=256)
       p.add_argument(
         "--save-params",
