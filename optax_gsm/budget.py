@@ -21,19 +21,51 @@ most** :math:`B`. It is exact and deterministic, and found without sorting:
   :func:`optax_gsm.selection.kth_largest_key` counts);
 * every weight with a ratio above :math:`t^*` is selected (their total is at
   most :math:`B`), and the weights tied at :math:`t^*` are taken in global
-  index order while the running total stays within :math:`B` (prefix sums).
+  index order while the running total stays within :math:`B` (see the two
+  layouts below).
 
 **Exactness.** Costs are int32 in :math:`[1, 2^{31})`. Sums of costs are
-carried exactly in 16-bit limbs held in int32 (no float, no int64): per block
-of :math:`2^{15}` entries the low and high 16 bits of the costs are summed
-separately (each sum fits in int32), the block sums are normalised into three
-16-bit limbs, and those are summed across blocks. This is exact for up to
+carried exactly in 16-bit limbs held in int32 (no float, no int64): in the
+``"concat"`` layout, per block of :math:`2^{15}` entries the low and high 16
+bits of the costs are summed separately (each sum fits in int32), the block
+sums are normalised into three 16-bit limbs, and those are summed across
+blocks; in the ``"per_leaf"`` layout every reduction of a leaf stays below
+:math:`2^{31}` by the choice of its limbs, and the per-leaf sums are
+multiplied out and added as 16-bit limbs. This is exact for up to
 :math:`2^{30}` entries in all (a larger selection raises ``ValueError``), so
-every total is below :math:`2^{61}`, with or without ``jax_enable_x64``.
-The leaves are concatenated (one copy of keys and costs), which keeps the
-compiled program the same size for any number of leaves. Budgets may be Python ints of any size up to
-:math:`2^{62}`, or traced integer or float scalars (a float budget :math:`B`
-means :math:`\lfloor B \rfloor`).
+every total is below :math:`2^{61}` (its top limb below :math:`2^{29}`) and
+every count and flat index fits int32, with or without ``jax_enable_x64``.
+Budgets may be Python ints of any size up to :math:`2^{62}`, or traced
+integer or float scalars (a float budget :math:`B` means
+:math:`\lfloor B \rfloor`).
+
+**Two layouts, one result.** The same selection is computed in one of two
+ways (:data:`LAYOUT`; the masks are identical bit for bit):
+
+* ``"concat"`` concatenates the eligible leaves into one vector (one copy
+  of the keys and of the costs) and sums it in blocks, with prefix sums
+  for the ties. The program is the same size for any number of leaves, but
+  on a mesh the concatenation gathers every leaf onto every device.
+* ``"per_leaf"`` sums every leaf where it is and adds the per-leaf sums:
+  a leaf of one cost (what :func:`eligible_costs` makes of a uniform leaf)
+  takes a count times its cost; a leaf of varying costs is summed in limbs
+  narrow enough that one int32 reduction of the whole leaf is exact
+  (:math:`w`-bit limbs with :math:`n (2^w - 1) < 2^{31}`: two of 16 bits up
+  to :math:`2^{15}` entries, four of 8 bits up to :math:`2^{23}`). The ties
+  at :math:`t^*` are cut without a prefix sum: the per-leaf totals of the
+  tied costs, summed over the leaves in order, tell which leaf holds the
+  cut, and inside it a bit-by-bit search over the flat index finds the
+  largest index whose earlier ties still fit. Every step is elementwise, a
+  reduction of a leaf or arithmetic on a few scalars per leaf, so XLA's
+  SPMD partitioner keeps each leaf where it is and all-reduces a few int32
+  per leaf and pass (see ``tests/optax_gsm/test_distributed.py``). The
+  program grows with the number of leaves.
+* ``"auto"`` (the default) takes ``"per_leaf"`` when the keys are on a mesh
+  of more than one device, and on one device when every leaf has one cost
+  (there it also runs faster: counts instead of two block sums of the
+  concatenated costs); with varying costs on one device, ``"concat"``, which
+  reads less per pass (two 16-bit limbs instead of up to four) and compiles
+  faster. Measured in ``benchmarks/RESULTS.md``.
 
 Cost trees (pytrees of int32 arrays shaped like the params, 0 on leaves that
 are not eligible) come from :func:`cost_tree` and :func:`bytes_cost_tree`;
@@ -69,6 +101,14 @@ _MASK16 = 0xFFFF
 _MAX_ENTRIES = _BLOCK * 2**15
 
 Limbs = tuple[Array, Array, Array]
+
+# How the selection is laid out (see the module docstring and _select_impl):
+# "per_leaf" sums every leaf where it is (what partitions on a mesh);
+# "concat" concatenates the leaves first (one copy of keys and costs);
+# "auto" picks per_leaf on a mesh or when every leaf has one cost, else
+# concat. The masks are the same bit for bit.
+LAYOUTS = ("auto", "per_leaf", "concat")
+LAYOUT = "auto"
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +293,7 @@ def budget_top_keys(
     if k.dtype != jnp.int32:
       raise TypeError(f"`keys` must be int32 arrays, got dtype {k.dtype}.")
   costs = _check_costs(costs, [k.shape for k in keys])
-  masks, kth = _budget_select(tuple(keys), costs, _budget_limbs(budget))
+  masks, kth = _budget_select(tuple(keys), costs, _budget_limbs(budget), layout=LAYOUT)
   return list(masks), kth
 
 
@@ -299,7 +339,7 @@ def budget_select(scores: Sequence[Array], costs: Sequence[Array], budget) -> li
   """
   scores = tuple(jnp.asarray(s) for s in scores)
   costs = _check_costs(costs, [s.shape for s in scores])
-  masks, _ = _ratio_select(scores, costs, _budget_limbs(budget))
+  masks, _ = _ratio_select(scores, costs, _budget_limbs(budget), layout=LAYOUT)
   return list(masks)
 
 
@@ -359,7 +399,9 @@ def budget_prune(
   idx = [i for i, f in enumerate(flags) if f]
   eligible = tuple(jnp.asarray(leaves[i]) for i in idx)
   cost_eligible = _check_costs([cost_leaves[i] for i in idx], [x.shape for x in eligible])
-  sel, pruned_eligible = _prune(eligible, cost_eligible, _budget_limbs(budget), rank == "magnitude")
+  sel, pruned_eligible = _prune(
+    eligible, cost_eligible, _budget_limbs(budget), by_magnitude=rank == "magnitude", layout=LAYOUT
+  )
   masks = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
   pruned = list(leaves)
   for i, m, p in zip(idx, sel, pruned_eligible):
@@ -578,32 +620,36 @@ def _blocked(x: Array, fill) -> Array:
   return flat.reshape(m, block)
 
 
-@jax.jit
-def _budget_select(keys: tuple, costs: tuple, budget: Limbs):
-  return _select_impl(keys, costs, budget)
+# `layout` is a static argument (the caller reads LAYOUT at call time), so
+# that changing LAYOUT does not reuse a program traced in the other layout.
 
 
-@jax.jit
-def _ratio_select(scores: tuple, costs: tuple, budget: Limbs):
+@functools.partial(jax.jit, static_argnames="layout")
+def _budget_select(keys: tuple, costs: tuple, budget: Limbs, layout: str):
+  return _select_impl(keys, costs, budget, layout=layout)
+
+
+@functools.partial(jax.jit, static_argnames="layout")
+def _ratio_select(scores: tuple, costs: tuple, budget: Limbs, layout: str):
   keys = tuple(ratio_keys(s, c) for s, c in zip(scores, costs))
-  return _select_impl(keys, costs, budget)
+  return _select_impl(keys, costs, budget, layout=layout)
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _prune(leaves: tuple, costs: tuple, budget: Limbs, by_magnitude: bool):
+@functools.partial(jax.jit, static_argnames=("by_magnitude", "layout"))
+def _prune(leaves: tuple, costs: tuple, budget: Limbs, by_magnitude: bool, layout: str):
   scores = tuple(jnp.abs(leaf.astype(jnp.float32)) for leaf in leaves)
   if by_magnitude:
     keys = tuple(selection_lib.scores_to_keys(x) for x in scores)
-    masks, _ = _select_impl(keys, costs, budget)
+    masks, _ = _select_impl(keys, costs, budget, layout=layout)
   else:
-    masks, _ = _ratio_select(scores, costs, budget)
+    masks, _ = _ratio_select(scores, costs, budget, layout=layout)
   pruned = tuple(jnp.where(m, leaf, jnp.zeros([], leaf.dtype)) for m, leaf in zip(masks, leaves))
   return masks, pruned
 
 
-@jax.jit
-def _budget_select_stats(keys: tuple, costs: tuple, budget: Limbs):
-  return _select_impl(keys, costs, budget, stats=True)
+@functools.partial(jax.jit, static_argnames="layout")
+def _budget_select_stats(keys: tuple, costs: tuple, budget: Limbs, layout: str):
+  return _select_impl(keys, costs, budget, stats=True, layout=layout)
 
 
 def top_keys_with_stats(
@@ -612,7 +658,8 @@ def top_keys_with_stats(
   """:func:`budget_top_keys` plus the smallest selected key and the count.
 
   Used by :func:`optax_gsm.global_top_q`; both statistics come from the
-  concatenated mask in the same program, so the mask is not recomputed.
+  mask in the same program (a reduction of each leaf, or of the
+  concatenated mask in the ``"concat"`` layout).
 
   Returns:
     ``(masks, threshold_key, min_selected_key, num_selected)``: the first two
@@ -633,22 +680,27 @@ def top_keys_with_stats(
     if k.dtype != jnp.int32:
       raise TypeError(f"`keys` must be int32 arrays, got dtype {k.dtype}.")
   costs = _check_costs(costs, [k.shape for k in keys])
-  masks, kth, low, count = _budget_select_stats(tuple(keys), costs, _budget_limbs(budget))
+  masks, kth, low, count = _budget_select_stats(
+    tuple(keys), costs, _budget_limbs(budget), layout=LAYOUT
+  )
   return list(masks), kth, low, count
 
 
-def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False) -> tuple[Any, ...]:
-  """The selection over the concatenated leaves (in global index order).
+def _select_impl(
+  keys: tuple, costs: tuple, budget: Limbs, stats: bool = False, layout: Optional[str] = None
+) -> tuple[Any, ...]:
+  """The selection, in the ``layout`` given or :data:`LAYOUT`.
 
-  Concatenating keeps the compiled program the same size whatever the number
-  of leaves; it costs one copy of the keys and of the costs. With ``stats``
-  also returns the smallest selected key and the number selected.
+  With ``stats`` also returns the smallest selected key and the number
+  selected. Both layouts give bit-identical results.
   """
+  layout = LAYOUT if layout is None else layout
+  if layout not in LAYOUTS:
+    raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
   nan_key = jnp.int32(selection_lib.NAN_KEY)
   big_key = jnp.int32(jnp.iinfo(jnp.int32).max)
   shapes = [k.shape for k in keys]
-  sizes = [math.prod(shape) for shape in shapes]
-  n = sum(sizes)
+  n = sum(math.prod(shape) for shape in shapes)
   if n == 0:
     masks = tuple(jnp.zeros(shape, bool) for shape in shapes)
     if stats:
@@ -656,6 +708,44 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False) 
     return masks, nan_key
   if n > _MAX_ENTRIES:
     raise ValueError(f"budget selection supports up to {_MAX_ENTRIES} entries in all, got {n}.")
+  if layout == "auto":
+    one_cost = all(math.prod(np.shape(c)) == 1 for c in costs)
+    layout = "per_leaf" if one_cost or _on_mesh(keys + tuple(costs)) else "concat"
+  if layout == "per_leaf":
+    return _select_per_leaf(keys, costs, budget, stats)
+  return _select_concat(keys, costs, budget, stats)
+
+
+def _on_mesh(arrays: Sequence[Any]) -> bool:
+  """Whether any of ``arrays`` is placed on a mesh of more than one device.
+
+  Under :func:`jax.jit` a value computed from arrays sharded over a mesh
+  carries that (abstract) mesh in its type, also with automatic axes; on
+  one device the mesh is empty. Anything without a mesh counts as not.
+  """
+  for x in arrays:
+    try:
+      shape = jax.typeof(x).sharding.mesh.shape
+      size = math.prod(int(v) for v in dict(shape).values())
+    except Exception:  # no sharding or no mesh (one device, numpy, old jax)
+      continue
+    if size > 1:
+      return True
+  return False
+
+
+def _select_concat(keys: tuple, costs: tuple, budget: Limbs, stats: bool) -> tuple[Any, ...]:
+  """The selection over the concatenated leaves (in global index order).
+
+  Concatenating keeps the compiled program the same size whatever the number
+  of leaves; it costs one copy of the keys and of the costs, and on a mesh
+  the concatenation gathers every leaf onto every device.
+  """
+  nan_key = jnp.int32(selection_lib.NAN_KEY)
+  big_key = jnp.int32(jnp.iinfo(jnp.int32).max)
+  shapes = [k.shape for k in keys]
+  sizes = [math.prod(shape) for shape in shapes]
+  n = sum(sizes)
   flat_k = jnp.concatenate([k.reshape(-1) for k in keys])
   flat_c = jnp.concatenate(
     [jnp.broadcast_to(c, k.shape).astype(jnp.int32).reshape(-1) for k, c in zip(keys, costs)]
@@ -713,3 +803,259 @@ def _select_impl(keys: tuple, costs: tuple, budget: Limbs, stats: bool = False) 
     low = jnp.min(jnp.where(mask, flat_k, big_key))
     return tuple(out), kth, low, jnp.sum(mask, dtype=jnp.int32)
   return tuple(out), kth
+
+
+# --------------------------------------------------------------------------
+# The per-leaf layout: exact sums per leaf, nothing concatenated.
+#
+# A sum of costs is a sum of *terms* s * m with int32 0 <= s, m < 2**31: per
+# leaf of one cost (what eligible_costs makes of a uniform leaf) the count s
+# of the entries where the predicate holds times the cost m; per leaf of
+# varying costs the sums s_j of its limbs (_limb_plan) times m_j = 2**(w j).
+# The terms of all leaves form a small (leaves, J) matrix; the products are
+# taken in 16-bit limbs elementwise and summed by reductions, so the program
+# holds a fixed number of scalar-limb operations whatever the number of
+# leaves (a chain of per-leaf limb additions grows the program, and XLA's
+# fusion of its shared subexpressions made it grow much faster).
+
+
+def _limb_plan(n: int) -> tuple[int, int]:
+  r"""``(width, count)``: the limbs in which the costs of an ``n``-entry leaf are summed.
+
+  A sum over the whole leaf of a ``width``-bit limb is below
+  :math:`n (2^w - 1) \le 2^{31} - 1`, so one int32 reduction of the leaf is
+  exact however XLA splits it (per device, then an all-reduce). ``count``
+  limbs of ``width`` bits cover the 31 bits of a cost: 2 limbs of 16 bits up
+  to :math:`2^{15}` entries, 3 of 11 bits up to about :math:`2^{20}`, 4 of 8
+  bits up to :math:`2^{23}`, and so on down to 31 limbs of one bit at
+  :math:`2^{30}`.
+  """
+  width = 16
+  while width > 1 and n * (2**width - 1) > _MAX_COST:
+    width -= 1
+  count = -(-31 // width)
+  return -(-31 // count), count
+
+
+def _mul(a: Array, b: Array) -> Limbs:
+  """Elementwise limbs of ``a * b`` for int32 ``0 <= a, b < 2**31``.
+
+  In 16-bit halves: the low halves' product (below 2**32) is taken in
+  uint32, the cross products (below 2**31) and the high one in int32. The
+  product is below 2**62, so its top limb is below 2**30.
+  """
+  a0, a1 = a & _MASK16, lax.shift_right_logical(a, _SHIFT16)
+  b0, b1 = b & _MASK16, lax.shift_right_logical(b, _SHIFT16)
+  p = a0.astype(jnp.uint32) * b0.astype(jnp.uint32)
+  p0 = (p & np.uint32(_MASK16)).astype(jnp.int32)
+  p1 = lax.shift_right_logical(p, np.uint32(16)).astype(jnp.int32)
+  x, y = a0 * b1, a1 * b0
+  l1 = p1 + (x & _MASK16) + (y & _MASK16)
+  l2 = lax.shift_right_logical(x, _SHIFT16) + lax.shift_right_logical(y, _SHIFT16) + a1 * b1
+  return _norm(p0, l1, l2)
+
+
+def _total(limbs: Limbs) -> Limbs:
+  """Exact sum of all entries of normalised limb arrays.
+
+  Low and middle limbs are below 2**16, so a sum of up to 2**15 of them fits
+  int32 (longer inputs are summed in blocks); the top limbs sum to at most
+  the total divided by 2**32, below 2**29 for any total below 2**61.
+  """
+  flat = [x.reshape(-1) for x in limbs]
+  if flat[0].shape[0] > _BLOCK:
+    blocks = [_blocked(x, 0) for x in flat]
+    flat = [x.reshape(-1) for x in _norm(*(jnp.sum(x, axis=1, dtype=jnp.int32) for x in blocks))]
+  return _norm(*(jnp.sum(x, dtype=jnp.int32) for x in flat))
+
+
+class _Leaves:
+  """The keys and costs of the leaves, and how their costs are summed.
+
+  ``mult`` is the ``(leaves, J)`` int32 matrix of the multipliers of
+  :meth:`terms`: ``[c, 0, ...]`` for a leaf of one cost ``c``,
+  ``[1, 2**w, 2**(2 w), ..., 0, ...]`` for a leaf summed in ``w``-bit limbs.
+  """
+
+  def __init__(self, keys: tuple, costs: tuple):
+    self.keys = keys
+    self.costs, self.plans = [], []
+    for k, c in zip(keys, costs):
+      c = jnp.asarray(c)
+      if math.prod(c.shape) == 1:
+        self.costs.append(c.reshape(()).astype(jnp.int32))
+        self.plans.append(None)
+      else:
+        self.costs.append(c.astype(jnp.int32))
+        self.plans.append(_limb_plan(k.size))
+    self.width = max([1] + [p[1] for p in self.plans if p is not None])
+    rows = []
+    for c, plan in zip(self.costs, self.plans):
+      if plan is None:
+        row = [c] + [jnp.int32(0)] * (self.width - 1)
+      else:
+        w, count = plan
+        row = [jnp.int32(2 ** (w * j)) for j in range(count)]
+        row += [jnp.int32(0)] * (self.width - count)
+      rows.append(jnp.stack(row))
+    self.mult = jnp.stack(rows)
+
+  def terms(self, l: int, sel: Array) -> Array:
+    """The ``(J,)`` int32 terms of leaf ``l`` where ``sel``: each one exact
+    reduction of the leaf (elementwise, then a sum)."""
+    k, c, plan = self.keys[l], self.costs[l], self.plans[l]
+    zero = jnp.int32(0)
+    if k.size == 0:
+      out = []
+    elif plan is None:
+      out = [jnp.sum(sel, dtype=jnp.int32)]
+    else:
+      # All limbs in one reduction over a leading axis of `count` limbs (one
+      # program per leaf rather than `count`; a trailing limb axis ran
+      # slower on XLA:CPU and was hoisted out of the search loop as a
+      # `count`-fold copy of the costs).
+      w, count = plan
+      shifts = np.arange(count, dtype=np.int32) * np.int32(w)
+      masks = np.array([2**w - 1] * (count - 1) + [-1], np.int32)
+      c = jnp.broadcast_to(c, k.shape)[None]
+      lead = (count,) + (1,) * k.ndim
+      parts = jnp.right_shift(c, shifts.reshape(lead)) & masks.reshape(lead)  # costs are >= 0
+      sums = jnp.sum(
+        jnp.where(sel[None], parts, 0), axis=tuple(range(1, k.ndim + 1)), dtype=jnp.int32
+      )
+      out = [sums[j] for j in range(count)]
+    return jnp.stack(out + [zero] * (self.width - len(out)))
+
+  def per_leaf(self, pred) -> Limbs:
+    """``(leaves,)`` limb arrays: the cost of the entries of each leaf where
+    ``pred(keys)``."""
+    s = jnp.stack([self.terms(l, pred(k)) for l, k in enumerate(self.keys)])
+    return _norm(*(jnp.sum(x, axis=1, dtype=jnp.int32) for x in _mul(s, self.mult)))
+
+  def total(self, pred) -> Limbs:
+    """The cost of all entries where ``pred(keys)``."""
+    s = jnp.stack([self.terms(l, pred(k)) for l, k in enumerate(self.keys)])
+    return _total(_mul(s, self.mult))
+
+  def leaf_total(self, l: int, sel: Array) -> Limbs:
+    """The cost of the entries of leaf ``l`` where ``sel``."""
+    return _total(_mul(self.terms(l, sel), self.mult[l]))
+
+
+def _at(limbs: Limbs, i) -> Limbs:
+  """Entry ``i`` of limb arrays."""
+  return limbs[0][i], limbs[1][i], limbs[2][i]
+
+
+def _flat_index(shape: tuple) -> Array:
+  """Row-major flat index of every entry of an array of ``shape`` (int32)."""
+  idx = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    if shape[d] > 1:
+      idx = idx + lax.broadcasted_iota(jnp.int32, shape, d) * np.int32(stride)
+    stride *= shape[d]
+  return idx
+
+
+def _select_per_leaf(keys: tuple, costs: tuple, budget: Limbs, stats: bool) -> tuple[Any, ...]:
+  r"""The selection with per-leaf sums: what partitions on a mesh.
+
+  The same selection as :func:`_select_concat`, computed without a
+  concatenated or full-size intermediate other than elementwise ones:
+
+  * every sum of costs is a sum over leaves of exact reductions of each leaf
+    (a reduction per shard and a scalar all-reduce when it is sharded),
+    added as 16-bit limbs (see :class:`_Leaves`);
+  * the threshold :math:`t^*` is found by the same 32 passes;
+  * the ties at :math:`t^*`: with :math:`T_l` the cost of the ties in leaf
+    :math:`l` and :math:`P_l = \sum_{j<l} T_j`, the ties of leaf :math:`l`
+    are all taken while :math:`P_l + T_l \le R` (:math:`R`: the budget left
+    after the entries above :math:`t^*`); the first leaf :math:`l^*` with
+    :math:`P_{l^*} + T_{l^*} > R` holds the cut, and no tie after it is
+    taken. Inside :math:`l^*` the running cost of the tie of flat index
+    :math:`i` is :math:`P_{l^*} + f(i + 1)`, with :math:`f(c)` the cost of
+    the ties of index :math:`< c`, nondecreasing in :math:`c`; so that tie is
+    taken iff :math:`i < c^*`, :math:`c^* = \max\{c : f(c) \le R - P_{l^*}\}`,
+    which is built bit by bit from the most significant bit (one exact
+    reduction of that leaf per bit, in a :func:`jax.lax.switch` on
+    :math:`l^*`) instead of a prefix sum.
+
+  The masks are then elementwise in the keys, the flat index and a few
+  scalars, so they fuse into their consumers.
+  """
+  nan_key = jnp.int32(selection_lib.NAN_KEY)
+  big_key = jnp.int32(jnp.iinfo(jnp.int32).max)
+  leaves = _Leaves(keys, costs)
+  sign = jnp.int32(-(2**31))
+
+  def body(i, prefix_u):
+    bit = lax.shift_left(jnp.int32(1), jnp.int32(31) - i)
+    cand_u = prefix_u | bit
+    cand = cand_u ^ sign
+    over = _gt(leaves.total(lambda k: k >= cand), budget)
+    return jnp.where(over, cand_u, prefix_u)
+
+  kth = lax.fori_loop(jnp.int32(0), jnp.int32(32), body, jnp.int32(0)) ^ sign
+  above = leaves.total(lambda k: k > kth)
+  ties = leaves.per_leaf(lambda k: k == kth)
+  upto = lax.associative_scan(_add, ties)
+  # cost(k >= kth) = cost(k > kth) + the cost of all ties.
+  over = _gt(_add(above, _at(upto, -1)), budget)
+  remaining = _sub(budget, above)
+
+  # The leaf that holds the cut, and the budget left for its ties. The
+  # inclusive prefix sums over leaves are nondecreasing, so the leaves whose
+  # prefix fits come first and `cut` counts them.
+  num = len(keys)
+  fits = ~_gt(upto, remaining)  # (leaves,) against scalars
+  cut = jnp.sum(fits, dtype=jnp.int32)
+  at = jnp.minimum(cut, num - 1)
+  # Where cut < num: the ties before the cut leaf cost upto - ties <= R.
+  before = _sub(_at(upto, at), _at(ties, at))
+  left = _sub(remaining, before)
+
+  def cut_search(l):
+    k = keys[l]
+    nbits = max(1, int(k.size).bit_length())
+
+    def branch(left):
+      idx = _flat_index(k.shape)
+      tie = k == kth
+
+      def step(i, prefix):
+        cand = prefix | lax.shift_left(jnp.int32(1), jnp.int32(nbits - 1) - i)
+        fits = ~_gt(leaves.leaf_total(l, tie & (idx < cand)), left)
+        return jnp.where(fits, cand, prefix)
+
+      return lax.fori_loop(jnp.int32(0), jnp.int32(nbits), step, jnp.int32(0))
+
+    return branch
+
+  branches = [cut_search(l) for l in range(num)] + [lambda left: jnp.int32(0)]
+  first_out = lax.switch(cut, branches, left)
+
+  masks, lows, counts = [], [], []
+  for l, k in enumerate(keys):
+    limit = jnp.where(cut > l, jnp.int32(k.size), jnp.where(cut == l, first_out, 0))
+    m = (k > kth) | ((k == kth) & (_flat_index(k.shape) < limit))
+    # Everything fits: select all, NaN included; else NaN is never selected.
+    m = jnp.where(over, m & (k != nan_key), True)
+    masks.append(m)
+    if stats and k.size:
+      # Both statistics of the leaf in one (variadic) reduction: a smaller
+      # program than two; on a mesh XLA all-gathers the per-device pairs.
+      low_l, count_l = lax.reduce(
+        (jnp.where(m, k, big_key), m.astype(jnp.int32)),
+        (big_key, jnp.int32(0)),
+        lambda a, b: (jnp.minimum(a[0], b[0]), a[1] + b[1]),
+        tuple(range(k.ndim)),
+      )
+      lows.append(low_l)
+      counts.append(count_l)
+  kth = jnp.where(over, kth, nan_key)
+  if stats:
+    low = jnp.min(jnp.stack(lows)) if lows else big_key
+    count = jnp.sum(jnp.stack(counts), dtype=jnp.int32) if counts else jnp.int32(0)
+    return tuple(masks), kth, low, count
+  return tuple(masks), kth
