@@ -146,6 +146,29 @@ def shrink_schedule(
   return optax.linear_schedule(0.0, shrink, int(ramp_epochs * steps_per_epoch))
 
 
+def compression_schedule(
+  compression: float, ramp_epochs: float, steps_per_epoch: int
+) -> float | optax.Schedule:
+  """``compression`` for ``gsm``: constant, or ramped from 1 like gradual pruning.
+
+  With ``ramp_epochs > 0`` the sparsity :math:`s = 1 - 1/C` follows Zhu and
+  Gupta's cubic schedule, :math:`s(t) = s_f (1 - (1 - t/T)^3)` over the first
+  :math:`T` = ``ramp_epochs`` GSM epochs, so Q shrinks from N to N / C and the
+  selection starts dense (an experiment).
+  """
+  if ramp_epochs <= 0:
+    return compression
+  final = 1.0 - 1.0 / compression
+  ramp_steps = int(ramp_epochs * steps_per_epoch)
+
+  def schedule(step):
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
+    sparsity = final * (1.0 - (1.0 - t) ** 3)
+    return 1.0 / (1.0 - sparsity)
+
+  return schedule
+
+
 def parse_shrinks(text: str) -> list[float | None]:
   out: list[float | None] = []
   for item in text.split(","):
@@ -229,7 +252,7 @@ def from_base(args: argparse.Namespace, data) -> None:
     t0 = time.perf_counter()
     tx = optax_gsm.gsm(
       lr_schedule(args.gsm_lr, args.gsm_epochs, spe, args.schedule),
-      compression=args.compression,
+      compression=compression_schedule(args.compression, args.compression_ramp_epochs, spe),
       momentum=args.gsm_momentum,
       weight_decay=args.gsm_weight_decay,
       unselected_shrink=shrink_schedule(shrink, args.shrink_ramp_epochs, spe),
@@ -248,6 +271,7 @@ def from_base(args: argparse.Namespace, data) -> None:
           "gsm_weight_decay": args.gsm_weight_decay,
           "score_momentum": args.score_momentum,
           "shrink_ramp_epochs": args.shrink_ramp_epochs,
+          "compression_ramp_epochs": args.compression_ramp_epochs,
           "schedule": args.schedule,
           "batch_size": args.batch_size,
           "compression": args.compression,
@@ -330,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--gsm-momentum", type=float, default=0.99, help="GSM's beta")
       p.add_argument("--gsm-weight-decay", type=float, default=5e-4, help="GSM's eta")
       p.add_argument("--score-momentum", type=float, default=None)
+      p.add_argument(
+        "--compression-ramp-epochs",
+        type=float,
+        default=0.0,
+        help="ramp the compression from 1 to C (cubic in the sparsity) over this many GSM epochs",
+      )
       p.add_argument(
         "--shrink-ramp-epochs",
         type=float,
