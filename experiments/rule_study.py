@@ -257,6 +257,7 @@ def from_base(args: argparse.Namespace, data) -> None:
       weight_decay=args.gsm_weight_decay,
       unselected_shrink=shrink_schedule(shrink, args.shrink_ramp_epochs, spe),
       score_momentum=args.score_momentum,
+      metric=args.metric,
     )
     params = train(base, tx, args.gsm_epochs, x, y, seed=args.seed + 1, batch_size=args.batch_size)
     before, after = _cut(params, q, xt, yt)
@@ -272,6 +273,7 @@ def from_base(args: argparse.Namespace, data) -> None:
           "score_momentum": args.score_momentum,
           "shrink_ramp_epochs": args.shrink_ramp_epochs,
           "compression_ramp_epochs": args.compression_ramp_epochs,
+          "metric": args.metric,
           "schedule": args.schedule,
           "batch_size": args.batch_size,
           "compression": args.compression,
@@ -354,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--gsm-momentum", type=float, default=0.99, help="GSM's beta")
       p.add_argument("--gsm-weight-decay", type=float, default=5e-4, help="GSM's eta")
       p.add_argument("--score-momentum", type=float, default=None)
+      p.add_argument(
+        "--metric",
+        choices=("taylor", "magnitude"),
+        default="taylor",
+        help="GSM's selection score: |g w| (the paper) or |w|",
+      )
       p.add_argument(
         "--compression-ramp-epochs",
         type=float,
