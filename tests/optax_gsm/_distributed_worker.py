@@ -135,6 +135,86 @@ def make_tx():
   return optax_gsm.gsm(0.05, compression=COMPRESSION, momentum=0.9, weight_decay=1e-4)
 
 
+# --- budgets (issue 18) -------------------------------------------------------
+
+BUDGET_CASES = ("random", "ties")
+
+
+def make_costs(case: str) -> dict[str, np.ndarray]:
+  """Integer costs for ``gsm(budget=..., costs=...)`` on the gradients of
+  ``make_grads(case)``: leaves of one cost (a count times the cost) beside
+  leaves of varying costs (limb sums), both sharded under FSDP.
+
+  ``random``: costs up to ``2**31 - 1``; ``ties``: costs 1, 2 and 4 with the
+  integer scores of the ``ties`` gradients, so that thousands of ratios tie
+  at the threshold across leaves and shards.
+  """
+  rng = np.random.default_rng(5)
+  if case == "random":
+    per_entry = {"w1": (1, 2**31), "w2": (2**30, 2**31)}
+    uniform = {"w0": 3, "w3": 2**31 - 1}
+  elif case == "ties":
+    per_entry = {"w1": None, "w2": None}
+    uniform = {"w0": 2, "w3": 4}
+  else:
+    raise ValueError(case)
+  out = {}
+  for k, shape in SHAPES.items():
+    if k in uniform:
+      out[k] = np.full(shape, uniform[k], np.int32)
+    elif k in per_entry:
+      bounds = per_entry[k]
+      if bounds is None:
+        out[k] = rng.choice(np.array([1, 2, 4], np.int32), size=shape)
+      else:
+        out[k] = rng.integers(*bounds, size=shape).astype(np.int32)
+    else:  # not eligible
+      out[k] = np.zeros(shape, np.int32)
+  return out
+
+
+def make_budget(case: str) -> int:
+  """A tenth of the total cost of the eligible weights."""
+  costs = make_costs(case)
+  return sum(int(costs[k].astype(np.int64).sum()) for k in ELIGIBLE) // 10
+
+
+def budget_tx(case: str):
+  import optax_gsm
+
+  return optax_gsm.gsm(
+    0.05, budget=make_budget(case), costs=make_costs(case), momentum=0.9, weight_decay=1e-4
+  )
+
+
+def budget_masks_fn(case: str):
+  """``(grads, params) -> masks`` of one budgeted ``global_top_q`` update
+  (exact as no eligible gradient entry is 0, as in :func:`masks_fn`)."""
+  import optax_gsm
+
+  tx = optax_gsm.global_top_q(budget=make_budget(case), costs=make_costs(case))
+
+  def masks(grads, params):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return {k: updates[k] != 0 for k in ELIGIBLE}
+
+  return masks
+
+
+def with_budget_layout(fn, layout: str):
+  """``fn`` traced with ``optax_gsm.budget.LAYOUT = layout``."""
+  from optax_gsm import budget
+
+  def traced(*args):
+    old, budget.LAYOUT = budget.LAYOUT, layout
+    try:
+      return fn(*args)
+    finally:
+      budget.LAYOUT = old
+
+  return traced
+
+
 def masks_fn(method: str = "auto"):
   """``(grads, params) -> masks`` through the public API.
 
@@ -280,6 +360,32 @@ class Layout:
     # The mask of every selection backend ("masks_auto" is what gsm uses).
     for m in methods():
       self._specs[f"masks_{m}"] = (masks_fn(m), (p_sh, p_sh), mask_sh, (p_abs, p_abs))
+    # Budgets: the mask and a GSM step with the default layout ("auto":
+    # per-leaf on a mesh), and the step forced to the concatenated layout.
+    for case in BUDGET_CASES:
+      btx = budget_tx(case)
+      bs_abs = jax.eval_shape(btx.init, params_abs)
+      bs_specs = spec(bs_abs)
+      sharding.validate_partition_specs(bs_abs, bs_specs, mesh)
+      bs_sh = sharding.named_shardings(bs_specs, mesh)
+
+      def bapply(params, state, grads, btx=btx):
+        updates, state = btx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      step_args = ((p_sh, bs_sh, p_sh), (p_sh, bs_sh), (p_abs, abs_of(bs_abs, bs_sh), p_abs))
+      self._specs[f"budget_masks_{case}"] = (
+        budget_masks_fn(case),
+        (p_sh, p_sh),
+        mask_sh,
+        (p_abs, p_abs),
+      )
+      self._specs[f"budget_apply_{case}"] = (bapply, *step_args)
+      self._specs[f"budget_apply_concat_{case}"] = (
+        with_budget_layout(bapply, "concat"),
+        *step_args,
+      )
+      self._specs[f"budget_init_{case}"] = (btx.init, (p_sh,), bs_sh, (p_abs,))
     self.compiled = {}
     self._gather = jax.jit(lambda t: t, out_shardings=self.replicated)
 
@@ -329,7 +435,8 @@ def run_layout(
 
   With ``ref`` (a one-device layout), also recomputes every training step on
   one device from the gradient this layout computed (``samegrad_*``). With
-  ``extras``, also every other selection backend.
+  ``extras``, also every other selection backend and the budgeted step in
+  the concatenated layout.
   """
   import jax
 
@@ -351,6 +458,19 @@ def run_layout(
       params, state = layout.gsm_apply(params, state, grads)
       record(f"{case}/{t}/params", params)
       record(f"{case}/{t}/state", state)
+
+  for case in BUDGET_CASES:
+    params_np, grads_np = make_grads(case)
+    params = put(params_np, layout.p_sh)
+    grads = put(grads_np, layout.p_sh)
+    record(f"budget/{case}/mask", getattr(layout, f"budget_masks_{case}")(grads, params))
+    init = getattr(layout, f"budget_init_{case}")
+    for fn in ("budget_apply", "budget_apply_concat") if extras else ("budget_apply",):
+      p, state = params, init(params)
+      for t in range(2):  # two steps, so that the momentum is used
+        p, state = getattr(layout, f"{fn}_{case}")(p, state, grads)
+        record(f"{fn}/{case}/{t}/params", p)
+        record(f"{fn}/{case}/{t}/state", state)
 
   xs, ys = make_batches()
   params = put(make_params(), layout.p_sh)

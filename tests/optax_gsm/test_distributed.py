@@ -413,6 +413,114 @@ def test_fsdp_layouts_shard_params_and_state(single):
   assert specs["w0"] == [] and specs["b1"] == []
 
 
+# --- budgets (issue 18): gsm(budget=..., costs=...) on the mesh --------------
+
+
+def _budget_reference(case: str) -> dict:
+  """The numpy reference of the budgeted mask (test_budget's)."""
+  from optax_gsm import budget
+
+  from tests.optax_gsm.test_budget import reference_budget
+
+  params, grads = worker.make_grads(case)
+  costs = worker.make_costs(case)
+  keys = [
+    np.asarray(budget.ratio_keys(np.abs(grads[k] * params[k]), costs[k])) for k in worker.ELIGIBLE
+  ]
+  want = reference_budget(keys, [costs[k] for k in worker.ELIGIBLE], worker.make_budget(case))
+  return dict(zip(worker.ELIGIBLE, want))
+
+
+@pytest.mark.parametrize("layout", worker.LAYOUTS)
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_budget_mask_is_bitwise_the_one_device_mask(single, layout, case):
+  """The budgeted selection on the mesh (per-leaf layout) selects exactly
+  the one-device entries, which are the numpy reference's; ``ties`` cuts
+  inside thousands of ties spread over leaves and shards."""
+  data, _ = single
+  want = _tree(data, f"ref/budget/{case}/mask", worker.ELIGIBLE)
+  _assert_same(
+    _tree(data, f"{layout}/budget/{case}/mask", worker.ELIGIBLE), want, f"{layout} budget mask"
+  )
+  _assert_same(want, _budget_reference(case), "one device vs numpy")
+  costs = worker.make_costs(case)
+  chosen = sum(int(costs[k][want[k]].astype(np.int64).sum()) for k in worker.ELIGIBLE)
+  assert 0 < chosen <= worker.make_budget(case)
+  if case == "ties":  # the cut falls among ties at the threshold
+    params, grads = worker.make_grads(case)
+    ratio = {k: np.abs(grads[k] * params[k]) / costs[k] for k in worker.ELIGIBLE}
+    kth = np.concatenate([ratio[k][want[k]] for k in worker.ELIGIBLE]).min()
+    tied = {k: ratio[k] == kth for k in worker.ELIGIBLE}
+    assert sum(int((tied[k] & want[k]).sum()) for k in worker.ELIGIBLE) > 0
+    assert sum(int((tied[k] & ~want[k]).sum()) for k in worker.ELIGIBLE) > 100
+
+
+@pytest.mark.parametrize(
+  "layout, fn",
+  [(layout, "budget_apply") for layout in worker.LAYOUTS]
+  + [(layout, "budget_apply_concat") for layout in ("fsdp", "2d")],
+)
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_budget_gsm_update_is_bitwise_the_one_device_update(single, layout, case, fn):
+  """Two budgeted GSM steps on the mesh, in either layout: params and the
+  whole optimizer state are bitwise those of one device."""
+  data, _ = single
+  for t in range(2):
+    for kind in ("params", "state"):
+      for rk in _state_keys(data, f"ref/budget_apply/{case}/{t}/{kind}"):
+        k = f"{layout}/{fn}" + rk[len("ref/budget_apply") :]
+        np.testing.assert_array_equal(data[k], data[rk], err_msg=k)
+
+
+def _budget_fns(case):
+  return [f"budget_masks_{case}", f"budget_apply_{case}"]
+
+
+# The smallest sharded eligible leaf (w2): a collective this large moves a
+# leaf (or the concatenated scores).
+LEAF = min(int(np.prod(worker.SHAPES[k])) for k in ("w1", "w2"))
+
+
+@pytest.mark.parametrize("layout", ("fsdp", "2d"))
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_budget_selection_only_moves_a_few_int32_per_leaf(single, layout, case):
+  """Params sharded: the budgeted mask and GSM step (the default layout,
+  per-leaf on a mesh) communicate only small collectives (all-reduces of
+  per-leaf limb sums, and the per-device (min key, count) pairs of the
+  statistics) and never a full-size operand."""
+  _, report = single
+  assert LEAF > SMALL
+  for fn in _budget_fns(case):
+    cs = _collectives(report, layout, fn)
+    assert cs, fn  # the sums do cross devices
+    big = [c for c in cs if c["max_elements"] > SMALL]
+    assert not big, _fmt(fn, big)
+    assert all(c["op"] in ("all-reduce", "all-gather") for c in cs), _fmt(fn, cs)
+    # The search passes: all-reduces of a few int32 per leaf.
+    loop = [c for c in cs if c["in_while"] and not c["in_cond"]]
+    assert loop and all(_small_all_reduce(c) and c["max_elements"] <= 8 for c in loop), _fmt(
+      fn, loop
+    )
+
+
+@pytest.mark.parametrize("layout", ("fsdp", "2d"))
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_budget_concat_layout_gathers_the_leaves(single, layout, case):
+  """The concatenated layout gives the same result but moves whole leaves
+  (why "auto" takes the per-leaf one on a mesh): the check above would see
+  it."""
+  _, report = single
+  cs = _collectives(report, layout, f"budget_apply_concat_{case}")
+  assert any(c["max_elements"] >= LEAF for c in cs), _fmt("concat", cs)
+
+
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_budget_data_parallel_needs_no_communication(single, case):
+  _, report = single
+  for fn in _budget_fns(case):
+    assert _collectives(report, "dp", fn) == [], fn
+
+
 # --- two processes, 4 devices each -------------------------------------------
 
 
@@ -436,6 +544,24 @@ def test_multihost_update_is_bitwise_the_single_process_one(single, multihost, l
     )
     for t in range(2):
       for rk in _state_keys(data, f"ref/{case}/{t}/"):
+        k = layout + rk[len("ref") :]
+        np.testing.assert_array_equal(host[k], data[rk], err_msg=k)
+
+
+@pytest.mark.parametrize("layout", worker.MULTIHOST_LAYOUTS)
+@pytest.mark.parametrize("case", worker.BUDGET_CASES)
+def test_multihost_budget_update_is_bitwise_the_single_process_one(single, multihost, layout, case):
+  """The budgeted selection across two processes (gloo all-reduces of the
+  per-leaf sums): the one-device mask, params and state, bit for bit."""
+  data, _ = single
+  for host in multihost:
+    _assert_same(
+      _tree(host, f"{layout}/budget/{case}/mask", worker.ELIGIBLE),
+      _tree(data, f"ref/budget/{case}/mask", worker.ELIGIBLE),
+      f"{layout} budget mask",
+    )
+    for t in range(2):
+      for rk in _state_keys(data, f"ref/budget_apply/{case}/{t}/"):
         k = layout + rk[len("ref") :]
         np.testing.assert_array_equal(host[k], data[rk], err_msg=k)
 
