@@ -406,7 +406,11 @@ class Run:
     meta = self._require_complete(base_ckpt, "train", model)
     q = self.num_nonzero()
     schedule = cfg.gsm.lr_schedule(train.steps_per_epoch)
-    tx = make_gsm_tx(schedule, num_nonzero=q, **cfg.gsm_rule(train.steps_per_epoch))
+    tx = make_gsm_tx(
+      schedule,
+      num_nonzero=cfg.gsm_num_nonzero(self.num_eligible(), train.steps_per_epoch),
+      **cfg.gsm_rule(train.steps_per_epoch),
+    )
     trainer = Trainer(
       model,
       tx,

@@ -328,7 +328,11 @@ def selection_run(
   per_epoch = train.steps_per_epoch
   total = int(steps) if steps is not None else int(round(epochs * per_epoch))
   schedule = cfg.gsm.lr_schedule(per_epoch)
-  tx = make_gsm_tx(schedule, num_nonzero=q, **cfg.gsm_rule(per_epoch))
+  tx = make_gsm_tx(
+    schedule,
+    num_nonzero=cfg.gsm_num_nonzero(run.num_eligible(), per_epoch),
+    **cfg.gsm_rule(per_epoch),
+  )
   trainer = Trainer(
     model,
     count_selections(tx),

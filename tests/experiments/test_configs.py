@@ -339,3 +339,56 @@ def test_score_momentum_from_epoch_ranks_raw_scores_then_the_average() -> None:
       "lenet5_300x", overrides=["gsm_score_momentum=0.99", "gsm_score_momentum_from_epoch=3"]
     ).score_momentum(1)
   ) == [[0], [0], [1]]
+
+
+def _ramp_reference(n: int, q: int, step: int, ramp_steps: int) -> int:
+  """Q(t) = Q + (N - Q) (1 - min(t, T) / T)^3, worked in float64 numpy."""
+  left = 1.0 - min(step, ramp_steps) / ramp_steps
+  return int(q + np.round((n - q) * left**3))
+
+
+def test_target_ramp_schedule_against_a_hand_computation() -> None:
+  config = CONFIGS["lenet300_60x_ramp"]
+  n, spe = 266_200, 234
+  q = config.num_nonzero(n)
+  assert q == 4437
+  assert CONFIGS["lenet300_60x_short"].gsm_num_nonzero(n, spe) == q  # no ramp: the int Q
+  schedule = config.gsm_num_nonzero(n, spe)
+  ramp = 40 * spe
+  # By hand at the quarter point: (1 - 1/4)^3 = 27/64 of the N - Q extra weights.
+  assert int(schedule(ramp // 4)) == q + round((n - q) * 27 / 64) == 114_868
+  for step in (0, 1, 17, ramp // 2, ramp - 1, ramp, ramp + 1, 10 * ramp):
+    assert int(schedule(step)) == _ramp_reference(n, q, step, ramp), step
+  values = [int(schedule(t)) for t in range(0, ramp + 2, 97)]
+  assert values[0] == n and values[-1] == q
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_target_ramp_reaches_gsm_step_by_step() -> None:
+  """The GSM state reports Q(t) of the ramp at every step (4-step ramp)."""
+  import dataclasses
+
+  config = dataclasses.replace(CONFIGS["lenet300_60x_ramp"], gsm_target_ramp_epochs=1)
+  params = {"w": jnp.linspace(-1.0, 1.0, 600).reshape(20, 30), "b": jnp.zeros(30)}
+  n = 600
+  q = config.num_nonzero(n)
+  tx = make_gsm_tx(
+    0.01, num_nonzero=config.gsm_num_nonzero(n, steps_per_epoch=4), **config.gsm_rule(4)
+  )
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(tx.update)
+  for step in range(6):
+    _, state = update(grads, state, params)
+    assert int(state[0].num_nonzero) == _ramp_reference(n, q, step, 4), step
+
+
+def test_target_ramp_is_checked() -> None:
+  import dataclasses
+
+  base = CONFIGS["lenet300_60x_ramp"]
+  with pytest.raises(ValueError, match="gsm_target_ramp_epochs=121 is longer than the 120 GSM"):
+    dataclasses.replace(base, gsm_target_ramp_epochs=121)
+  with pytest.raises(ValueError, match="gsm_target_ramp_epochs=0; expected an integer >= 1"):
+    dataclasses.replace(base, gsm_target_ramp_epochs=0)
+  assert get_config("lenet300_60x_ramp", quick=True).gsm_target_ramp_epochs == 1
