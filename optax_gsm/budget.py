@@ -89,6 +89,7 @@ from jax import lax
 from optax_gsm import _checks
 from optax_gsm import eligibility
 from optax_gsm import selection as selection_lib
+from optax_gsm.fast_select import _flat_index  # the count search's row-major index
 
 Array = jax.Array
 PyTree = Any
@@ -947,17 +948,6 @@ class _Leaves:
 def _at(limbs: Limbs, i) -> Limbs:
   """Entry ``i`` of limb arrays."""
   return limbs[0][i], limbs[1][i], limbs[2][i]
-
-
-def _flat_index(shape: tuple) -> Array:
-  """Row-major flat index of every entry of an array of ``shape`` (int32)."""
-  idx = jnp.zeros(shape, jnp.int32)
-  stride = 1
-  for d in reversed(range(len(shape))):
-    if shape[d] > 1:
-      idx = idx + lax.broadcasted_iota(jnp.int32, shape, d) * np.int32(stride)
-    stride *= shape[d]
-  return idx
 
 
 def _select_per_leaf(keys: tuple, costs: tuple, budget: Limbs, stats: bool) -> tuple[Any, ...]:

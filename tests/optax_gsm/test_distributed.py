@@ -535,15 +535,20 @@ def test_multihost_processes_agree(multihost):
 @pytest.mark.parametrize("layout", worker.MULTIHOST_LAYOUTS)
 @pytest.mark.parametrize("case", ("random", "ties"))
 def test_multihost_update_is_bitwise_the_single_process_one(single, multihost, layout, case):
-  data, _ = single
+  _assert_hosts_match(single[0], multihost, layout, f"{case}/mask", f"{case}/{{t}}/", "mask")
+
+
+def _assert_hosts_match(data, multihost, layout: str, mask: str, state: str, what: str) -> None:
+  """Every process's mask (``<layout>/<mask>``) and the state of two steps
+  (``<layout>/<state>`` with ``{t}`` = 0, 1) equal the single-process ones."""
   for host in multihost:
     _assert_same(
-      _tree(host, f"{layout}/{case}/mask", worker.ELIGIBLE),
-      _tree(data, f"ref/{case}/mask", worker.ELIGIBLE),
-      f"{layout} mask",
+      _tree(host, f"{layout}/{mask}", worker.ELIGIBLE),
+      _tree(data, f"ref/{mask}", worker.ELIGIBLE),
+      f"{layout} {what}",
     )
     for t in range(2):
-      for rk in _state_keys(data, f"ref/{case}/{t}/"):
+      for rk in _state_keys(data, f"ref/{state.format(t=t)}"):
         k = layout + rk[len("ref") :]
         np.testing.assert_array_equal(host[k], data[rk], err_msg=k)
 
@@ -553,17 +558,14 @@ def test_multihost_update_is_bitwise_the_single_process_one(single, multihost, l
 def test_multihost_budget_update_is_bitwise_the_single_process_one(single, multihost, layout, case):
   """The budgeted selection across two processes (gloo all-reduces of the
   per-leaf sums): the one-device mask, params and state, bit for bit."""
-  data, _ = single
-  for host in multihost:
-    _assert_same(
-      _tree(host, f"{layout}/budget/{case}/mask", worker.ELIGIBLE),
-      _tree(data, f"ref/budget/{case}/mask", worker.ELIGIBLE),
-      f"{layout} budget mask",
-    )
-    for t in range(2):
-      for rk in _state_keys(data, f"ref/budget_apply/{case}/{t}/"):
-        k = layout + rk[len("ref") :]
-        np.testing.assert_array_equal(host[k], data[rk], err_msg=k)
+  _assert_hosts_match(
+    single[0],
+    multihost,
+    layout,
+    f"budget/{case}/mask",
+    f"budget_apply/{case}/{{t}}/",
+    "budget mask",
+  )
 
 
 @pytest.mark.parametrize("layout", worker.MULTIHOST_LAYOUTS)
