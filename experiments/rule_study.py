@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -397,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--data-root: {folder} does not hold the {args.dataset} IDX files")
   if args.compression < 1:
     parser.error(f"--compression: {args.compression!r} is below 1")
+  for flag in ("compression_ramp_epochs", "shrink_ramp_epochs"):
+    value = getattr(args, flag, 0.0)
+    if not (math.isfinite(value) and value >= 0):
+      parser.error(f"--{flag.replace('_', '-')}: {value!r} is not a finite number >= 0")
   data = (
     *load_idx(args.data_root, args.dataset, "train"),
     *load_idx(args.data_root, args.dataset, "test"),
