@@ -137,7 +137,7 @@ def build(size: str):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
   parser.add_argument("--size", default="resnet50", choices=model_shapes.SIZES)
   parser.add_argument("--repeats", type=int, default=11)
   parser.add_argument("--json", default=None, help="write the results here")
