@@ -8,7 +8,8 @@ process, for each model size it times, interleaved round-robin:
   consecutive steps whose gradients are fresh random draws (generated
   between the timed calls) with a scale drifting by ``--drift`` (0.5%) per
   step, so the threshold moves every step, as in training;
-* for ``"auto"`` (``"search"``) also the cold first step (optimizer state
+* for ``"auto"`` (``"search"``, and ``"search-gallop"``: the same without the
+  sampled restart) also the cold first step (optimizer state
   just initialised, no threshold to start from) and a warm-start miss (the
   threshold in the state off by 1000x);
 * baselines that only compute the Q-th score or the mask over the
@@ -30,12 +31,14 @@ transformer-shaped pytree (for the compile time of a many-leaf step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import sys
 import time
+import unittest.mock
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,8 @@ MOMENTUM = 0.9
 WD = 1e-4
 SLOW_S = 1.5  # a row slower than this per call gets few repeats
 SLOW_REPEATS = 3
+# A pseudo-backend: "search" without the sampled restart (galloping instead).
+GALLOP = "search-gallop"
 
 
 def machine_info() -> dict:
@@ -97,8 +102,12 @@ def _temp_mb(compiled) -> float | None:
 class Row:
   """One timed row: a jitted function and the arguments of its next call."""
 
-  def __init__(self, name, fn, args, *, donate=(), carry=None, note="", shared=None):
+  def __init__(
+    self, name, fn, args, *, donate=(), carry=None, note="", shared=None, trace_context=None
+  ):
     self.name = name
+    # Entered while tracing: a module setting the traced program depends on.
+    self.trace_context = trace_context or contextlib.nullcontext
     self.note = note
     self.jitted = jax.jit(fn, donate_argnums=donate)
     self.args = list(args)
@@ -116,7 +125,8 @@ class Row:
       self.compile_s, self.temp_mb = self.shared.compile_s, self.shared.temp_mb
       return
     t0 = time.perf_counter()
-    self.compiled = self.jitted.lower(*self.args).compile()
+    with self.trace_context():
+      self.compiled = self.jitted.lower(*self.args).compile()
     self.compile_s = time.perf_counter() - t0
     self.temp_mb = _temp_mb(self.compiled)
 
@@ -190,7 +200,7 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
   grads0 = make_grads(0)
   rows = []
 
-  def step_row(name, tx, *, state_fn=None, note="", shared=None):
+  def step_row(name, tx, *, state_fn=None, note="", shared=None, trace_context=None):
     p = _copy(params)
     state = tx.init(p)
 
@@ -209,7 +219,16 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
 
     if state_fn is not None:
       state = state_fn(state)
-    return Row(name, step, [p, state, grads0], donate=(0, 1), carry=carry, note=note, shared=shared)
+    return Row(
+      name,
+      step,
+      [p, state, grads0],
+      donate=(0, 1),
+      carry=carry,
+      note=note,
+      shared=shared,
+      trace_context=trace_context,
+    )
 
   rows.append(
     step_row(
@@ -218,11 +237,28 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
     )
   )
   for b in backends:
-    tx = optax_gsm.gsm(LR, compression=compression, momentum=MOMENTUM, weight_decay=WD, selection=b)
+    context = None
+    if b == GALLOP:
+      # "search" as it was before the sampled restart: no sample, so a cold
+      # start or a far-off hint gallops.
+      def context():
+        return unittest.mock.patch.object(fast_select, "SAMPLE_MIN", 2**62)
+
+    tx = optax_gsm.gsm(
+      LR,
+      compression=compression,
+      momentum=MOMENTUM,
+      weight_decay=WD,
+      selection="search" if b == GALLOP else b,
+    )
     label = "auto (search)" if b == "auto" else b
-    steady = step_row(f"gsm {label}, steady state", tx)
+
+    def step_row_b(name, tx, context=context, **kw):
+      return step_row(name, tx, trace_context=context, **kw)
+
+    steady = step_row_b(f"gsm {label}, steady state", tx)
     rows.append(steady)
-    if b in ("auto", "search"):
+    if b in ("auto", "search", GALLOP):
 
       def reset(state):
         # Fresh optimizer state: count = 0, no threshold to start from.
@@ -239,7 +275,7 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
         return (gs,) + tuple(state[1:])
 
       rows.append(
-        step_row(
+        step_row_b(
           f"gsm {label}, cold first step",
           tx,
           state_fn=reset,
@@ -248,7 +284,7 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
         )
       )
       # Start the miss row from a warmed-up state (count > 0).
-      r = step_row(
+      r = step_row_b(
         f"gsm {label}, warm-start miss",
         tx,
         state_fn=None,
@@ -436,7 +472,8 @@ def main(argv=None):
   parser.add_argument(
     "--backends",
     default="auto,threshold,top_k",
-    help="gsm selection backends (auto, search, threshold, top_k)",
+    help="gsm selection backends (auto, search, threshold, top_k; search-gallop: search "
+    "without the sampled restart of a cold start or a far-off hint)",
   )
   parser.add_argument(
     "--baselines",

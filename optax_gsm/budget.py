@@ -89,6 +89,7 @@ from jax import lax
 from optax_gsm import _checks
 from optax_gsm import eligibility
 from optax_gsm import selection as selection_lib
+from optax_gsm import sharding
 from optax_gsm.fast_select import _flat_index  # the count search's row-major index
 
 Array = jax.Array
@@ -713,28 +714,10 @@ def _select_impl(
     raise ValueError(f"budget selection supports up to {_MAX_ENTRIES} entries in all, got {n}.")
   if layout == "auto":
     one_cost = all(math.prod(np.shape(c)) == 1 for c in costs)
-    layout = "per_leaf" if one_cost or _on_mesh(keys + tuple(costs)) else "concat"
+    layout = "per_leaf" if one_cost or sharding.on_mesh(keys + tuple(costs)) else "concat"
   if layout == "per_leaf":
     return _select_per_leaf(keys, costs, budget, stats)
   return _select_concat(keys, costs, budget, stats)
-
-
-def _on_mesh(arrays: Sequence[Any]) -> bool:
-  """Whether any of ``arrays`` is placed on a mesh of more than one device.
-
-  Under :func:`jax.jit` a value computed from arrays sharded over a mesh
-  carries that (abstract) mesh in its type, also with automatic axes; on
-  one device the mesh is empty. Anything without a mesh counts as not.
-  """
-  for x in arrays:
-    try:
-      shape = jax.typeof(x).sharding.mesh.shape
-      size = math.prod(int(v) for v in dict(shape).values())
-    except Exception:  # no sharding or no mesh (one device, numpy, old jax)
-      continue
-    if size > 1:
-      return True
-  return False
 
 
 def _select_concat(keys: tuple, costs: tuple, budget: Limbs, stats: bool) -> tuple[Any, ...]:

@@ -27,9 +27,15 @@ How:
 * It starts from a *hint*: for GSM, the previous step's threshold moved by
   its recent drift, with the recent spread of that drift as the scale, kept
   in the optimizer state (the score distribution moves slowly, so the first
-  pass usually brackets the answer within a few thousand keys). Without a
-  hint (the first step, :func:`optax_gsm.magnitude_prune`), it starts at
-  ``2**-20`` and gallops.
+  pass usually brackets the answer within a few thousand keys).
+* Without a hint (the first step, :func:`optax_gsm.magnitude_prune`), or
+  when the first pass shows the hint far off (one side of the bracket still
+  open), the next thresholds come from a *sample*: every 257th key or so
+  (a prime stride, at most ~2**17 keys), sorted, read at the sample ranks
+  of the Q-th key plus 1/4 to 12 binomial spreads. The sample is computed
+  only then (inside a :func:`jax.lax.cond`) and only for models of at least
+  :data:`SAMPLE_MIN` keys on one device; smaller ones, and any on a mesh
+  (where the sample would be gathered), start at ``2**-20`` and gallop.
 * When the search stops on ``count(>= lo) == Q`` with a bracket wider than a
   key, one masked-min pass (over the leaves with keys in the bracket) gives
   the exact Q-th key.
@@ -61,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from optax_gsm import sharding
 
 Array = jax.Array
 
@@ -247,6 +255,7 @@ class _S(NamedTuple):
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
+  sampled: Array  # bool: the sample's thresholds have been used
 
 
 def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
@@ -272,13 +281,26 @@ def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
   return center, sigma, mode.astype(jnp.int32)
 
 
-def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigma):
-  """Interpolation search for the Q-th largest key (``q`` in [1, n])."""
+def _search_key(
+  count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigma, sample_pass=None, cold=None
+):
+  """Interpolation search for the Q-th largest key (``q`` in [1, n]).
+
+  ``sample_pass(lo, hi, token)``, if given, returns 8 thresholds inside
+  ``(lo, hi)`` read off a sorted sample of the keys (see :func:`_sample`);
+  they replace the first pass's pattern when ``cold`` (no hint), and the
+  galloping once, the first time a pass leaves one side of the bracket open
+  (the hint was far off).
+  """
   lo0, hi0 = jnp.uint32(0), jnp.asarray(_TOP_U)
   # The thresholds of a pass are computed at the end of the previous one
   # and carried in the loop state: computed in the pass itself, XLA would
   # fuse their scalar arithmetic into the counting loops, once per key.
   ts0 = _to_i(_thresholds(lo0, hi0, center, sigma, jnp.int32(_INTERP)))
+  sampled0 = jnp.bool_(False)
+  if sample_pass is not None:
+    ts0 = lax.cond(cold, lambda: sample_pass(lo0, hi0, jnp.int32(-1)), lambda: ts0)
+    sampled0 = jnp.asarray(cold, bool)
   s0 = _S(
     lo=lo0,
     hi=hi0,
@@ -289,6 +311,7 @@ def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigm
     sigma=sigma,
     ts=ts0,
     passes=jnp.int32(0),
+    sampled=sampled0,
   )
 
   def cond(s):
@@ -312,6 +335,14 @@ def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigm
     # inside (lo, hi), which needs hi - lo >= 2.
     safe_hi = jnp.maximum(hi, lo + np.uint32(2))
     nxt = _to_i(_thresholds(lo, safe_hi, center, sigma, mode))
+    sampled = s.sampled
+    if sample_pass is not None:
+      # A side still open after a pass: the hint was far off. Rather than
+      # gallop (up to ~8 passes over the model), take the sample's guess once.
+      use = ((mode == _UP) | (mode == _DOWN)) & ~s.sampled
+      guess = sample_pass  # (a name the closure can capture without None)
+      nxt = lax.cond(use, lambda: guess(lo, safe_hi, s.passes), lambda: nxt)
+      sampled = sampled | use
     if _DEBUG:
       jax.debug.print(
         "pass {p} active {a} ts {t} counts-q {c} -> lo {lo} hi {hi} nb {nb} "
@@ -336,9 +367,51 @@ def _search_key(count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigm
       sigma=sigma,
       ts=nxt,
       passes=s.passes + 1,
+      sampled=sampled,
     )
 
   return lax.while_loop(cond, body, s0)
+
+
+# --- a sampled guess, for a search without a usable hint ----------------------
+
+SAMPLE_MIN = 1 << 16  # fewer keys than this: no sample (galloping costs little)
+_SAMPLE_SIZE = 1 << 17  # about at most this many keys in a sample
+_SAMPLE_STRIDE = 257  # at least every 257th key
+
+
+def _is_prime(k: int) -> bool:
+  return k >= 2 and all(k % d for d in range(2, math.isqrt(k) + 1))
+
+
+def _sample_stride(n: int) -> int:
+  """Every how many keys the sample takes one: a prime >= 257 and >= n / 2**17.
+
+  Prime, so that the stride does not fall in step with the channel counts
+  of a flattened kernel and sample the same few channels.
+  """
+  stride = max(_SAMPLE_STRIDE, -(-n // _SAMPLE_SIZE))
+  while not _is_prime(stride):
+    stride += 1
+  return stride
+
+
+def _sample_thresholds(sorted_keys: Array, lo, hi, q, n: int) -> Array:
+  r"""8 thresholds (uint32, nondecreasing, inside ``[lo + 1, hi - 1]``) from a sample.
+
+  With :math:`m` sample keys sorted ascending and :math:`p = q / n`, about
+  :math:`pm` of them lie above the Q-th key of the whole, with a binomial
+  spread :math:`\sigma = \sqrt{m p (1 - p)}`: the thresholds are the sample
+  keys at :math:`m - pm` plus 1/4, 1, 3 and 12 spreads either side (the
+  pattern of an interpolation pass), clipped into the bracket.
+  """
+  m = sorted_keys.shape[0]
+  p = q.astype(jnp.float32) / np.float32(n)
+  sd = jnp.sqrt(np.float32(m) * p * (1.0 - p)) + 1.0
+  pos = jnp.round(np.float32(m) * (1.0 - p) + jnp.asarray(_SYM) * sd)
+  pos = jnp.clip(pos, 0, m - 1).astype(jnp.int32)
+  t = _to_u(sorted_keys[pos])
+  return jnp.clip(t, lo + np.uint32(1), hi - np.uint32(1))
 
 
 # --- public entry point ---------------------------------------------------------
@@ -458,7 +531,26 @@ def select(
     center = jnp.where(no_hint, cold_center, _to_u(hint))
     sig = jnp.where(no_hint, cold_sigma, sig0)
   leaf_sizes = jnp.asarray(np.array(sizes, np.int32))
-  s = _search_key(count_pass, num_leaves, leaf_sizes, n, q1, center, sig)
+  stride = _sample_stride(n)
+  sampled_leaves = [i for i in range(num_leaves) if sizes[i] > stride // 2]
+  sample_pass: Optional[Callable[..., Array]] = None
+  # On a mesh the sample would be gathered onto every device (a strided
+  # slice of each shard, concatenated and sorted): there a cold start
+  # gallops, and every pass stays a few all-reduced counts.
+  if n >= SAMPLE_MIN and sampled_leaves and not sharding.on_mesh(jax.tree.leaves(operands)):
+
+    def sample_thresholds(lo, hi, token):
+      # Every stride-th key of every leaf (a strided slice of the key
+      # computation: only the sampled keys are computed), sorted.
+      ops = tied(token)
+      parts = [keys_at(i, ops).reshape(-1)[stride // 2 :: stride] for i in sampled_leaves]
+      sample = jnp.sort(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+      return _to_i(_sample_thresholds(sample, lo, hi, q1, n))
+
+    sample_pass = sample_thresholds
+
+  cold = jnp.bool_(True) if hint is None else (hint == NAN_KEY)
+  s = _search_key(count_pass, num_leaves, leaf_sizes, n, q1, center, sig, sample_pass, cold)
 
   # When the search stopped on count(>= lo) == q with a bracket wider than
   # one key, the Q-th key is the smallest key >= lo: one masked-min pass.

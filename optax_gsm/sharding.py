@@ -263,6 +263,27 @@ def mesh_axis_sizes(mesh: MeshLike) -> dict[str, int]:
   return out
 
 
+def on_mesh(arrays: Sequence[Any]) -> bool:
+  """Whether any of ``arrays`` is placed on a mesh of more than one device.
+
+  For the library's own choices of layout (:mod:`optax_gsm.budget`,
+  :mod:`optax_gsm.fast_select`): under :func:`jax.jit` a value computed from
+  arrays sharded over a mesh carries that (abstract) mesh in its type, also
+  with automatic axes; on one device the mesh is empty. Anything without a
+  mesh (numpy, Python scalars, a jax without :func:`jax.typeof`) counts as
+  not.
+  """
+  for x in arrays:
+    try:
+      shape = jax.typeof(x).sharding.mesh.shape
+      size = math.prod(int(v) for v in dict(shape).values())
+    except Exception:  # no sharding or no mesh (one device, numpy, old jax)
+      continue
+    if size > 1:
+      return True
+  return False
+
+
 def _axis_names(axis: Any, sizes: Mapping[str, int], argname: str) -> tuple[str, ...]:
   """Normalises a mesh-axis entry (a name or a tuple of names); checks it."""
   names = (axis,) if isinstance(axis, str) else axis

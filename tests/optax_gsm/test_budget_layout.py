@@ -19,6 +19,7 @@ import pytest
 
 from optax_gsm import budget
 from optax_gsm import selection
+from optax_gsm import sharding
 
 from tests.optax_gsm._compat import enable_x64
 from tests.optax_gsm.test_budget import reference_budget
@@ -245,7 +246,7 @@ def test_auto_layout_choice(monkeypatch):
   masks2, _ = budget.budget_top_keys(keys, [np.array([2, 2, 2, 2, 2, 3], np.int32)], 5)
   assert used[-1] == "_select_concat"
   np.testing.assert_array_equal(masks[0], masks2[0])
-  assert not budget._on_mesh((jnp.zeros(3), np.zeros(3), 3))
+  assert not sharding.on_mesh((jnp.zeros(3), np.zeros(3), 3))
   with pytest.raises(ValueError, match="`layout` must be one of"):
     budget._select_impl(
       (jnp.zeros(2, jnp.int32),), (np.int32(1),), budget._budget_limbs(1), layout="x"

@@ -8,6 +8,7 @@ starting hint (warm-start hits and misses). No timing assertions here.
 """
 
 import functools
+import unittest.mock
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -354,3 +355,77 @@ def test_warm_start_saturates():
         assert INT_MIN < h <= int(fast_select.TOP_KEY)
   ws = fast_select.warm_start(jnp.int32(5), jnp.float32(0.0), jnp.float32(0.0), jnp.bool_(False))
   assert int(ws.hint) == INT_MIN
+
+
+# --- the sampled restart (models of at least SAMPLE_MIN keys) --------------------
+
+# 77,279 keys: above SAMPLE_MIN, leaves smaller and larger than the stride.
+SAMPLED_SHAPES = ((300, 256), (5, 37), (0, 3), (100,), (), (1, 1), (2, 96))
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "few", "nan", "tiny"])
+def test_sampled_restart_is_exact(kind):
+  """Cold starts and far-off hints on a model large enough to be sampled."""
+  rng = np.random.default_rng(hash(kind) % 2**32 + 7)
+  leaves = _leaves(kind, rng, shapes=SAMPLED_SHAPES)
+  n = sum(int(np.size(l)) for l in leaves)
+  assert n >= fast_select.SAMPLE_MIN
+  for q in _qs(n, rng) + [n // 5]:
+    want, want_kth = np_select(leaves, q)
+    for hint in (INT_MIN, 2**30, -(2**30), 2**31 - 1, INT_MIN + 1):
+      masks, kth, info = _search(leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(64.0))
+      _assert_masks(masks, want, f"{kind} q={q} hint={hint}")
+      if q > 0 and want_kth != INT_MIN:
+        assert int(kth) == want_kth, (kind, q, hint)
+      assert int(info.key_passes) <= 40, info
+
+
+def test_sampled_restart_saves_passes():
+  """On random scores the sample brackets the answer in fewer passes than galloping."""
+  rng = np.random.default_rng(11)
+  leaves = _leaves("random", rng, shapes=SAMPLED_SHAPES)
+  n = sum(int(np.size(l)) for l in leaves)
+  q = jnp.int32(n // 5)
+  passes = {}
+  for name, sample_min in (("sampled", fast_select.SAMPLE_MIN), ("gallop", 2**62)):
+
+    @jax.jit
+    def run(leaves, hint, sample_min=sample_min):
+      keys = [selection.scores_to_keys(l) for l in leaves]
+      with unittest.mock.patch.object(fast_select, "SAMPLE_MIN", sample_min):
+        return fast_select.select(
+          lambda ks, i: ks[i], keys, [k.shape for k in keys], q, hint=hint, return_info=True
+        )[2]
+
+    passes[name] = [int(run(leaves, jnp.int32(h)).key_passes) for h in (INT_MIN, 2**30, -(2**30))]
+  # On this input: sampled [3, 4, 4] against gallop [7, 4, 9] (the pattern
+  # from a hint of 2.0 happens to close the bracket as fast as the sample).
+  assert all(s <= g for s, g in zip(passes["sampled"], passes["gallop"])), passes
+  assert sum(passes["sampled"]) < sum(passes["gallop"]), passes
+  assert max(passes["sampled"]) <= 5, passes
+
+
+def test_sample_stride_is_a_prime_of_the_right_size():
+  for n in (1, 2**16, 10**6, 25_502_912, 10**8, 2**31 - 1):
+    stride = fast_select._sample_stride(n)
+    assert stride >= 257 and stride * 2**17 >= n
+    assert all(stride % d for d in range(2, int(stride**0.5) + 1)), stride
+  assert fast_select._sample_stride(10**6) == 257  # 257 is prime
+  assert fast_select._sample_stride(10**8) == 769  # the first prime >= ceil(1e8 / 2**17) = 763
+
+
+def test_sample_thresholds_by_hand():
+  # 100 sample keys 0..99, n = 1000, q = 200: p = 0.2, about 20 sample keys
+  # above the answer, spread sqrt(100 * 0.2 * 0.8) + 1 = 5: positions
+  # round(80 + [-12, -3, -1, -1/4, 1/4, 1, 3, 12] * 5), clipped to [0, 99].
+  keys = jnp.arange(100, dtype=jnp.int32)
+  to_u = fast_select._to_u
+  got = fast_select._sample_thresholds(
+    keys, jnp.uint32(0), jnp.asarray(fast_select._TOP_U), jnp.int32(200), 1000
+  )
+  assert fast_select._to_i(got).tolist() == [20, 65, 75, 79, 81, 85, 95, 99]
+  # Clipped into the bracket [lo + 1, hi - 1] = [71, 89].
+  got = fast_select._sample_thresholds(
+    keys, to_u(jnp.int32(70)), to_u(jnp.int32(90)), jnp.int32(200), 1000
+  )
+  assert fast_select._to_i(got).tolist() == [71, 71, 75, 79, 81, 85, 89, 89]
