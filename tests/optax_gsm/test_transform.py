@@ -210,6 +210,25 @@ def test_num_nonzero_schedule_and_traced_q():
   assert seen == [n, round(n - (n - 10) / 3), round(n - 2 * (n - 10) / 3), 10, 10]
 
 
+def test_compression_ramp_as_the_readme_writes_it():
+  """Q ramped from N to N / C on Zhu and Gupta's cubic schedule, as a
+  compression schedule built from optax.polynomial_schedule (README,
+  "Starting dense"). By hand, N = 1024, C = 10, T = 4 steps: the sparsity
+  0.9 (1 - (1 - t/4)^3) is 0, 0.5203125, 0.7875, 0.8859375, 0.9, so
+  Q = round(1024 (1 - s)) = 1024, 491.2 -> 491, 217.6 -> 218, 116.8 -> 117,
+  102.4 -> 102, and 102 from then on."""
+  params = {"w": jnp.ones((32, 32), jnp.float32), "b": jnp.zeros((32,), jnp.float32)}
+  ramp = optax.polynomial_schedule(0.0, 1 - 1 / 10, power=3, transition_steps=4)
+  tx = optax_gsm.gsm(0.01, compression=lambda t: 1 / (1 - ramp(t)))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  seen = []
+  for s in range(6):
+    _, state = step(grads_like(params, s), state, params)
+    seen.append(int(state[0].num_nonzero))
+  assert seen == [1024, 491, 218, 117, 102, 102]
+
+
 def test_inject_hyperparams():
   params = make_problem()
   tx = optax.inject_hyperparams(optax_gsm.gsm)(learning_rate=0.1, num_nonzero=25, momentum=0.9)
