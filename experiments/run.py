@@ -42,7 +42,8 @@ a corrupt latest one is reported and the run resumes from the newest intact one
 parameters equal those of an uninterrupted run bitwise (see
 :mod:`experiments.training`).  Without ``--resume`` an existing checkpoint is an
 error.  ``--base-from DIR`` takes the base model from another run's output folder
-(e.g. the two LeNet-5 rows share one base model).
+(e.g. the two LeNet-5 rows share one base model); the train phase is then
+skipped.
 
 ``--mesh data=D,model=M`` trains and evaluates on a device mesh of all
 ``D * M`` devices (on CPU, emulate them with
@@ -379,9 +380,15 @@ class Run:
     from experiments.training import Trainer, make_base_tx
 
     cfg = self.config
-    train, test = self.pipelines()
     model = self.new_model()
     self.results["model_params"] = param_counts(model)
+    if self.base_dir != self.out:
+      # The base model is another run's (--base-from): training one here
+      # would cost the whole base phase and never be used.
+      print(f"[train] skipped: the base model comes from --base-from {self.base_dir}", flush=True)
+      self.save_results()
+      return
+    train, test = self.pipelines()
     schedule = cfg.train.lr_schedule(train.steps_per_epoch)
     tx = make_base_tx(schedule, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
     trainer = Trainer(

@@ -97,6 +97,45 @@ def test_rerun_needs_resume_and_resume_of_finished_run_is_a_no_op(
   assert "GSM model, magnitude cut to Q" in capsys.readouterr().out
 
 
+def test_base_from_skips_the_train_phase(
+  mnist_run: Path, tfds_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+  """With --base-from, all phases train GSM from that run's base: no base is
+  trained (or stored) in the new folder, and the cut compares with that base."""
+  out = tmp_path / "from_base"
+  argv = [
+    "lenet300_60x",
+    "--quick",
+    "--out",
+    str(out),
+    "--base-from",
+    str(mnist_run),
+    "--data-dir",
+    str(tfds_data_dir),
+    "--no-download",
+    "--overrides",
+    "train.epochs=1",
+    "train.warmup_epochs=0",
+    "train.boundaries=()",
+    "gsm.epochs=1",
+    "gsm.boundaries=()",
+    "compression=10",
+  ]
+  capsys.readouterr()
+  assert run.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert f"[train] skipped: the base model comes from --base-from {mnist_run}" in printed
+  assert "[train] epoch" not in printed
+  assert not (out / "train").exists()
+  got = json.loads((out / "results.json").read_text())
+  base = json.loads((mnist_run / "results.json").read_text())
+  assert got["base_from"] == str(mnist_run)
+  assert "train" not in got["phases"]
+  assert got["model_params"] == base["model_params"]
+  assert got["summary"]["base_test_acc"] == base["summary"]["base_test_acc"]
+  assert got["summary"]["nonzeros_after_cut"] == base["summary"]["nonzeros_after_cut"]
+
+
 def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
   assert run.main(["--list"]) == 0
   out = capsys.readouterr().out
