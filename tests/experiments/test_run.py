@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import run
+from tests.experiments.conftest import MNIST_RUN_OVERRIDES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,12 +74,7 @@ def test_rerun_needs_resume_and_resume_of_finished_run_is_a_no_op(
     "--data-dir",
     str(tfds_data_dir),
     "--overrides",
-    "train.epochs=1",
-    "train.warmup_epochs=0",
-    "train.boundaries=()",
-    "gsm.epochs=1",
-    "gsm.boundaries=()",
-    "compression=10",
+    *MNIST_RUN_OVERRIDES,
   ]
   before = json.loads((mnist_run / "results.json").read_text())
   assert run.main(common + ["--phase", "train"]) == 2
@@ -114,12 +110,7 @@ def test_base_from_skips_the_train_phase(
     str(tfds_data_dir),
     "--no-download",
     "--overrides",
-    "train.epochs=1",
-    "train.warmup_epochs=0",
-    "train.boundaries=()",
-    "gsm.epochs=1",
-    "gsm.boundaries=()",
-    "compression=10",
+    *MNIST_RUN_OVERRIDES,
   ]
   capsys.readouterr()
   assert run.main(argv) == 0

@@ -196,17 +196,23 @@ def test_compression_one_is_sgd_with_weight_decay(nesterov):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _q_per_step(tx, params, steps: int) -> list[int]:
+  """The Q that a gsm ``tx`` selects at each of its first ``steps`` steps."""
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  seen = []
+  for s in range(steps):
+    _, state = step(grads_like(params, s), state, params)
+    seen.append(int(state[0].num_nonzero))
+  return seen
+
+
 def test_num_nonzero_schedule_and_traced_q():
   params = make_problem()
   n = optax_gsm.count_eligible(params)
   schedule = optax.linear_schedule(n, 10, transition_steps=3)
   tx = optax_gsm.gsm(0.01, num_nonzero=schedule, selection="threshold")
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  seen = []
-  for s in range(5):
-    _, state = step(grads_like(params, s), state, params)
-    seen.append(int(state[0].num_nonzero))
+  seen = _q_per_step(tx, params, 5)
   assert seen == [n, round(n - (n - 10) / 3), round(n - 2 * (n - 10) / 3), 10, 10]
 
 
@@ -220,13 +226,7 @@ def test_compression_ramp_as_the_readme_writes_it():
   params = {"w": jnp.ones((32, 32), jnp.float32), "b": jnp.zeros((32,), jnp.float32)}
   ramp = optax.polynomial_schedule(0.0, 1 - 1 / 10, power=3, transition_steps=4)
   tx = optax_gsm.gsm(0.01, compression=lambda t: 1 / (1 - ramp(t)))
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  seen = []
-  for s in range(6):
-    _, state = step(grads_like(params, s), state, params)
-    seen.append(int(state[0].num_nonzero))
-  assert seen == [1024, 491, 218, 117, 102, 102]
+  assert _q_per_step(tx, params, 6) == [1024, 491, 218, 117, 102, 102]
 
 
 def test_inject_hyperparams():
