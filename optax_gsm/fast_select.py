@@ -287,7 +287,7 @@ def _search_key(
   """Interpolation search for the Q-th largest key (``q`` in [1, n]).
 
   ``sample_pass(lo, hi, token)``, if given, returns 8 thresholds inside
-  ``(lo, hi)`` read off a sorted sample of the keys (see :func:`_sample`);
+  ``(lo, hi)`` read off a sorted sample of the keys (:func:`_sample_thresholds`);
   they replace the first pass's pattern when ``cold`` (no hint), and the
   galloping once, the first time a pass leaves one side of the bracket open
   (the hint was far off).
