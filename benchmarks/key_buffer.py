@@ -24,10 +24,8 @@ call of the same round (median and quartiles).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -43,19 +41,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import model_shapes  # noqa: E402  pylint: disable=wrong-import-position
 from optax_gsm import fast_select  # noqa: E402  pylint: disable=wrong-import-position
 from optax_gsm import selection as selection_lib  # noqa: E402  pylint: disable=wrong-import-position
+from selection import machine_info  # noqa: E402  pylint: disable=wrong-import-position
 
 CHUNK = 4096  # padding unit of the flat buffer (keys)
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def build(size: str):
@@ -155,11 +143,7 @@ def main(argv=None):
       times[name].append(time.perf_counter() - t0)
   floor = np.asarray(times["sgd step (floor)"])
   meta = {
-    "cpu": _cpu_name(),
-    "cores": os.cpu_count(),
-    "jax": jax.__version__,
-    "backend": jax.default_backend(),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    **machine_info(),
     "size": args.size,
     "eligible_keys": n,
     "eligible_leaves": leaves,

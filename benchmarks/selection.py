@@ -252,11 +252,7 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
       selection="search" if b == GALLOP else b,
     )
     label = "auto (search)" if b == "auto" else b
-
-    def step_row_b(name, tx, context=context, **kw):
-      return step_row(name, tx, trace_context=context, **kw)
-
-    steady = step_row_b(f"gsm {label}, steady state", tx)
+    steady = step_row(f"gsm {label}, steady state", tx, trace_context=context)
     rows.append(steady)
     if b in ("auto", "search", GALLOP):
 
@@ -275,20 +271,22 @@ def build_rows(size, backends, baselines, compression, drift, log, max_sort_para
         return (gs,) + tuple(state[1:])
 
       rows.append(
-        step_row_b(
+        step_row(
           f"gsm {label}, cold first step",
           tx,
           state_fn=reset,
           shared=steady,
+          trace_context=context,
           note="state reset before every call",
         )
       )
       # Start the miss row from a warmed-up state (count > 0).
-      r = step_row_b(
+      r = step_row(
         f"gsm {label}, warm-start miss",
         tx,
         state_fn=None,
         shared=steady,
+        trace_context=context,
         note="threshold in state x1000 before every call",
       )
       r.pending_state_fn = miss
