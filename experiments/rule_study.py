@@ -152,22 +152,13 @@ def compression_schedule(
 ) -> float | optax.Schedule:
   """``compression`` for ``gsm``: constant, or ramped from 1 like gradual pruning.
 
-  With ``ramp_epochs > 0`` the sparsity :math:`s = 1 - 1/C` follows Zhu and
-  Gupta's cubic schedule, :math:`s(t) = s_f (1 - (1 - t/T)^3)` over the first
-  :math:`T` = ``ramp_epochs`` GSM epochs, so Q shrinks from N to N / C and the
-  selection starts dense (an experiment).
+  With ``ramp_epochs > 0``, :func:`optax_gsm.compression_ramp` over the first
+  ``ramp_epochs`` GSM epochs (cubic): Q shrinks from N to N / C and the
+  selection starts dense.
   """
   if ramp_epochs <= 0:
     return compression
-  final = 1.0 - 1.0 / compression
-  ramp_steps = int(ramp_epochs * steps_per_epoch)
-
-  def schedule(step):
-    t = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
-    sparsity = final * (1.0 - (1.0 - t) ** 3)
-    return 1.0 / (1.0 - sparsity)
-
-  return schedule
+  return optax_gsm.compression_ramp(compression, max(1, int(ramp_epochs * steps_per_epoch)))
 
 
 def parse_shrinks(text: str) -> list[float | None]:

@@ -26,6 +26,7 @@ from optax_gsm.sparse_io import SparseFileInfo
 from optax_gsm.sparse_io import load_sparse
 from optax_gsm.sparse_io import save_sparse
 from optax_gsm.sparse_io import sparse_file_report
+from optax_gsm.schedules import compression_ramp
 from optax_gsm.selection import top_q_keys
 from optax_gsm.transform import DEFAULT_UNSELECTED_SHRINK
 from optax_gsm.transform import GlobalTopQState
@@ -46,6 +47,7 @@ __all__ = (
   "budget_prune",
   "budget_select",
   "bytes_cost_tree",
+  "compression_ramp",
   "cost_tree",
   "count_eligible",
   "default_where",

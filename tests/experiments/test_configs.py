@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import optax_gsm
 from flax import nnx
 
 from experiments.configs import CONFIGS, apply_overrides, config_names, get_config
@@ -362,6 +364,21 @@ def test_target_ramp_schedule_against_a_hand_computation() -> None:
   values = [int(schedule(t)) for t in range(0, ramp + 2, 97)]
   assert values[0] == n and values[-1] == q
   assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_target_ramp_is_the_library_ramp_rounded_in_q() -> None:
+  """The configs ramp Q itself (rounding N - Q); ``optax_gsm.compression_ramp``
+  ramps C and ``gsm`` rounds N / C. Same cubic schedule: at most one weight
+  apart, at every step of the ramp."""
+  config = CONFIGS["lenet300_60x_ramp"]
+  n, spe = 266_200, 234
+  ramp_steps = 40 * spe
+  ours = config.gsm_num_nonzero(n, spe)
+  library = optax_gsm.compression_ramp(60, ramp_steps)
+  steps = jnp.arange(0, ramp_steps + 50)
+  q_ours = np.asarray(jax.vmap(ours)(steps))
+  q_library = np.rint(n / np.asarray(jax.vmap(library)(steps), np.float64))
+  assert np.max(np.abs(q_ours - q_library)) <= 1
 
 
 def test_target_ramp_reaches_gsm_step_by_step() -> None:

@@ -216,17 +216,32 @@ def test_num_nonzero_schedule_and_traced_q():
   assert seen == [n, round(n - (n - 10) / 3), round(n - 2 * (n - 10) / 3), 10, 10]
 
 
-def test_compression_ramp_as_the_readme_writes_it():
-  """Q ramped from N to N / C on Zhu and Gupta's cubic schedule, as a
-  compression schedule built from optax.polynomial_schedule (README,
-  "Starting dense"). By hand, N = 1024, C = 10, T = 4 steps: the sparsity
-  0.9 (1 - (1 - t/4)^3) is 0, 0.5203125, 0.7875, 0.8859375, 0.9, so
-  Q = round(1024 (1 - s)) = 1024, 491.2 -> 491, 217.6 -> 218, 116.8 -> 117,
-  102.4 -> 102, and 102 from then on."""
+def test_compression_ramp_q_per_step_by_hand():
+  """``compression_ramp`` in ``gsm`` (README, "Starting dense"). By hand,
+  N = 1024, C = 10, T = 4 steps: the sparsity 0.9 (1 - (1 - t/4)^3) is 0,
+  0.5203125, 0.7875, 0.8859375, 0.9, so Q = round(1024 (1 - s)) = 1024,
+  491.2 -> 491, 217.6 -> 218, 116.8 -> 117, 102.4 -> 102, and 102 from then
+  on; with transition_begin=2, two dense steps first."""
   params = {"w": jnp.ones((32, 32), jnp.float32), "b": jnp.zeros((32,), jnp.float32)}
-  ramp = optax.polynomial_schedule(0.0, 1 - 1 / 10, power=3, transition_steps=4)
-  tx = optax_gsm.gsm(0.01, compression=lambda t: 1 / (1 - ramp(t)))
-  assert _q_per_step(tx, params, 6) == [1024, 491, 218, 117, 102, 102]
+  ramp = optax_gsm.compression_ramp(10, transition_steps=4)
+  assert _q_per_step(optax_gsm.gsm(0.01, compression=ramp), params, 6) == [
+    1024,
+    491,
+    218,
+    117,
+    102,
+    102,
+  ]
+  late = optax_gsm.compression_ramp(10, transition_steps=4, transition_begin=2)
+  assert _q_per_step(optax_gsm.gsm(0.01, compression=late), params, 7) == [
+    1024,
+    1024,
+    1024,
+    491,
+    218,
+    117,
+    102,
+  ]
 
 
 def test_inject_hyperparams():
