@@ -57,7 +57,7 @@ from typing import Any
 
 from experiments.configs import ExperimentConfig, config_names, get_config
 from experiments.fileio import (
-  UsageError,
+  require_run_checkpoints,
   add_data_arguments,
   atomic_write_json,
   atomic_write_text,
@@ -349,8 +349,8 @@ def output_dirs(config: ExperimentConfig, args: argparse.Namespace) -> tuple[Pat
 def check_inputs(config: ExperimentConfig, args: argparse.Namespace) -> None:
   """Checks, before any work, that ``--base-from`` (and ``--count-from``) hold checkpoints.
 
-  Only the folders are looked at (no checkpoint is read): a missing base is
-  reported at once, and no output folder is created.
+  Only the folders are looked at (:func:`experiments.fileio.require_run_checkpoints`):
+  a missing base is reported at once, and no output folder is created.
 
   Raises:
     UsageError: the flag, the folder and what is missing in it.
@@ -362,20 +362,12 @@ def check_inputs(config: ExperimentConfig, args: argparse.Namespace) -> None:
     if value is None:
       continue
     folder = Path(value).expanduser().absolute()
-    ckpt = folder / phase / "checkpoints"
-    if not folder.is_dir():
-      raise UsageError(
-        f"{flag} {value!r}: {folder} is not a folder (expected an "
-        f"`experiments.run` output folder with {phase}/checkpoints)"
-      )
-    steps = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-    if not steps:
-      hint = (
-        f"train one with `python -m experiments.run {config.name} --phase train --out {folder}`"
-        if phase == "train"
-        else f"run `python -m experiments.run ... --phase gsm --out {folder}`"
-      )
-      raise UsageError(f"{flag} {value!r}: no {phase} checkpoint in {ckpt}; {hint}")
+    hint = (
+      f"train one with `python -m experiments.run {config.name} --phase train --out {folder}`"
+      if phase == "train"
+      else f"run `python -m experiments.run ... --phase gsm --out {folder}`"
+    )
+    require_run_checkpoints(flag, value, phase, hint)
 
 
 def _run(

@@ -232,6 +232,36 @@ def existing_dir(flag: str) -> Callable[[str], str]:
 manual_dir_arg = existing_dir("--manual-dir")
 
 
+def require_run_checkpoints(flag: str, value: str, phase: str, hint: str) -> Path:
+  """Checks, before any work, that ``value`` is a run folder with ``phase`` checkpoints.
+
+  Only the folder is looked at (no checkpoint is read, so this is instant);
+  the checkpoint itself is verified when it is restored.
+
+  Args:
+    flag: the command-line flag that named the folder (``--base-from``).
+    value: the folder as the user wrote it.
+    phase: the phase whose checkpoints are needed (``train``, ``gsm``).
+    hint: how to make them, appended to the error.
+
+  Returns:
+    The folder, absolute.
+
+  Raises:
+    UsageError: naming the flag, the folder and what is missing in it.
+  """
+  folder = Path(value).expanduser().absolute()
+  if not folder.is_dir():
+    raise UsageError(
+      f"{flag} {value!r}: {folder} is not a folder (expected an "
+      f"`experiments.run` output folder with {phase}/checkpoints)"
+    )
+  ckpt = folder / phase / "checkpoints"
+  if not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+    raise UsageError(f"{flag} {value!r}: no {phase} checkpoint in {ckpt}; {hint}")
+  return folder
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds ``--manual-dir``, ``--data-dir``, ``--no-download`` and ``--progress``.
 

@@ -70,7 +70,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.configs import CONFIGS, ExperimentConfig, config_names, get_config
-from experiments.fileio import add_data_arguments, atomic_write_json, lock_output, run_command
+from experiments.fileio import (
+  add_data_arguments,
+  atomic_write_json,
+  lock_output,
+  require_run_checkpoints,
+  run_command,
+)
 
 if TYPE_CHECKING:
   from jax.sharding import Mesh
@@ -768,6 +774,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(str(e))
   phases = list(PHASES) if args.phase == "all" else [args.phase]
   args.stop = parse_stop(args.stop_after_epoch, phases)
+  if args.base_from is not None and {"gsm", "prune"} & set(phases):
+    # Before the data is loaded and anything is compiled: a wrong folder is a
+    # usage error, not a crash at the start of the GSM phase.
+    status = run_command(
+      lambda: require_run_checkpoints(
+        "--base-from",
+        args.base_from,
+        "train",
+        f"train one with `python -m experiments.run {config.name} --phase train "
+        f"--out {args.base_from}`",
+      )
+    )
+    if status:
+      return status
   _enable_compilation_cache()
   from experiments.data import DatasetError
   from experiments.training import CheckpointMismatchError

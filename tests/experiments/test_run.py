@@ -127,6 +127,25 @@ def test_base_from_skips_the_train_phase(
   assert got["summary"]["nonzeros_after_cut"] == base["summary"]["nonzeros_after_cut"]
 
 
+def test_base_from_without_a_base_fails_before_any_work(
+  tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+  """A --base-from folder without a train checkpoint is a usage error at
+  once: no data loaded, no output folder made."""
+  out = tmp_path / "out"
+  empty = tmp_path / "empty_run"
+  (empty / "train" / "checkpoints").mkdir(parents=True)
+  for base, says in (
+    (tmp_path / "missing", "is not a folder"),
+    (empty, f"no train checkpoint in {empty / 'train' / 'checkpoints'}"),
+  ):
+    capsys.readouterr()
+    assert run.main(["lenet5_300x_ramp", "--out", str(out), "--base-from", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --base-from {str(base)!r}: ") and says in err, err
+    assert not out.exists()
+
+
 def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
   assert run.main(["--list"]) == 0
   out = capsys.readouterr().out
