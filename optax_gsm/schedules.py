@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_gsm import _checks
+from optax_gsm.baselines.magnitude import polynomial_sparsity_schedule
 
 
 def compression_ramp(
@@ -33,8 +35,9 @@ def compression_ramp(
   :math:`p` = ``power``. So :math:`C(t) = 1` (every weight selected: momentum
   SGD) until :math:`t_0`, and :math:`C(t) = C_f` from :math:`t_0 + T` on; in
   between ``gsm`` keeps :math:`Q(t) = \mathrm{round}(N / C(t)) = N/C_f + (N -
-  N/C_f)(1 - (t - t_0)/T)^p` weights, rounded. The sparsity is an
-  ``optax.polynomial_schedule``; no count of the weights is needed.
+  N/C_f)(1 - (t - t_0)/T)^p` weights, rounded. The sparsity is
+  :func:`optax_gsm.baselines.polynomial_sparsity_schedule`, the schedule of
+  gradual magnitude pruning; no count of the weights is needed.
 
   Why: starting GSM at the final Q cuts the unselected weights off the loss
   from the first step. Ramping Q down over the first third of the GSM epochs
@@ -84,18 +87,17 @@ def compression_ramp(
       raise TypeError(f"`{name}` must be an int, got {value!r}.")
     if value < lo:
       raise ValueError(f"`{name}` must be >= {lo}, got {value!r}.")
-  p = _checks.concrete(power)
-  if p is None or isinstance(power, bool) or not math.isfinite(p) or p <= 0:
-    raise ValueError(f"`power` must be a finite number > 0, got {power!r}.")
-  sparsity = optax.polynomial_schedule(
-    init_value=0.0,
-    end_value=1.0 - 1.0 / c,
-    power=p,
-    transition_steps=int(transition_steps),
-    transition_begin=int(transition_begin),
+  # The sparsity schedule of gradual magnitude pruning, the same function
+  # (it checks `power`).
+  sparsity = polynomial_sparsity_schedule(
+    0.0,
+    1.0 - 1.0 / c,
+    begin_step=int(transition_begin),
+    end_step=int(transition_begin) + int(transition_steps),
+    power=power,
   )
 
-  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    return 1.0 / (1.0 - jnp.asarray(sparsity(count), jnp.float32))
+  def schedule(count: chex.Numeric) -> jax.Array:
+    return jnp.asarray(1.0 / (1.0 - sparsity(count)), jnp.float32)
 
   return schedule
