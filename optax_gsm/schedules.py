@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -97,7 +96,7 @@ def compression_ramp(
     power=power,
   )
 
-  def schedule(count: chex.Numeric) -> jax.Array:
-    return jnp.asarray(1.0 / (1.0 - sparsity(count)), jnp.float32)
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    return 1.0 / (1.0 - jnp.asarray(sparsity(jnp.asarray(count)), jnp.float32))
 
   return schedule
