@@ -82,7 +82,7 @@ PAPER_NUMBERS = (
 )
 
 METHOD_NOTES = {
-  "gsm": "GSM (optax_gsm.gsm, default rule: unselected weights also shrink by unselected_shrink=1e-2 per update) from the base, then the global magnitude cut to Q; no fine-tuning",
+  "gsm": "GSM (optax_gsm.gsm, default rule: unselected weights also shrink by unselected_shrink=1e-2 per update) from the base, Q ramped from N to the target over the first gsm_ramp_fraction of the updates (optax_gsm.compression_ramp, cubic; see Budget), then the global magnitude cut to Q; no fine-tuning",
   "magnitude_oneshot": "global magnitude cut of the base to Q, no retraining",
   "magnitude_retrain": "Han et al.: global magnitude cut of the base to Q, retrain with the mask fixed",
   "magnitude_gradual": "polynomial (power 3) sparsity 0 -> 1-Q/N over 2/3 of the epochs, re-pruning globally every half epoch, then fixed mask",
@@ -368,7 +368,28 @@ def run(
   return results
 
 
-def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
+# Budget fields that only GSM reads, and the methods whose cells come from a
+# GSM run (its masks): a rerun of exactly those methods may change these
+# fields (``merge(..., replace=True)``).
+GSM_BUDGET_FIELDS = ("gsm_lr", "gsm_momentum", "gsm_weight_decay", "gsm_ramp_fraction")
+GSM_METHODS = ("gsm", "gsm_ticket", "random_ticket")
+# Budget fields added after some committed tables were run, with the value
+# every run before them had.
+_BUDGET_FIELDS_ADDED = {"gsm_ramp_fraction": 0.0}
+
+
+def _budget_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  a, b = {**_BUDGET_FIELDS_ADDED, **a}, {**_BUDGET_FIELDS_ADDED, **b}
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _as_list(x: Any) -> list[Any]:
+  return list(x) if isinstance(x, list) else [x]
+
+
+def merge(
+  paths: Sequence[Path], available: Sequence[str], *, replace: bool = False
+) -> dict[str, Any]:
   """One results dict from comparisons run as separate processes.
 
   Split a long comparison by ``--methods`` (one process per core or machine,
@@ -377,9 +398,17 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
   would write. Every file must have the same dataset and budget, and the same
   dense base per model.
 
+  With ``replace``, a later file's methods replace every cell of those
+  methods from the earlier files (a rerun of some methods). Its budget may
+  then differ in the fields only GSM reads (``GSM_BUDGET_FIELDS``) if it
+  reran all of GSM's methods (``GSM_METHODS``) that the merged table has, so
+  no cell of the old GSM settings is left; the merged budget takes its
+  values.
+
   Args:
     paths: ``<dataset>.json`` files written by :func:`run`.
     available: method names in table order (``collect_methods()``).
+    replace: later files' methods replace the earlier files' cells.
 
   Returns:
     The merged results (``command`` lists every file's command).
@@ -415,17 +444,24 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
       raise SystemExit(
         f"--merge: {path} has dataset {other['dataset']!r}, {first_path} has {first['dataset']!r}"
       )
-    differ = {
-      k: (first["budget"].get(k), v)
-      for k, v in other["budget"].items()
-      if first["budget"].get(k) != v
-    }
-    differ.update({k: (v, None) for k, v in first["budget"].items() if k not in other["budget"]})
-    if differ:
+    differ = _budget_differences(merged["budget"], other["budget"])
+    rerun = {c["method"] for c in other["cells"]}
+    gsm_rerun = replace and set(GSM_METHODS) & {m for _, m, _ in cells} <= rerun
+    if differ and not (gsm_rerun and set(differ) <= set(GSM_BUDGET_FIELDS)):
       raise SystemExit(
         f"--merge: the budgets of {first_path} and {path} differ: "
         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
+        + (
+          f" (with --replace, only {', '.join(GSM_BUDGET_FIELDS)} may differ, in a file "
+          f"that reruns all of {', '.join(GSM_METHODS)} that the table has)"
+          if replace
+          else ""
+        )
       )
+    if differ:
+      merged["budget"] = {**merged["budget"], **{k: other["budget"][k] for k in differ}}
+    if replace:
+      cells = {k: c for k, c in cells.items() if k[1] not in rerun}
     for model, base in other["bases"].items():
       mine = merged["bases"].setdefault(model, base)
       if (mine["test_acc"], mine["num_eligible"]) != (base["test_acc"], base["num_eligible"]):
@@ -445,8 +481,20 @@ def merge(paths: Sequence[Path], available: Sequence[str]) -> dict[str, Any]:
   merged["cells"] = list(cells.values())
   notes = {k: v for _, r in parts for k, v in r.get("method_notes", {}).items()}
   merged["method_notes"] = {m: notes.get(m, "") for m in merged["methods"]}
-  merged["command"] = [r.get("command", "") for _, r in parts]
-  merged["merged_from"] = [str(p) for p, _ in parts]
+  # A file that is itself a merge contributes its commands and sources in order.
+  merged["command"] = [c for _, r in parts for c in _as_list(r.get("command", ""))]
+  merged["merged_from"] = [str(f) for p, r in parts for f in _as_list(r.get("merged_from", str(p)))]
+  if replace:
+    merged["replaced"] = [
+      *first.get("replaced", []),
+      *(
+        {
+          "command": _as_list(r.get("command", "")),
+          "methods": sorted({c["method"] for c in r["cells"]}),
+        }
+        for _, r in rest
+      ),
+    ]
   merged["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
   return merged
 
@@ -480,6 +528,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
       *(f"    {c}" for c in commands),
       "",
     ]
+    for r in results.get("replaced", []):
+      lines += [
+        f"The cells of {', '.join(f'`{m}`' for m in r['methods'])} are from "
+        f"`{' ; '.join(r['command'])}`, which replaced the earlier cells of those methods "
+        "(`--merge --replace`).",
+        "",
+      ]
   elif commands:
     lines += ["Command:", "", f"    {commands}", ""]
   env = results.get("environment", {})
@@ -497,7 +552,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     "from it (`from = base`).",
     f"- Every method then trains {b['epochs']} epochs (`epochs` column): fine-tuning/"
     f"retraining at lr {b['lr']:g} cosine, momentum {b['momentum']}; GSM at lr "
-    f"{b['gsm_lr']:g} cosine, beta {b['gsm_momentum']}, weight decay {b['gsm_weight_decay']:g}.",
+    f"{b['gsm_lr']:g} cosine, beta {b['gsm_momentum']}, weight decay {b['gsm_weight_decay']:g}"
+    + (
+      f", Q ramped from N (dense) to the target over the first {b['gsm_ramp_fraction']:.3g} of "
+      "its steps (`optax_gsm.compression_ramp`, cubic)."
+      if b.get("gsm_ramp_fraction")
+      else ", Q from the first step."
+    ),
     *_gsm_decay_note(b, d),
     "- Two hyper-parameters were chosen for this short budget by test accuracy on "
     "LeNet-300-100 (so those numbers are slightly optimistic): GSM's weight decay among "
@@ -781,6 +842,13 @@ def build_parser() -> argparse.ArgumentParser:
     help="GSM's weight decay eta (default 5e-3, chosen for 10 epochs of 234 "
     "steps); GSM prunes by decay, so a shorter budget needs a larger eta",
   )
+  p.add_argument(
+    "--gsm-ramp-fraction",
+    type=float,
+    default=None,
+    help="GSM starts dense: Q ramped from N to the target over this fraction of "
+    "its steps (cubic; 0: Q from the first step)",
+  )
   p.add_argument("--tag", default="", help="appended to the output file names")
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--train-subset", type=int, default=None)
@@ -802,6 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="JSON",
     help="merge the result files of one comparison run as separate processes "
     "(split by --methods) into <out>/<dataset>[_tag].{json,md,png}",
+  )
+  p.add_argument(
+    "--replace",
+    action="store_true",
+    help="with --merge: a later file's methods replace those methods' cells in the "
+    "earlier files (a rerun of some methods; GSM's own budget fields may then differ "
+    "if the file reruns every GSM-derived method)",
   )
   return p
 
@@ -828,6 +903,7 @@ def make_budget(args: argparse.Namespace) -> Any:
       ("train_subset", args.train_subset),
       ("lr", args.lr),
       ("gsm_weight_decay", args.gsm_weight_decay),
+      ("gsm_ramp_fraction", args.gsm_ramp_fraction),
     )
     if v is not None
   }
@@ -838,6 +914,9 @@ def make_budget(args: argparse.Namespace) -> Any:
     v = changes.get(name, 0.0)
     if not (math.isfinite(v) and v >= 0):
       raise SystemExit(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+  ramp = changes.get("gsm_ramp_fraction", 0.0)
+  if not 0.0 <= ramp <= 1.0:
+    raise SystemExit(f"--gsm-ramp-fraction must be in [0, 1], got {ramp}")
   return dataclasses.replace(budget, **changes)
 
 
@@ -854,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   quick = budget_name(args) == "quick"
   suffix = ("_quick" if quick else "") + (f"_{args.tag}" if args.tag else "")
   if args.merge:
-    merged = merge(args.merge, list(collect_methods()))
+    merged = merge(args.merge, list(collect_methods()), replace=args.replace)
     if args.dataset and args.dataset != merged["dataset"]:
       raise SystemExit(f"--merge: the files are {merged['dataset']}, not {args.dataset}")
     stem = args.out / (merged["dataset"] + suffix)

@@ -1,6 +1,7 @@
 """GSM (Ding et al., NeurIPS 2019) in the comparison: train from the base with
-``optax_gsm.gsm`` (its default rule) for ``budget.epochs`` epochs, then the global magnitude cut to
-exactly Q (no fine-tuning, as in the paper).
+``optax_gsm.gsm`` (its default rule; Q ramped from N over ``budget.gsm_ramp_fraction`` of the
+steps) for ``budget.epochs`` epochs, then the global magnitude cut to exactly Q (no fine-tuning,
+as in the paper).
 
 The final masks are kept in ``ctx.artifacts`` and cached on disk for GSM tickets
 (:mod:`experiments.methods.lottery`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import optax_gsm
 from experiments.methods import common
@@ -32,18 +34,33 @@ def masks_path(ctx: Context) -> Path:
       "model": ctx.model,
       "dataset": ctx.dataset,
       "q": ctx.num_nonzero,
+      # Only when set, so the masks cached before the field existed still match.
+      **({"gsm_ramp_fraction": b.gsm_ramp_fraction} if b.gsm_ramp_fraction else {}),
     }
   )
   return ctx.cache_dir / f"{ctx.dataset}_{ctx.model}_gsm_{ctx.compression:g}x_{key}.npz"
+
+
+def gsm_target(ctx: Context) -> dict[str, Any]:
+  """``gsm``'s target: Q, or with ``budget.gsm_ramp_fraction`` a ramp from N to Q.
+
+  The ramp ends at C = N / Q exactly (a float64 ratio, so ``round(N / C)`` is Q).
+  """
+  b = ctx.budget
+  ramp_steps = int(b.gsm_ramp_fraction * b.epochs * ctx.steps_per_epoch)
+  if ramp_steps < 1:
+    return {"num_nonzero": ctx.num_nonzero}
+  return {"compression": optax_gsm.compression_ramp(ctx.num_eligible / ctx.num_nonzero, ramp_steps)}
 
 
 def run_gsm(ctx: Context) -> MethodResult:
   """GSM from the dense base, then ``magnitude_prune`` to Q."""
   t0 = time.perf_counter()
   b = ctx.budget
-  schedule = common.cosine(b.gsm_lr, b.epochs * ctx.steps_per_epoch)
+  total_steps = b.epochs * ctx.steps_per_epoch
+  schedule = common.cosine(b.gsm_lr, total_steps)
   tx = optax_gsm.gsm(
-    schedule, num_nonzero=ctx.num_nonzero, momentum=b.gsm_momentum, weight_decay=b.gsm_weight_decay
+    schedule, **gsm_target(ctx), momentum=b.gsm_momentum, weight_decay=b.gsm_weight_decay
   )
   out = common.train(ctx, ctx.base_params, tx, b.epochs, name="gsm")
   acc_unpruned = common.evaluate(ctx, out.params)

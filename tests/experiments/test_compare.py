@@ -122,6 +122,44 @@ def test_merge_joins_processes_split_by_method(tmp_path: Path):
   assert (tmp_path / "m" / "mnist_both.png").exists()
 
 
+def test_merge_replace_takes_a_rerun_of_gsm_with_its_new_settings(tmp_path: Path):
+  """A table run before ``gsm_ramp_fraction`` existed (no such budget key:
+  no ramp), and a rerun of GSM with the ramp: ``--replace`` swaps in the new
+  GSM cells and budget fields; nothing else may differ, and no GSM-derived
+  cell of the old settings may survive."""
+  old = _fake_results()
+  del old["budget"]["gsm_ramp_fraction"]
+  new = _split(old, ("gsm",), "cmd rerun")
+  new["budget"] = {**old["budget"], "gsm_ramp_fraction": 1 / 3}
+  new["cells"] = [{**c, "test_acc": c["test_acc"] + 0.002} for c in new["cells"]]
+  paths = [tmp_path / "old.json", tmp_path / "new.json"]
+
+  def merge_files(*extra: str, new_part: dict = new, old_part: dict = old) -> dict:
+    for path, part in zip(paths, (old_part, new_part)):
+      path.write_text(json.dumps(part))
+    out = tmp_path / "m"
+    assert compare.main(["--merge", *map(str, paths), "--out", str(out), *extra]) == 0
+    return json.loads((out / "mnist.json").read_text())
+
+  with pytest.raises(SystemExit, match="gsm_ramp_fraction 0.0 vs 0.333"):
+    merge_files()
+  merged = merge_files("--replace")
+  got = {(c["method"], c["compression"]): c["test_acc"] for c in merged["cells"]}
+  want = {(c["method"], c["compression"]): c["test_acc"] for c in old["cells"]}
+  want.update({(c["method"], c["compression"]): c["test_acc"] for c in new["cells"]})
+  assert got == want and len(merged["cells"]) == 6
+  assert merged["budget"]["gsm_ramp_fraction"] == 1 / 3
+  assert merged["command"] == [old["command"], "cmd rerun"]
+  assert "| gsm | 97.10 | 96.60 |" in (tmp_path / "m" / "mnist.md").read_text()
+  # Only GSM's own fields may differ, even with --replace.
+  with pytest.raises(SystemExit, match="epochs 10 vs 3"):
+    merge_files("--replace", new_part={**new, "budget": {**new["budget"], "epochs": 3}})
+  # A GSM ticket of the old masks would survive: refused.
+  ticket = [{**c, "method": "gsm_ticket"} for c in old["cells"] if c["method"] == "gsm"]
+  with pytest.raises(SystemExit, match="reruns all of gsm, gsm_ticket, random_ticket"):
+    merge_files("--replace", old_part={**old, "cells": old["cells"] + ticket})
+
+
 def test_merge_refuses_files_of_different_comparisons(tmp_path: Path):
   whole = _fake_results()
   a = _split(whole, ("dns",), "a")
@@ -223,6 +261,9 @@ def test_cli_errors():
     ["--gsm-weight-decay", "-0.001"],
     ["--gsm-weight-decay", "nan"],
     ["--lr", "inf"],
+    ["--gsm-ramp-fraction", "1.5"],
+    ["--gsm-ramp-fraction", "-0.1"],
+    ["--gsm-ramp-fraction", "nan"],
   ):
     with pytest.raises(SystemExit, match=bad[0]):
       compare.main(["mnist", "--models", "lenet_300_100", *bad])
@@ -289,3 +330,33 @@ def test_unsupported_dataset_or_model_is_refused_while_parsing(capsys, tmp_path:
   assert info.value.code == 2
   assert "argument --models: unknown model 'lenet7'; choose one of " in capsys.readouterr().err
   assert time.perf_counter() - t0 < 30 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("num_eligible", [266_200, 430_500, 1_000_003])
+def test_gsm_target_ramps_to_exactly_q(num_eligible: int):
+  """With ``gsm_ramp_fraction`` GSM's Q starts at N and is exactly the cell's
+  Q from the end of the ramp on (a float64 C = N / Q); without, it is Q."""
+  import types
+
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.methods.common import Budget
+  from optax_gsm.transform import _target_q
+  from experiments.methods.gsm import gsm_target
+
+  q = round(num_eligible / 125)
+  ctx = types.SimpleNamespace(
+    budget=Budget(epochs=3, gsm_ramp_fraction=1 / 3),
+    steps_per_epoch=10,
+    num_eligible=num_eligible,
+    num_nonzero=q,
+  )
+  ramp = gsm_target(ctx)["compression"]  # 10 steps
+  # Q as the jitted update computes it from a traced step count (float32).
+  q_at = jax.jit(lambda t: _target_q(None, ramp, t, num_eligible, 1))
+  got = [int(q_at(jnp.int32(t))) for t in (0, 5, 9, 10, 11, 30)]
+  assert got[0] == num_eligible and got[3:] == [q, q, q]
+  assert got[0] > got[1] > got[2] > q
+  ctx.budget = Budget(epochs=3, gsm_ramp_fraction=0.0)
+  assert gsm_target(ctx) == {"num_nonzero": q}
