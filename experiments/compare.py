@@ -523,7 +523,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
   commands = results.get("command")
   if isinstance(commands, list):  # merged from separate processes
     lines += [
-      "Commands (separate processes, one per core; then `--merge` of their JSONs):",
+      "Commands (separate processes; then `--merge` of their JSONs):",
       "",
       *(f"    {c}" for c in commands),
       "",
