@@ -57,11 +57,11 @@ from typing import Any
 
 from experiments.configs import ExperimentConfig, config_names, get_config
 from experiments.fileio import (
-  require_run_checkpoints,
   add_data_arguments,
   atomic_write_json,
   atomic_write_text,
   lock_outputs,
+  require_run_checkpoints,
   run_command,
 )
 from experiments.run import _enable_compilation_cache, load_pipelines, new_model

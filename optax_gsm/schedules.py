@@ -96,7 +96,13 @@ def compression_ramp(
     power=power,
   )
 
+  end = int(transition_begin) + int(transition_steps)
+
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    return 1.0 / (1.0 - jnp.asarray(sparsity(jnp.asarray(count)), jnp.float32))
+    count = jnp.asarray(count)
+    ramped = 1.0 / (1.0 - jnp.asarray(sparsity(count), jnp.float32))
+    # From the end of the ramp on, C itself rather than 1 / (1 - s_f) in
+    # float32, which can be a weight or two off N / C on large models.
+    return jnp.where(count >= end, jnp.float32(c), ramped)
 
   return schedule

@@ -44,7 +44,7 @@ def masks_path(ctx: Context) -> Path:
 def gsm_target(ctx: Context) -> dict[str, Any]:
   """``gsm``'s target: Q, or with ``budget.gsm_ramp_fraction`` a ramp from N to Q.
 
-  The ramp ends at C = N / Q exactly (a float64 ratio, so ``round(N / C)`` is Q).
+  The ramp ends at C = N / Q (float64), which ``gsm`` rounds back to Q (tested).
   """
   b = ctx.budget
   ramp_steps = int(b.gsm_ramp_fraction * b.epochs * ctx.steps_per_epoch)
