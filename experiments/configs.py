@@ -566,6 +566,14 @@ _SHORT_ROWS = (
     gsm_target_ramp_epochs=27,
   ),
   _short_row(
+    "lenet5_300x_ramp_half",
+    "lenet5_300x_ramp with Q ramped over the first half of the GSM epochs (20 of 40)",
+    "lenet5",
+    "mnist",
+    300,
+    gsm_target_ramp_epochs=20,
+  ),
+  _short_row(
     "fashion_lenet300_60x_ramp",
     "LeNet-300-100 on Fashion-MNIST at 60x, lenet300_60x_ramp's recipe unchanged",
     "lenet_300_100",
