@@ -57,8 +57,7 @@ def run_gsm(ctx: Context) -> MethodResult:
   """GSM from the dense base, then ``magnitude_prune`` to Q."""
   t0 = time.perf_counter()
   b = ctx.budget
-  total_steps = b.epochs * ctx.steps_per_epoch
-  schedule = common.cosine(b.gsm_lr, total_steps)
+  schedule = common.cosine(b.gsm_lr, b.epochs * ctx.steps_per_epoch)
   tx = optax_gsm.gsm(
     schedule, **gsm_target(ctx), momentum=b.gsm_momentum, weight_decay=b.gsm_weight_decay
   )

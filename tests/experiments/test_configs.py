@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_gsm
 from flax import nnx
 
+import optax_gsm
 from experiments.configs import CONFIGS, apply_overrides, config_names, get_config
 from experiments.models import get_spec, param_counts
 from experiments.training import Trainer, make_base_tx, make_gsm_tx
