@@ -593,15 +593,20 @@ def select(
     j = jnp.arange(1, M + 1, dtype=jnp.int32)
     return lo + jnp.clip(j * (width // (M + 1)) + (j * (width % (M + 1))) // (M + 1), 1, width - 1)
 
-  def tie_count(i, ps, token):
-    k = keys_at(i, tied(token))
+  # The branches below take the operands as arguments rather than closing
+  # over them: closed-over, every branch would carry all the others'
+  # operands too (JAX merges the branches' constants), which costs tracing
+  # time quadratic in the number of leaves.
+  def tie_count(i, ops, ps):
+    k = keys_at(i, ops)
     return _count([_blocks(k), _blocked_index(k)], lambda kk, ii: (kk == kth) & (ii < ps), M)
 
   def tie_body(c):
     # Invariant: #(ties with index < lo) < t <= #(ties with index < hi); the
     # probes of a pass are computed by the previous one (see _search_key).
     lo, hi, ps, passes = c
-    cnt = lax.switch(pick, [functools.partial(tie_count, i, ps, passes) for i in range(num_leaves)])
+    branches = [functools.partial(tie_count, i) for i in range(num_leaves)]
+    cnt = lax.switch(pick, branches, tied(passes), ps)
     below = jnp.sum(cnt < t_local, dtype=jnp.int32)  # a prefix
     lo2 = jnp.where(below > 0, ps[jnp.maximum(below - 1, 0)], lo)
     hi2 = jnp.where(below < M, ps[jnp.minimum(below, M - 1)], hi)
@@ -615,9 +620,9 @@ def select(
     )
     return lo, passes
 
-  def next_tie(i, cur, token):
+  def next_tie(i, ops, cur):
     # The smallest index > cur of an entry equal to kth (one 1-lane pass).
-    k = keys_at(i, tied(token))
+    k = keys_at(i, ops)
     return _min(
       [_blocks(k), _blocked_index(k)],
       lambda kk, ii: jnp.where((kk == kth) & (ii > cur), ii, _INT_MAX),
@@ -627,9 +632,8 @@ def select(
     # The usual case: the cut is at the first or second tie of the leaf.
     def body(c):
       cur, passes = c
-      return lax.switch(
-        pick, [functools.partial(next_tie, i, cur, passes) for i in range(num_leaves)]
-      ), passes + 1
+      branches = [functools.partial(next_tie, i) for i in range(num_leaves)]
+      return lax.switch(pick, branches, tied(passes), cur), passes + 1
 
     return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
 

@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/compile_time.py: the smallest size, one process per row."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "compile_time.py"
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("compile_time_benchmark", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_one_repeat_writes_every_row(tmp_path, capsys):
+  bench = _load()
+  out = tmp_path / "compile.json"
+  bench.main(["--sizes", "lenet300", "--repeats", "1", "--json", str(out)])
+  table = capsys.readouterr().out
+  report = json.loads(out.read_text())
+  rows = {r["row"]: r for r in report["results"]}
+  assert set(rows) == {"sgd", "gsm", "gsm, warm persistent cache"}
+  for name, row in rows.items():
+    (run,) = row["runs"]
+    assert run["leaves"] == 6
+    # The tree timed is this one (PYTHONPATH wins over an installed copy).
+    assert Path(run["optax_gsm"]) == ROOT / "optax_gsm"
+    for stage in ("trace", "lower", "compile"):
+      assert run[stage] > 0.0
+    assert row["total_median"] == pytest.approx(sum(run[s] for s in ("trace", "lower", "compile")))
+    assert f"| lenet300 | {name} | this |" in table
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--src", "nowhere"], "--src must be NAME=PATH"),
+    (["--src", "x=/nonexistent"], "--src must be NAME=PATH"),
+    (["--sizes", "resnet51"], "unknown size 'resnet51'"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+  ],
+)
+def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
+  bench = _load()
+  with pytest.raises(SystemExit) as exc:
+    bench.main(argv)
+  assert exc.value.code == 2
+  assert message in capsys.readouterr().err
