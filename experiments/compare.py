@@ -384,7 +384,11 @@ def _budget_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple
 
 
 def _as_list(x: Any) -> list[Any]:
-  return list(x) if isinstance(x, list) else [x]
+  """``x`` as a flat list: a file merged before merges were flattened holds
+  its parts' commands as a nested list."""
+  if not isinstance(x, list):
+    return [x]
+  return [item for part in x for item in _as_list(part)]
 
 
 def merge(

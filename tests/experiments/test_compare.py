@@ -122,6 +122,25 @@ def test_merge_joins_processes_split_by_method(tmp_path: Path):
   assert (tmp_path / "m" / "mnist_both.png").exists()
 
 
+def test_merge_flattens_the_nested_commands_of_an_older_merge(tmp_path: Path):
+  """A merged file written before merges were flattened holds a list inside
+  its command list; merging it again yields one flat list, and the markdown
+  one command per line."""
+  whole = _fake_results()
+  a = _split(whole, ("dns",), "cmd C")
+  a["command"] = [["cmd A1", "cmd A2"], "cmd B"]
+  b = _split(whole, ("gsm", "magnitude_retrain"), "cmd C")
+  paths = [tmp_path / "a.json", tmp_path / "b.json"]
+  for path, part in zip(paths, (a, b)):
+    path.write_text(json.dumps(part))
+  assert compare.main(["--merge", *map(str, paths), "--out", str(tmp_path / "m")]) == 0
+  merged = json.loads((tmp_path / "m" / "mnist.json").read_text())
+  assert merged["command"] == ["cmd A1", "cmd A2", "cmd B", "cmd C"]
+  text = (tmp_path / "m" / "mnist.md").read_text()
+  assert "    cmd A1\n    cmd A2\n    cmd B\n    cmd C\n" in text
+  assert "[" not in text.split("## Budget")[0]
+
+
 def test_merge_replace_takes_a_rerun_of_gsm_with_its_new_settings(tmp_path: Path):
   """A table run before ``gsm_ramp_fraction`` existed (no such budget key:
   no ramp), and a rerun of GSM with the ramp: ``--replace`` swaps in the new
