@@ -202,6 +202,22 @@ def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
   return total
 
 
+# The passes over one leaf, jitted so that leaves of one shape share one
+# trace and one lowered function (XLA inlines them: the program is the same).
+
+
+@jax.jit
+def _count_ge(keys: Array, ts: Array) -> Array:
+  """(M,) counts of ``keys >= ts[j]``."""
+  return _count([_blocks(keys)], lambda a: a >= ts, M)
+
+
+@jax.jit
+def _count_ties_below(keys: Array, kth: Array, ps: Array) -> Array:
+  """(M,) counts of the entries equal to ``kth`` with flat index ``< ps[j]``."""
+  return _count([_blocks(keys), _blocked_index(keys)], lambda kk, ii: (kk == kth) & (ii < ps), M)
+
+
 def _min(parts, value_fn: Callable[..., Array]) -> Array:
   """Min over blocked operands of ``value_fn(*operands)`` (an int32 array)."""
   mains = [p[0] for p in parts]
@@ -214,6 +230,21 @@ def _min(parts, value_fn: Callable[..., Array]) -> Array:
   if rests[0] is not None:
     out = jnp.minimum(out, jnp.min(value_fn(*rests)))
   return out
+
+
+@jax.jit
+def _min_at_least(keys: Array, lo: Array) -> Array:
+  """The smallest key ``>= lo`` (``_INT_MAX`` if none)."""
+  return _min([_blocks(keys)], lambda a: jnp.where(a >= lo, a, _INT_MAX))
+
+
+@jax.jit
+def _next_tie(keys: Array, kth: Array, cur: Array) -> Array:
+  """The smallest flat index ``> cur`` of an entry equal to ``kth`` (``_INT_MAX`` if none)."""
+  return _min(
+    [_blocks(keys), _blocked_index(keys)],
+    lambda kk, ii: jnp.where((kk == kth) & (ii > cur), ii, _INT_MAX),
+  )
 
 
 # --- the search for the Q-th key ----------------------------------------------
@@ -505,9 +536,7 @@ def select(
     ops = tied(token)
     rows = []
     for i in range(num_leaves):
-      count_leaf = functools.partial(
-        lambda i, ops: _count([_blocks(keys_at(i, ops))], lambda a: a >= ts, M), i, ops
-      )
+      count_leaf = functools.partial(lambda i, ops: _count_ge(keys_at(i, ops), ts), i, ops)
       if sizes[i] < SKIP_MIN:  # not worth a branch
         rows.append(count_leaf())
         continue
@@ -559,9 +588,7 @@ def select(
     lo = _to_i(s.lo)
     out = jnp.asarray(_INT_MAX)
     for i in range(num_leaves):
-      leaf_min = functools.partial(
-        lambda i: _min([_blocks(keys_at(i))], lambda a: jnp.where(a >= lo, a, _INT_MAX)), i
-      )
+      leaf_min = functools.partial(lambda i: _min_at_least(keys_at(i), lo), i)
       if sizes[i] < SKIP_MIN:
         out = jnp.minimum(out, leaf_min())
         continue
@@ -599,7 +626,7 @@ def select(
   # time quadratic in the number of leaves.
   def tie_count(i, ops, ps):
     k = keys_at(i, ops)
-    return _count([_blocks(k), _blocked_index(k)], lambda kk, ii: (kk == kth) & (ii < ps), M)
+    return _count_ties_below(k, kth, ps)
 
   def tie_body(c):
     # Invariant: #(ties with index < lo) < t <= #(ties with index < hi); the
@@ -623,10 +650,7 @@ def select(
   def next_tie(i, ops, cur):
     # The smallest index > cur of an entry equal to kth (one 1-lane pass).
     k = keys_at(i, ops)
-    return _min(
-      [_blocks(k), _blocked_index(k)],
-      lambda kk, ii: jnp.where((kk == kth) & (ii > cur), ii, _INT_MAX),
-    )
+    return _next_tie(k, kth, cur)
 
   def walk():
     # The usual case: the cut is at the first or second tie of the leaf.

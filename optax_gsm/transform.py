@@ -462,12 +462,17 @@ def _top_q_parts(
       if score_momentum is None:
         operands = ([grad_leaves[i] for i in eligible], [param_leaves[i] for i in eligible])
 
-        def key_fn(ops, j):
-          return selection_lib.scores_to_keys(jnp.asarray(score(ops[0][j], ops[1][j]), jnp.float32))
+        # Jitted so that leaves of one shape share one trace.
+        leaf_keys = jax.jit(
+          lambda g, w: selection_lib.scores_to_keys(jnp.asarray(score(g, w), jnp.float32))
+        )
+
+        def key_fn(ops, j) -> jax.Array:
+          return leaf_keys(ops[0][j], ops[1][j])
       else:
         operands = list(scores)
 
-        def key_fn(ops, j):
+        def key_fn(ops, j) -> jax.Array:
           return selection_lib.scores_to_keys(ops[j])
 
       warm = fast_select.warm_start(
