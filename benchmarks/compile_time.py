@@ -12,6 +12,10 @@ three stages of ``jax.jit(step)`` where ``step`` is ``tx.update`` +
 * ``lower``: ``.lower()``, the jaxpr to StableHLO;
 * ``compile``: ``.compile()``, XLA's passes and code generation.
 
+The JSON also records, per process, the number of fusions and of instructions
+in the compiled program's HLO text: equal counts across ``--src`` trees show
+that a change touched tracing only, not the program XLA runs.
+
 The ``gsm, warm persistent cache`` row is the same GSM step in a second
 process that shares a fresh ``jax_compilation_cache_dir`` with a first one:
 what a user who sets that option pays from the second run on (tracing and
@@ -29,10 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,8 +48,6 @@ STAGES = ("trace", "lower", "compile")
 
 def _child(size: str, rows: list[str]) -> None:
   """Builds the steps of ``rows`` for ``size`` and prints one JSON line each."""
-  import time
-
   import jax
   import optax
 
@@ -68,10 +72,12 @@ def _child(size: str, rows: list[str]) -> None:
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    lowered.compile()
+    hlo = lowered.compile().as_text()
     t3 = time.perf_counter()
     times = {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2}
     record = {"row": row, **times, "leaves": len(jax.tree.leaves(params))}
+    record["fusions"] = len(re.findall(r" fusion\(", hlo))
+    record["instructions"] = len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", hlo, re.MULTILINE))
     record["optax_gsm"] = os.path.dirname(optax_gsm.__file__)  # which tree was timed
     print(json.dumps(record), flush=True)
 
@@ -86,10 +92,15 @@ def _run(src: str, size: str, rows: list[str], cache_dir: str | None = None) -> 
     [sys.executable, os.path.abspath(__file__), "--child", size, "--rows", ",".join(rows)],
     env=env,
     cwd=src,
-    check=True,
     capture_output=True,
     text=True,
   )
+  if out.returncode:
+    # The child's own error (an import failing in that tree, say), not only its exit status.
+    raise SystemExit(
+      f"compile_time: building {size} with the tree {src} failed "
+      f"(exit {out.returncode}):\n{out.stderr[-4000:]}"
+    )
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -122,6 +133,8 @@ def main(argv=None) -> None:
     name, sep, path = item.partition("=")
     if not sep or not os.path.isdir(os.path.join(path, "optax_gsm")):
       parser.error(f"--src must be NAME=PATH with PATH/optax_gsm a folder, got {item!r}")
+    if name in srcs:
+      parser.error(f"--src names must differ, got {name!r} twice")
     srcs[name] = os.path.abspath(path)
   sys.path.insert(0, HERE)
   import model_shapes  # pylint: disable=import-outside-toplevel

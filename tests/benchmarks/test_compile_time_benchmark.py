@@ -34,6 +34,7 @@ def test_one_repeat_writes_every_row(tmp_path, capsys):
     assert Path(run["optax_gsm"]) == ROOT / "optax_gsm"
     for stage in ("trace", "lower", "compile"):
       assert run[stage] > 0.0
+    assert 0 < run["fusions"] < run["instructions"]
     assert row["total_median"] == pytest.approx(sum(run[s] for s in ("trace", "lower", "compile")))
     assert f"| lenet300 | {name} | this |" in table
 
@@ -45,6 +46,7 @@ def test_one_repeat_writes_every_row(tmp_path, capsys):
     (["--src", "x=/nonexistent"], "--src must be NAME=PATH"),
     (["--sizes", "resnet51"], "unknown size 'resnet51'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--src", "a=.", "--src", "a=."], "--src names must differ, got 'a' twice"),
   ],
 )
 def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
@@ -53,3 +55,13 @@ def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
     bench.main(argv)
   assert exc.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_a_tree_that_fails_to_import_reports_its_error(tmp_path):
+  """A --src tree whose optax_gsm cannot be imported: the child's traceback, not a bare exit status."""
+  bench = _load()
+  broken = tmp_path / "broken"
+  (broken / "optax_gsm").mkdir(parents=True)
+  (broken / "optax_gsm" / "__init__.py").write_text("raise ImportError('this tree is broken')\n")
+  with pytest.raises(SystemExit, match="(?s)failed \\(exit 1\\).*this tree is broken"):
+    bench.main(["--sizes", "lenet300", "--repeats", "1", "--src", f"b={broken}"])
