@@ -51,6 +51,13 @@ How:
   recompute them per entry), so they fuse into the consumer (the momentum
   update).
 
+Per-leaf scalars (the counts at the bracket ends, each leaf's share of the
+ties at the cut) reach the leaves' kernels as separate run-time scalars,
+never as constants or slices at a constant offset: then the kernels of leaves
+of one shape are the same computation, which XLA:CPU compiles once and
+reuses, so the build time grows with the number of leaf shapes rather than
+of leaves.
+
 Every step is an elementwise operation, a reduction, a slice and split of a
 leaf's last axis, or arithmetic on small replicated arrays, which XLA's SPMD
 partitioner handles without gathering a leaf: per pass, a sharded model
@@ -281,8 +288,12 @@ class _S(NamedTuple):
   hi: Array  # uint32: count(>= hi) < q
   c_lo: Array  # int32
   c_hi: Array  # int32
-  leaf_lo: Array  # (L,) int32 per-leaf count(>= lo)
-  leaf_hi: Array  # (L,) int32 per-leaf count(>= hi)
+  # Per leaf, as L separate int32 scalars rather than one (L,) array: XLA
+  # then passes each leaf's count to that leaf's kernels as a run-time
+  # operand, not as a slice at a constant offset, so that the kernels of
+  # leaves of one shape are one computation, compiled once.
+  leaf_lo: tuple[Array, ...]  # per-leaf count(>= lo)
+  leaf_hi: tuple[Array, ...]  # per-leaf count(>= hi)
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
@@ -337,8 +348,8 @@ def _search_key(
     hi=hi0,
     c_lo=jnp.int32(n),
     c_hi=jnp.int32(0),
-    leaf_lo=leaf_sizes,
-    leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
+    leaf_lo=tuple(jnp.int32(size) for size in leaf_sizes),
+    leaf_hi=(jnp.int32(0),) * num_leaves,
     sigma=sigma,
     ts=ts0,
     passes=jnp.int32(0),
@@ -350,8 +361,8 @@ def _search_key(
 
   def body(s):
     ts = _to_u(s.ts)
-    per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)  # (L, M)
-    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)  # nonincreasing
+    per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)  # L of (M,)
+    counts = jnp.sum(jnp.stack(per_leaf), axis=0, dtype=jnp.int32)  # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
@@ -382,7 +393,10 @@ def _search_key(
         m=mode,
         t=s.ts,
         c=counts - q,
-        a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi, leaf_sizes, 0)) / n,
+        a=jnp.sum(
+          jnp.where(jnp.stack(s.leaf_lo) != jnp.stack(s.leaf_hi), np.asarray(leaf_sizes), 0)
+        )
+        / n,
         lo=_to_i(lo),
         hi=_to_i(hi),
         nb=c_lo - c_hi,
@@ -393,8 +407,8 @@ def _search_key(
       hi=hi,
       c_lo=c_lo,
       c_hi=c_hi,
-      leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
-      leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
+      leaf_lo=tuple(jnp.where(new_lo, c[i_lo], old) for c, old in zip(per_leaf, s.leaf_lo)),
+      leaf_hi=tuple(jnp.where(new_hi, c[i_hi], old) for c, old in zip(per_leaf, s.leaf_hi)),
       sigma=sigma,
       ts=nxt,
       passes=s.passes + 1,
@@ -545,7 +559,7 @@ def select(
           leaf_lo[i] != leaf_hi[i], count_leaf, lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32)
         )
       )
-    return jnp.stack(rows)
+    return rows
 
   # -- the Q-th key.
   cold_center, cold_sigma = _cold_center_sigma()
@@ -559,7 +573,7 @@ def select(
     no_hint = hint == NAN_KEY
     center = jnp.where(no_hint, cold_center, _to_u(hint))
     sig = jnp.where(no_hint, cold_sigma, sig0)
-  leaf_sizes = jnp.asarray(np.array(sizes, np.int32))
+  leaf_sizes = tuple(sizes)
   stride = _sample_stride(n)
   sampled_leaves = [i for i in range(num_leaves) if sizes[i] > stride // 2]
   sample_pass: Optional[Callable[..., Array]] = None
@@ -606,14 +620,14 @@ def select(
   # the first ones in global index order: the per-leaf counts at the bracket
   # ends give the leaf of the cut; passes over that leaf only give the index
   # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-  ties = s.leaf_lo - s.leaf_hi  # per leaf, keys == kth
+  ties = jnp.stack(s.leaf_lo) - jnp.stack(s.leaf_hi)  # per leaf, keys == kth
   take = q1 - s.c_hi
   cum = jnp.cumsum(ties, dtype=jnp.int32)
   need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
   cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32), jnp.int32(num_leaves))
   pick = jnp.minimum(cut_leaf, num_leaves - 1)
   t_local = take - (cum - ties)[pick]
-  size_local = leaf_sizes[pick]
+  size_local = jnp.asarray(np.array(sizes, np.int32))[pick]
 
   def probes(lo, hi):
     width = jnp.maximum(hi - lo, 2)
@@ -661,13 +675,24 @@ def select(
 
     return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
 
+  def tie_limits(cut, cut_leaf):
+    # Per leaf, the largest flat index whose ties are selected: all of them
+    # before the cut leaf, up to `cut` in it, none after it.
+    return tuple(
+      jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
+      for i in range(num_leaves)
+    )
+
   def tie_search():
     cut, passes = lax.cond(t_local <= WALK_TIES, walk, radix)
-    return cut, passes, cut_leaf
+    return passes, tie_limits(cut, cut_leaf)
 
-  # The cond's outputs are materialised scalars (see kth above).
-  cut, tie_passes, cut_leaf = lax.cond(
-    need_tie, tie_search, lambda: (jnp.int32(0), jnp.int32(0), cut_leaf)
+  # The cond's outputs are materialised scalars (see kth above); in the
+  # masks below, the per-leaf limits are then run-time scalars rather than
+  # expressions of the leaf's number, so that the fused update is the same
+  # computation for every leaf of one shape, which XLA compiles once.
+  tie_passes, limits = lax.cond(
+    need_tie, tie_search, lambda: (jnp.int32(0), (jnp.asarray(_INT_MAX),) * num_leaves)
   )
   q_pos, everything = q > 0, q >= n
 
@@ -675,7 +700,7 @@ def select(
   masks = []
   for i, shape in enumerate(shapes):
     k = keys_at(i)
-    tie_ok = (i < cut_leaf) | ((i == cut_leaf) & (_flat_index(shape) <= cut))
+    tie_ok = _flat_index(shape) <= limits[i]
     sel = (k > kth) | ((k == kth) & tie_ok)
     masks.append(sel & q_pos & ((k != NAN_KEY) | everything))
   kth = jnp.where(q > 0, kth, NAN_KEY)

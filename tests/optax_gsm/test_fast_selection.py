@@ -8,6 +8,7 @@ starting hint (warm-start hits and misses). No timing assertions here.
 """
 
 import functools
+import re
 import unittest.mock
 
 import hypothesis
@@ -185,6 +186,61 @@ def test_ties_spanning_leaves_are_cut_by_global_index():
     masks, _, info = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
     _assert_masks(masks, want, f"q={q}")
     assert sum(int(np.sum(m)) for m in masks) == q
+
+
+# Leaves of repeated shapes: each leaf's share of the ties at the cut reaches
+# its (shared) kernels as a run-time limit.
+REPEATED_SHAPES = ((3, 40), (7,), (3, 40), (3, 40), (7,), (3, 40))
+
+
+@pytest.mark.parametrize("kind", ["ones", "few", "zeros"])
+def test_ties_in_leaves_of_one_shape(kind):
+  rng = np.random.default_rng(7)
+  if kind == "ones":
+    leaves = [np.ones(s, np.float32) for s in REPEATED_SHAPES]
+  else:
+    leaves = _leaves(kind, rng, shapes=REPEATED_SHAPES)
+  n = sum(l.size for l in leaves)
+  # Cuts at the first ties of a leaf (a walk) and further in (a radix
+  # search), in each leaf.
+  qs = {1, 2, 3, 119, 120, 121, 122, 127, 128, 129, 180, 250, 367, 369, 372, 400, n - 1}
+  for q in sorted(qs | set(_qs(n, rng))):
+    want, want_kth = np_select(leaves, q)
+    masks, kth, _ = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    _assert_masks(masks, want, f"{kind} q={q}")
+    if q > 0:
+      assert int(kth) == want_kth
+
+
+def _leaf_kernels(num_leaves: int) -> int:
+  """Distinct XLA kernels that read or write a leaf-sized array in the
+  compiled GSM step over ``num_leaves`` leaves of one shape (up to names)."""
+  params = {f"w{i}": jnp.ones((64, 96)) for i in range(num_leaves)}
+  tx = optax_gsm.gsm(0.1, compression=4.0)
+  state = tx.init(params)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+  kernels = set()
+  for block in hlo.split("\n\n"):
+    block = block.strip()
+    header = block.split("\n", 1)[0]
+    if not header.startswith(("%fused", "%wrapped")) or "[64,96]" not in header:
+      continue
+    block = re.sub(r", metadata=\{[^}]*\}", "", block)
+    block = re.sub(r"%[\w.\-]+", "%", block)
+    kernels.add(re.sub(r"param_\d+\.\d+", "p", block))
+  return len(kernels)
+
+
+def test_leaves_of_one_shape_share_kernels():
+  # XLA:CPU compiles a kernel once for identical fused computations: no
+  # per-leaf constant may enter the leaves' kernels (the build time would
+  # grow with the number of leaves rather than of leaf shapes).
+  assert _leaf_kernels(8) == _leaf_kernels(3)
 
 
 def test_nan_rule():
