@@ -51,12 +51,12 @@ How:
   recompute them per entry), so they fuse into the consumer (the momentum
   update).
 
-Per-leaf scalars (the counts at the bracket ends, each leaf's share of the
-ties at the cut) reach the leaves' kernels as separate run-time scalars,
-never as constants or slices at a constant offset: then the kernels of leaves
-of one shape are the same computation, which XLA:CPU compiles once and
-reuses, so the build time grows with the number of leaf shapes rather than
-of leaves.
+Each leaf's share of the ties at the cut reaches the masks as a run-time
+scalar (an output of the tie-break's :func:`jax.lax.cond`), not as an
+expression of the leaf's number: then the fused update is the same
+computation for every leaf of one shape, as are the passes, and XLA:CPU
+compiles it once and reuses it, so the build time grows with the number of
+leaf shapes more than with the number of leaves.
 
 Every step is an elementwise operation, a reduction, a slice and split of a
 leaf's last axis, or arithmetic on small replicated arrays, which XLA's SPMD
@@ -288,16 +288,13 @@ class _S(NamedTuple):
   hi: Array  # uint32: count(>= hi) < q
   c_lo: Array  # int32
   c_hi: Array  # int32
-  # Per leaf, as L separate int32 scalars rather than one (L,) array: XLA
-  # then passes each leaf's count to that leaf's kernels as a run-time
-  # operand, not as a slice at a constant offset, so that the kernels of
-  # leaves of one shape are one computation, compiled once.
-  leaf_lo: tuple[Array, ...]  # per-leaf count(>= lo)
-  leaf_hi: tuple[Array, ...]  # per-leaf count(>= hi)
+  leaf_lo: Array  # (L,) int32 per-leaf count(>= lo)
+  leaf_hi: Array  # (L,) int32 per-leaf count(>= hi)
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
   sampled: Array  # bool: the sample's thresholds have been used
+  resample: Array  # bool: the next pass takes the sample's thresholds instead of ``ts``
 
 
 def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
@@ -341,28 +338,39 @@ def _search_key(
   ts0 = _to_i(_thresholds(lo0, hi0, center, sigma, jnp.int32(_INTERP)))
   sampled0 = jnp.bool_(False)
   if sample_pass is not None:
-    ts0 = lax.cond(cold, lambda: sample_pass(lo0, hi0, jnp.int32(-1)), lambda: ts0)
     sampled0 = jnp.asarray(cold, bool)
   s0 = _S(
     lo=lo0,
     hi=hi0,
     c_lo=jnp.int32(n),
     c_hi=jnp.int32(0),
-    leaf_lo=tuple(jnp.int32(size) for size in leaf_sizes),
-    leaf_hi=(jnp.int32(0),) * num_leaves,
+    leaf_lo=leaf_sizes,
+    leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
     sigma=sigma,
     ts=ts0,
     passes=jnp.int32(0),
     sampled=sampled0,
+    resample=sampled0,
   )
 
   def cond(s):
     return (s.c_lo != q) & (s.hi - s.lo > np.uint32(1))
 
   def body(s):
-    ts = _to_u(s.ts)
-    per_leaf = count_pass(s.ts, s.passes, s.leaf_lo, s.leaf_hi)  # L of (M,)
-    counts = jnp.sum(jnp.stack(per_leaf), axis=0, dtype=jnp.int32)  # nonincreasing
+    ts_i = s.ts
+    if sample_pass is not None:
+      # The sample's thresholds, at the start of the pass that uses them, so
+      # that the sample is traced (and compiled) once. (A cond output is
+      # materialised: the thresholds stay out of the counting loops.)
+      guess = sample_pass  # (a name the closure can capture without None)
+      ts_i = lax.cond(
+        s.resample,
+        lambda: guess(s.lo, jnp.maximum(s.hi, s.lo + np.uint32(2)), s.passes),
+        lambda: s.ts,
+      )
+    ts = _to_u(ts_i)
+    per_leaf = count_pass(ts_i, s.passes, s.leaf_lo, s.leaf_hi)  # (L, M)
+    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)  # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
@@ -377,26 +385,21 @@ def _search_key(
     # inside (lo, hi), which needs hi - lo >= 2.
     safe_hi = jnp.maximum(hi, lo + np.uint32(2))
     nxt = _to_i(_thresholds(lo, safe_hi, center, sigma, mode))
-    sampled = s.sampled
+    sampled, resample = s.sampled, jnp.bool_(False)
     if sample_pass is not None:
       # A side still open after a pass: the hint was far off. Rather than
       # gallop (up to ~8 passes over the model), take the sample's guess once.
-      use = ((mode == _UP) | (mode == _DOWN)) & ~s.sampled
-      guess = sample_pass  # (a name the closure can capture without None)
-      nxt = lax.cond(use, lambda: guess(lo, safe_hi, s.passes), lambda: nxt)
-      sampled = sampled | use
+      resample = ((mode == _UP) | (mode == _DOWN)) & ~s.sampled
+      sampled = sampled | resample
     if _DEBUG:
       jax.debug.print(
         "pass {p} active {a} ts {t} counts-q {c} -> lo {lo} hi {hi} nb {nb} "
         "need {nd} next mode {m}",
         p=s.passes + 1,
         m=mode,
-        t=s.ts,
+        t=ts_i,
         c=counts - q,
-        a=jnp.sum(
-          jnp.where(jnp.stack(s.leaf_lo) != jnp.stack(s.leaf_hi), np.asarray(leaf_sizes), 0)
-        )
-        / n,
+        a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi, leaf_sizes, 0)) / n,
         lo=_to_i(lo),
         hi=_to_i(hi),
         nb=c_lo - c_hi,
@@ -407,12 +410,13 @@ def _search_key(
       hi=hi,
       c_lo=c_lo,
       c_hi=c_hi,
-      leaf_lo=tuple(jnp.where(new_lo, c[i_lo], old) for c, old in zip(per_leaf, s.leaf_lo)),
-      leaf_hi=tuple(jnp.where(new_hi, c[i_hi], old) for c, old in zip(per_leaf, s.leaf_hi)),
+      leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
+      leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
       sigma=sigma,
       ts=nxt,
       passes=s.passes + 1,
       sampled=sampled,
+      resample=resample,
     )
 
   return lax.while_loop(cond, body, s0)
@@ -559,7 +563,7 @@ def select(
           leaf_lo[i] != leaf_hi[i], count_leaf, lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32)
         )
       )
-    return rows
+    return jnp.stack(rows)
 
   # -- the Q-th key.
   cold_center, cold_sigma = _cold_center_sigma()
@@ -573,7 +577,7 @@ def select(
     no_hint = hint == NAN_KEY
     center = jnp.where(no_hint, cold_center, _to_u(hint))
     sig = jnp.where(no_hint, cold_sigma, sig0)
-  leaf_sizes = tuple(sizes)
+  leaf_sizes = jnp.asarray(np.array(sizes, np.int32))
   stride = _sample_stride(n)
   sampled_leaves = [i for i in range(num_leaves) if sizes[i] > stride // 2]
   sample_pass: Optional[Callable[..., Array]] = None
@@ -620,14 +624,14 @@ def select(
   # the first ones in global index order: the per-leaf counts at the bracket
   # ends give the leaf of the cut; passes over that leaf only give the index
   # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-  ties = jnp.stack(s.leaf_lo) - jnp.stack(s.leaf_hi)  # per leaf, keys == kth
+  ties = s.leaf_lo - s.leaf_hi  # per leaf, keys == kth
   take = q1 - s.c_hi
   cum = jnp.cumsum(ties, dtype=jnp.int32)
   need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
   cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32), jnp.int32(num_leaves))
   pick = jnp.minimum(cut_leaf, num_leaves - 1)
   t_local = take - (cum - ties)[pick]
-  size_local = jnp.asarray(np.array(sizes, np.int32))[pick]
+  size_local = leaf_sizes[pick]
 
   def probes(lo, hi):
     width = jnp.maximum(hi - lo, 2)
