@@ -354,6 +354,7 @@ def search_passes(params, make_grads, q, steps):
       hint=ws.hint,
       sigma=ws.sigma,
       return_info=True,
+      elementwise=True,
     )
     d, s = fast_select.update_drift(last, kth, drift, spread, valid)
     return kth, info, d, s

@@ -23,7 +23,16 @@ How:
   input: galloping while a side of the bracket is open, an evenly spaced
   pass whenever a pass did not shrink the bracket well, and a pass that
   enumerates the last <= 9 keys. A leaf with no key left in the bracket is
-  skipped (:func:`jax.lax.cond`): after two passes, most of the model is.
+  skipped (:func:`jax.lax.cond`). Leaves of at least :data:`CHUNK_MIN` keys
+  are tracked in chunks of about :data:`CHUNK` keys, each with its own
+  counts at the bracket ends: once at most 1/:data:`SPARSE_FRAC` of a
+  leaf's chunks hold keys of the bracket, a pass reads only those (a
+  :func:`jax.lax.while_loop` over them, each a dynamic slice of the
+  operands). The bracket after the second pass holds some tens of keys,
+  spread over most leaves but few chunks, so the later passes and the
+  masked min read a few percent of the model instead of most of it. (Only
+  with ``elementwise=True`` and on one device: the key function is then
+  called on slices of the operands.)
 * It starts from a *hint*: for GSM, the previous step's threshold moved by
   its recent drift, with the recent spread of that drift as the scale, kept
   in the optimizer state (the score distribution moves slowly, so the first
@@ -83,6 +92,9 @@ M = 8  # thresholds per counting pass
 W = 32  # keys per row of a counting pass
 WALK_TIES = 2  # a cut at one of the first WALK_TIES ties: min-index passes
 SKIP_MIN = 1 << 15  # leaves at least this large are skipped when idle
+CHUNK = 1 << 16  # keys per chunk of a large leaf (one device): skipped when idle
+CHUNK_MIN = 1 << 19  # leaves at least this large are split into chunks
+SPARSE_FRAC = 4  # a leaf with at most 1/SPARSE_FRAC of its chunks active reads only those
 
 NAN_KEY = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
@@ -177,12 +189,13 @@ def _blocked_index(x: Array):
   return _blocks(_flat_index(x.shape))
 
 
-def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
+def _count(parts, pred_fn: Callable[..., Array], m: int, lead: int = 0) -> Array:
   """(m,) int32 counts of ``pred_fn`` over blocked operands.
 
   ``parts`` is a list of ``(main, rest)`` pairs (one per operand, blocked by
   :func:`_blocks`); ``pred_fn(*operands)`` broadcasts them against a trailing
-  axis of ``m`` thresholds.
+  axis of ``m`` thresholds. With ``lead`` > 0, the first ``lead`` axes of
+  ``main`` are kept (counts shaped ``main.shape[:lead] + (m,)``; no ``rest``).
   """
   mains = [p[0] for p in parts]
   rests = [p[1] for p in parts]
@@ -200,8 +213,11 @@ def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
     )  # (..., m / 4)
     packed = lax.optimization_barrier(packed)
     fields = (packed[..., None] >> shifts) & 255  # (..., m/4, 4)
-    axes = tuple(range(fields.ndim - 2))
-    total = total + jnp.sum(fields, axis=axes, dtype=jnp.int32).reshape(m)
+    axes = tuple(range(lead, fields.ndim - 2))
+    per = jnp.sum(fields, axis=axes, dtype=jnp.int32)
+    if lead:
+      return per.reshape(per.shape[:lead] + (m,))
+    total = total + per.reshape(m)
   if rests[0] is not None:
     pred = pred_fn(*[a[..., None] for a in rests])  # (..., r, m)
     axes = tuple(range(pred.ndim - 1))
@@ -223,6 +239,39 @@ def _count_ge(keys: Array, ts: Array) -> Array:
 def _count_ties_below(keys: Array, kth: Array, ps: Array) -> Array:
   """(M,) counts of the entries equal to ``kth`` with flat index ``< ps[j]``."""
   return _count([_blocks(keys), _blocked_index(keys)], lambda kk, ii: (kk == kth) & (ii < ps), M)
+
+
+def _num_chunks(shape) -> int:
+  """Chunks of about :data:`CHUNK` keys a leaf of ``shape`` is split into.
+
+  A chunk is a run of whole rows (:func:`_blocks`) of the flattened leaf, so
+  the count must divide the number of rows; 1 (no split) for leaves below
+  :data:`CHUNK_MIN` keys or without a divisor near ``size / CHUNK``. (Smaller
+  leaves gain little: the chunks' bookkeeping costs build time per leaf.)
+  """
+  size = math.prod(shape)
+  r = _row_width(shape[-1]) if len(shape) else None
+  if size < max(CHUNK_MIN, 2 * CHUNK) or r is None:
+    return 1
+  rows = size // r
+  target = size / CHUNK
+  best = 1
+  for c in range(max(2, int(target / 2)), int(2 * target) + 1):
+    if rows % c == 0 and abs(math.log(c / target)) < abs(math.log(best / target)):
+      best = c
+  return best
+
+
+def _chunked(x: Array, c: int) -> Array:
+  """``x`` as ``(c, rows per chunk, row width)`` (see :func:`_num_chunks`)."""
+  r = _row_width(x.shape[-1])
+  return x.reshape(c, -1, r)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _count_ge_chunks(keys: Array, ts: Array, c: int) -> Array:
+  """(c, M) counts of ``keys >= ts[j]`` per chunk."""
+  return _count([(_chunked(keys, c), None)], lambda a: a >= ts, M, lead=1)
 
 
 def _min(parts, value_fn: Callable[..., Array]) -> Array:
@@ -288,8 +337,8 @@ class _S(NamedTuple):
   hi: Array  # uint32: count(>= hi) < q
   c_lo: Array  # int32
   c_hi: Array  # int32
-  leaf_lo: Array  # (L,) int32 per-leaf count(>= lo)
-  leaf_hi: Array  # (L,) int32 per-leaf count(>= hi)
+  part_lo: Array  # (K,) int32 count(>= lo) per part (a leaf or a chunk of one)
+  part_hi: Array  # (K,) int32 count(>= hi) per part
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
@@ -321,7 +370,7 @@ def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
 
 
 def _search_key(
-  count_pass, num_leaves: int, leaf_sizes, n: int, q, center, sigma, sample_pass=None, cold=None
+  count_pass, num_parts: int, part_sizes, n: int, q, center, sigma, sample_pass=None, cold=None
 ):
   """Interpolation search for the Q-th largest key (``q`` in [1, n]).
 
@@ -344,8 +393,8 @@ def _search_key(
     hi=hi0,
     c_lo=jnp.int32(n),
     c_hi=jnp.int32(0),
-    leaf_lo=leaf_sizes,
-    leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
+    part_lo=part_sizes,
+    part_hi=jnp.zeros((num_parts,), jnp.int32),
     sigma=sigma,
     ts=ts0,
     passes=jnp.int32(0),
@@ -369,8 +418,8 @@ def _search_key(
         lambda: s.ts,
       )
     ts = _to_u(ts_i)
-    per_leaf = count_pass(ts_i, s.passes, s.leaf_lo, s.leaf_hi)  # (L, M)
-    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)  # nonincreasing
+    per_part = count_pass(ts_i, s.passes, s.part_lo, s.part_hi)  # (K, M)
+    counts = jnp.sum(per_part, axis=0, dtype=jnp.int32)  # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
@@ -399,7 +448,7 @@ def _search_key(
         m=mode,
         t=ts_i,
         c=counts - q,
-        a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi, leaf_sizes, 0)) / n,
+        a=jnp.sum(jnp.where(s.part_lo != s.part_hi, part_sizes, 0)) / n,
         lo=_to_i(lo),
         hi=_to_i(hi),
         nb=c_lo - c_hi,
@@ -410,8 +459,8 @@ def _search_key(
       hi=hi,
       c_lo=c_lo,
       c_hi=c_hi,
-      leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
-      leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
+      part_lo=jnp.where(new_lo, per_part[:, i_lo], s.part_lo),
+      part_hi=jnp.where(new_hi, per_part[:, i_hi], s.part_hi),
       sigma=sigma,
       ts=nxt,
       passes=s.passes + 1,
@@ -485,6 +534,7 @@ def select(
   hint: Optional[Array] = None,
   sigma: Optional[Array] = None,
   return_info: bool = False,
+  elementwise: bool = False,
 ) -> tuple[Any, ...]:
   """Exact top-Q masks over the keys ``key_fn(operands, i)``, ``i < len(shapes)``.
 
@@ -503,6 +553,12 @@ def select(
     sigma: optional float32 scalar, the expected distance (in keys) between
       the hint and the answer; default 4096.
     return_info: also return a :class:`SearchInfo`.
+    elementwise: promise that each key of leaf ``i`` depends only on the same
+      entry of the arrays of ``operands`` shaped like leaf ``i`` (and on
+      arrays of other shapes as a whole): then ``key_fn`` is also called on
+      flat slices of those arrays, and the passes read large leaves chunk by
+      chunk, skipping the chunks that hold no key of the bracket. False
+      (the default) keeps every leaf whole; the masks are the same.
 
   Returns:
     ``(masks, kth)`` (and ``info``): boolean masks shaped like the keys, with
@@ -524,6 +580,7 @@ def select(
       hint=hint,
       sigma=sigma,
       return_info=return_info,
+      elementwise=elementwise,
     )
     it = iter(out[0])
     masks = [next(it) if size else jnp.zeros(s, bool) for s, size in zip(shapes, sizes)]
@@ -546,24 +603,95 @@ def select(
     return key_fn(operands if ops is None else ops, i)
 
   num_leaves = len(shapes)
+  # Large leaves are split into chunks of about CHUNK keys, each with its own
+  # counts at the bracket ends, so that a pass reads only the chunks that
+  # still hold keys of the bracket (after two passes, a few of hundreds). On
+  # a mesh a chunk would cut across shards: there leaves stay whole.
+  on_mesh = sharding.on_mesh(jax.tree.leaves(operands))
+  chunks = [_num_chunks(shape) if elementwise and not on_mesh else 1 for shape in shapes]
+  first = [int(x) for x in np.cumsum([0] + chunks)]
+  num_parts = first[-1]
+  part_sizes = jnp.asarray(
+    np.concatenate([np.full(c, size // c) for c, size in zip(chunks, sizes)]).astype(np.int32)
+  )
 
-  def count_pass(ts, token, leaf_lo, leaf_hi):
-    # A leaf with no key in the bracket [lo, hi) has the same count at every
-    # threshold inside it: skip reading it (after the first passes, most
-    # leaves hold none of the few keys left in the bracket).
+  def leaf_parts(x, i):
+    return x[first[i] : first[i + 1]]
+
+  def chunk_keys(i, ops, cid):
+    # The keys of chunk `cid` of leaf i: the key function on the same slice
+    # of its leaf-shaped operands (the keys are elementwise in them), so
+    # that only the chunk is read.
+    shape, length = shapes[i], sizes[i] // chunks[i]
+
+    def cut(a):
+      if tuple(getattr(a, "shape", ())) != shape:
+        return a
+      return lax.dynamic_slice_in_dim(a.reshape(-1), cid * np.int32(length), length)
+
+    return key_fn(jax.tree.map(cut, ops), i).reshape(-1, _row_width(shape[-1]))
+
+  def over_active_chunks(i, part_lo, part_hi, idle, visit, whole):
+    # Per chunked leaf: nothing when no chunk is active, a loop over the
+    # active chunks when they are few, else the whole leaf.
+    c = chunks[i]
+    active = leaf_parts(part_lo, i) != leaf_parts(part_hi, i)
+    n_act = jnp.sum(active, dtype=jnp.int32)
+
+    def sparse():
+      # The next active chunk after `cid` (c: none), found by a min over
+      # the leaf's few chunks: cheaper to build than a compaction.
+      iota = jnp.arange(c, dtype=jnp.int32)
+
+      def next_active(cid):
+        return jnp.min(jnp.where(active & (iota > cid), iota, np.int32(c)))
+
+      return lax.while_loop(
+        lambda cr: cr[0] < c,
+        lambda cr: (next_active(cr[0]), visit(cr[1], cr[0])),
+        (next_active(jnp.int32(-1)), idle()),
+      )[1]
+
+    branch = jnp.where(n_act == 0, 0, jnp.where(n_act * SPARSE_FRAC <= c, 1, 2))
+    return lax.switch(branch, [idle, sparse, whole])
+
+  def count_pass(ts, token, part_lo, part_hi):
+    # A leaf (or chunk) with no key in the bracket [lo, hi) has the same
+    # count at every threshold inside it: skip reading it (after the first
+    # passes, most hold none of the few keys left in the bracket).
     ops = tied(token)
     rows = []
     for i in range(num_leaves):
+      j = first[i]
+      if chunks[i] > 1:
+        c = chunks[i]
+        rows.append(
+          over_active_chunks(
+            i,
+            part_lo,
+            part_hi,
+            functools.partial(
+              lambda j, c: jnp.broadcast_to(part_hi[j : j + c, None], (c, M)), j, c
+            ),
+            functools.partial(
+              lambda i, acc, cid: acc.at[cid].set(_count_ge(chunk_keys(i, ops, cid), ts)), i
+            ),
+            functools.partial(lambda i, c: _count_ge_chunks(keys_at(i, ops), ts, c), i, c),
+          )
+        )
+        continue
       count_leaf = functools.partial(lambda i, ops: _count_ge(keys_at(i, ops), ts), i, ops)
       if sizes[i] < SKIP_MIN:  # not worth a branch
         rows.append(count_leaf())
         continue
       rows.append(
         lax.cond(
-          leaf_lo[i] != leaf_hi[i], count_leaf, lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32)
+          part_lo[j] != part_hi[j],
+          count_leaf,
+          lambda j=j: jnp.full((M,), part_hi[j], jnp.int32),
         )
       )
-    return jnp.stack(rows)
+    return jnp.concatenate([r[None] if r.ndim == 1 else r for r in rows])
 
   # -- the Q-th key.
   cold_center, cold_sigma = _cold_center_sigma()
@@ -584,7 +712,7 @@ def select(
   # On a mesh the sample would be gathered onto every device (a strided
   # slice of each shard, concatenated and sorted): there a cold start
   # gallops, and every pass stays a few all-reduced counts.
-  if n >= SAMPLE_MIN and sampled_leaves and not sharding.on_mesh(jax.tree.leaves(operands)):
+  if n >= SAMPLE_MIN and sampled_leaves and not on_mesh:
 
     def sample_thresholds(lo, hi, token):
       # Every stride-th key of every leaf (a strided slice of the key
@@ -597,21 +725,36 @@ def select(
     sample_pass = sample_thresholds
 
   cold = jnp.bool_(True) if hint is None else (hint == NAN_KEY)
-  s = _search_key(count_pass, num_leaves, leaf_sizes, n, q1, center, sig, sample_pass, cold)
+  s = _search_key(count_pass, num_parts, part_sizes, n, q1, center, sig, sample_pass, cold)
 
   # When the search stopped on count(>= lo) == q with a bracket wider than
   # one key, the Q-th key is the smallest key >= lo: one masked-min pass.
   def masked_min():
-    # The smallest key >= lo is in [lo, hi): only leaves with keys there.
+    # The smallest key >= lo is in [lo, hi): only leaves (chunks) with keys there.
     lo = _to_i(s.lo)
     out = jnp.asarray(_INT_MAX)
     for i in range(num_leaves):
       leaf_min = functools.partial(lambda i: _min_at_least(keys_at(i), lo), i)
+      if chunks[i] > 1:
+        leaf_min = over_active_chunks(
+          i,
+          s.part_lo,
+          s.part_hi,
+          lambda: jnp.asarray(_INT_MAX),
+          functools.partial(
+            lambda i, acc, cid: jnp.minimum(acc, _min_at_least(chunk_keys(i, operands, cid), lo)),
+            i,
+          ),
+          leaf_min,
+        )
+        out = jnp.minimum(out, leaf_min)
+        continue
       if sizes[i] < SKIP_MIN:
         out = jnp.minimum(out, leaf_min())
         continue
+      j = first[i]
       out = jnp.minimum(
-        out, lax.cond(s.leaf_lo[i] != s.leaf_hi[i], leaf_min, lambda: jnp.asarray(_INT_MAX))
+        out, lax.cond(s.part_lo[j] != s.part_hi[j], leaf_min, lambda: jnp.asarray(_INT_MAX))
       )
     return out
 
@@ -624,7 +767,11 @@ def select(
   # the first ones in global index order: the per-leaf counts at the bracket
   # ends give the leaf of the cut; passes over that leaf only give the index
   # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-  ties = s.leaf_lo - s.leaf_hi  # per leaf, keys == kth
+  # Per leaf, keys == kth: the chunks' counts at the bracket ends, summed.
+  ties = s.part_lo - s.part_hi
+  if num_parts > num_leaves:
+    cum_parts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ties)])
+    ties = cum_parts[np.array(first[1:])] - cum_parts[np.array(first[:-1])]
   take = q1 - s.c_hi
   cum = jnp.cumsum(ties, dtype=jnp.int32)
   need_tie = (s.c_lo > q1) & (kth != NAN_KEY)

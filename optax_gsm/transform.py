@@ -479,7 +479,16 @@ def _top_q_parts(
         last_key, state.threshold_drift, state.threshold_spread, state.count > 0
       )
       masks, kth = fast_select.select(
-        key_fn, operands, [k.shape for k in keys], q, hint=warm.hint, sigma=warm.sigma
+        key_fn,
+        operands,
+        [k.shape for k in keys],
+        q,
+        hint=warm.hint,
+        sigma=warm.sigma,
+        # A built-in metric is elementwise in (g, w), and stored scores are
+        # keys already: then the passes may read a leaf chunk by chunk. A
+        # metric of the caller's may look at the whole leaf.
+        elementwise=score_momentum is not None or not callable(metric),
       )
     else:
       masks, kth = selection_lib.top_q_keys(keys, q, method=method)

@@ -245,6 +245,82 @@ def test_leaves_of_one_shape_share_kernels():
   assert _leaf_kernels(8) == shared
 
 
+# Leaves split into chunks (with small chunks patched in): a (40, 64) leaf
+# in 40 chunks of 64 keys, (33, 96) in 33 of 96, (2000,) in 40 rows of 25
+# keys... and leaves left whole (too small, or no row width).
+CHUNKED_SHAPES = ((40, 64), (7,), (33, 96), (3, 2, 7), (2000,), (5, 37), (700, 3), (12, 5, 64))
+
+
+def _chunked_search():
+  """A jitted search with chunks of ~64 keys for leaves of >= 512 keys."""
+  with (
+    unittest.mock.patch.object(fast_select, "CHUNK", 64),
+    unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
+  ):
+    chunks = [fast_select._num_chunks(s) for s in CHUNKED_SHAPES]
+
+    @jax.jit
+    def run(leaves, q, hint, sigma):
+      keys = [selection.scores_to_keys(l) for l in leaves]
+      with (
+        unittest.mock.patch.object(fast_select, "CHUNK", 64),
+        unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
+      ):
+        return fast_select.select(
+          lambda ks, i: ks[i],
+          keys,
+          [k.shape for k in keys],
+          q,
+          hint=hint,
+          sigma=sigma,
+          return_info=True,
+          elementwise=True,
+        )
+
+  assert chunks == [40, 1, 33, 1, 40, 1, 1, 60], chunks
+  return run
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "few", "nan", "ones"])
+def test_chunked_leaves_match_numpy_and_whole_leaves(kind):
+  """Chunks change which parts a pass reads, never a count: the masks match
+  the reference and the search takes exactly the passes of whole leaves."""
+  rng = np.random.default_rng(17)
+  if kind == "ones":
+    leaves = [np.ones(s, np.float32) for s in CHUNKED_SHAPES]
+  else:
+    leaves = _leaves(kind, rng, shapes=CHUNKED_SHAPES)
+  n = sum(l.size for l in leaves)
+  run = _chunked_search()
+  qs = set(_qs(n, rng)) | {n // 5, n // 2, 2560, 2567, 2568, 5735, 9000}
+  for q in sorted(qs):
+    want, want_kth = np_select(leaves, q)
+    hints = {INT_MIN, want_kth, min(max(want_kth + 999, INT_MIN + 1), 2**31 - 1), 2**30}
+    for hint in sorted(hints):
+      for sigma in (64.0, 1e6):
+        args = (leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
+        masks, kth, info = run(*args)
+        _assert_masks(masks, want, f"{kind} q={q} hint={hint}")
+        if q > 0 and want_kth != INT_MIN:
+          assert int(kth) == want_kth
+        whole = _search(*args)[2]
+        assert [int(x) for x in info] == [int(x) for x in whole], (q, hint, info, whole)
+
+
+def test_num_chunks():
+  assert fast_select._num_chunks((3, 3, 512, 512)) == 36  # 64K keys each
+  assert fast_select._num_chunks((2048, 1000)) == 32  # rows of 25 keys
+  assert fast_select._num_chunks((512, 512)) == 1  # below CHUNK_MIN
+  assert fast_select._num_chunks((1 << 20, 3)) == 1  # no row width
+  for shape in ((3, 3, 512, 512), (2048, 1000), (4096, 1024), (1000, 1000), (7, 7, 3, 64 * 997)):
+    c = fast_select._num_chunks(shape)
+    size = int(np.prod(shape))
+    rows = size // fast_select._row_width(shape[-1])
+    assert rows % c == 0
+    if c > 1:
+      assert fast_select.CHUNK / 2 <= size / c <= 2 * fast_select.CHUNK, (shape, c)
+
+
 def test_nan_rule():
   s = [np.array([np.nan, 1.0, np.nan, 0.0], np.float32)]
   for q, want in (
@@ -349,6 +425,30 @@ def test_gsm_auto_matches_top_k_over_steps():
   assert last.threshold_drift.dtype == jnp.float32
   assert last.threshold_spread.shape == ()
   assert float(last.threshold_spread) > 0
+
+
+@pytest.mark.parametrize("variant", ["taylor", "score_momentum", "leaf_normalized_metric"])
+def test_gsm_auto_matches_top_k_with_chunked_leaves(variant):
+  """Through the transform: the built-in metric and stored scores read leaf
+  "a" in chunks; a metric of the caller's (here normalised by its leaf's
+  sum, so not elementwise) keeps leaves whole. Every variant is exact."""
+  params, grads = _problem(2)
+  kw = dict(compression=7, momentum=0.9, weight_decay=1e-3)
+  if variant == "score_momentum":
+    kw["score_momentum"] = 0.5
+  elif variant == "leaf_normalized_metric":
+    kw["metric"] = lambda g, w: jnp.abs(g * w) / jnp.sum(jnp.abs(g * w))
+  with (
+    unittest.mock.patch.object(fast_select, "CHUNK", 64),
+    unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
+  ):
+    assert fast_select._num_chunks(params["a"].shape) == 24
+    p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
+  p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(p_auto[k]), np.asarray(p_ref[k]))
+  for sa, sr in zip(s_auto, s_ref):
+    assert float(sa[0].threshold) == float(sr[0].threshold)
 
 
 def test_gsm_warm_start_miss_is_exact():
