@@ -197,7 +197,9 @@ def global_top_q(
       a callable ``params -> that pytree``. Default: floating-point leaves with
       ``ndim >= 2``.
     metric: ``"taylor"`` (:math:`|g w|`, the paper), ``"magnitude"``
-      (:math:`|w|`), or a callable ``(g, w) -> score``.
+      (:math:`|w|`), or a callable ``(g, w) -> score``. (A callable may
+      look at the whole leaf, so the ``"search"`` passes read its leaves
+      whole; the built-in metrics let them read large leaves by chunks.)
     selection: ``"auto"`` (= ``"search"``: an exact interpolation search by
       counting passes, warm-started from the last step's threshold; see
       :mod:`optax_gsm.fast_select`), ``"threshold"`` (exact radix descent on
