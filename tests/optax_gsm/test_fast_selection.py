@@ -73,6 +73,8 @@ def _leaves(kind, rng, shapes=SHAPES, dtype=np.float32):
     elif kind == "nan":
       x = np.where(rng.random(shape) < 0.3, np.nan, rng.standard_normal(shape))
       x = np.where(rng.random(shape) < 0.05, np.inf, x)
+    elif kind == "ones":  # every score tied
+      x = np.ones(shape)
     elif kind == "tiny":  # subnormals and huge values
       x = rng.choice(np.array([1e-45, 3e-45, 1e-38, 1e30, 3e38, -1e-45]), shape)
     else:
@@ -196,10 +198,7 @@ REPEATED_SHAPES = ((3, 40), (7,), (3, 40), (3, 40), (7,), (3, 40))
 @pytest.mark.parametrize("kind", ["ones", "few", "zeros"])
 def test_ties_in_leaves_of_one_shape(kind):
   rng = np.random.default_rng(7)
-  if kind == "ones":
-    leaves = [np.ones(s, np.float32) for s in REPEATED_SHAPES]
-  else:
-    leaves = _leaves(kind, rng, shapes=REPEATED_SHAPES)
+  leaves = _leaves(kind, rng, shapes=REPEATED_SHAPES)
   n = sum(l.size for l in leaves)
   # Cuts at the first ties of a leaf (a walk) and further in (a radix
   # search), in each leaf.
@@ -251,21 +250,20 @@ def test_leaves_of_one_shape_share_kernels():
 CHUNKED_SHAPES = ((40, 64), (7,), (33, 96), (3, 2, 7), (2000,), (5, 37), (700, 3), (12, 5, 64))
 
 
+def _small_chunks():
+  """Chunks of ~64 keys for leaves of >= 512 keys (read when tracing)."""
+  return unittest.mock.patch.multiple(fast_select, CHUNK=64, CHUNK_MIN=512)
+
+
 def _chunked_search():
-  """A jitted search with chunks of ~64 keys for leaves of >= 512 keys."""
-  with (
-    unittest.mock.patch.object(fast_select, "CHUNK", 64),
-    unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
-  ):
+  """A jitted search over leaves of CHUNKED_SHAPES in small chunks."""
+  with _small_chunks():
     chunks = [fast_select._num_chunks(s) for s in CHUNKED_SHAPES]
 
     @jax.jit
     def run(leaves, q, hint, sigma):
       keys = [selection.scores_to_keys(l) for l in leaves]
-      with (
-        unittest.mock.patch.object(fast_select, "CHUNK", 64),
-        unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
-      ):
+      with _small_chunks():
         return fast_select.select(
           lambda ks, i: ks[i],
           keys,
@@ -286,10 +284,7 @@ def test_chunked_leaves_match_numpy_and_whole_leaves(kind):
   """Chunks change which parts a pass reads, never a count: the masks match
   the reference and the search takes exactly the passes of whole leaves."""
   rng = np.random.default_rng(17)
-  if kind == "ones":
-    leaves = [np.ones(s, np.float32) for s in CHUNKED_SHAPES]
-  else:
-    leaves = _leaves(kind, rng, shapes=CHUNKED_SHAPES)
+  leaves = _leaves(kind, rng, shapes=CHUNKED_SHAPES)
   n = sum(l.size for l in leaves)
   run = _chunked_search()
   qs = set(_qs(n, rng)) | {n // 5, n // 2, 2560, 2567, 2568, 5735, 9000}
@@ -438,10 +433,7 @@ def test_gsm_auto_matches_top_k_with_chunked_leaves(variant):
     kw["score_momentum"] = 0.5
   elif variant == "leaf_normalized_metric":
     kw["metric"] = lambda g, w: jnp.abs(g * w) / jnp.sum(jnp.abs(g * w))
-  with (
-    unittest.mock.patch.object(fast_select, "CHUNK", 64),
-    unittest.mock.patch.object(fast_select, "CHUNK_MIN", 512),
-  ):
+  with _small_chunks():
     assert fast_select._num_chunks(params["a"].shape) == 24
     p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
   p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
