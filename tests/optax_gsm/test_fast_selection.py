@@ -406,15 +406,21 @@ def _run(tx, params, grads):
   return params, states, updates
 
 
+def _assert_same_run(params, got, want):
+  """Same final params and the same threshold at every step."""
+  (p_got, s_got), (p_want, s_want) = got, want
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(p_got[k]), np.asarray(p_want[k]))
+  for sg, sw in zip(s_got, s_want, strict=True):
+    assert float(sg[0].threshold) == float(sw[0].threshold)
+
+
 def test_gsm_auto_matches_top_k_over_steps():
   params, grads = _problem()
   kw = dict(compression=7, momentum=0.9, weight_decay=1e-3)
   p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
   p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
-  for k in params:
-    np.testing.assert_array_equal(np.asarray(p_auto[k]), np.asarray(p_ref[k]))
-  for sa, sr in zip(s_auto, s_ref):
-    assert float(sa[0].threshold) == float(sr[0].threshold)
+  _assert_same_run(params, (p_auto, s_auto), (p_ref, s_ref))
   # The warm start is in use: the state tracks the threshold's drift.
   last = s_auto[-1][0]
   assert last.threshold_drift.dtype == jnp.float32
@@ -437,10 +443,7 @@ def test_gsm_auto_matches_top_k_with_chunked_leaves(variant):
     assert fast_select._num_chunks(params["a"].shape) == 24
     p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
   p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
-  for k in params:
-    np.testing.assert_array_equal(np.asarray(p_auto[k]), np.asarray(p_ref[k]))
-  for sa, sr in zip(s_auto, s_ref):
-    assert float(sa[0].threshold) == float(sr[0].threshold)
+  _assert_same_run(params, (p_auto, s_auto), (p_ref, s_ref))
 
 
 def test_gsm_warm_start_miss_is_exact():
