@@ -354,7 +354,6 @@ def search_passes(params, make_grads, q, steps):
       hint=ws.hint,
       sigma=ws.sigma,
       return_info=True,
-      elementwise=True,
     )
     d, s = fast_select.update_drift(last, kth, drift, spread, valid)
     return kth, info, d, s
@@ -458,9 +457,9 @@ def markdown(all_results, info) -> str:
       arr = np.array(p)
       lines.append(
         f"{res['size']}: search passes per step over {len(p)} steady steps "
-        f"(first step cold): key passes {arr[:, 0].tolist()}, masked-min "
-        f"{arr[:, 1].tolist()}, tie-break passes over one leaf "
-        f"{arr[:, 2].tolist()}."
+        f"(first step cold): passes over the model {arr[:, 0].tolist()}; over the "
+        f"collected keys of the bracket: counting {arr[:, 3].tolist()}, masked-min "
+        f"{arr[:, 1].tolist()}, tie-break {arr[:, 2].tolist()}."
       )
   return "\n".join(lines)
 

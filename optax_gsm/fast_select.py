@@ -7,8 +7,9 @@ the Q-th largest key is found differs.
 How:
 
 * A *counting pass* counts, for 8 candidate thresholds at once, how many keys
-  are ``>=`` each. The last axis of every leaf is split into rows of 32 keys;
-  one XLA loop fusion compares each row against the 8 thresholds and writes
+  are ``>=`` each. Every leaf is split into rows of up to 32 keys (on one
+  device the flattened leaf, on a mesh its last axis, so that no row
+  straddles a shard); one XLA loop fusion compares each row against the 8 thresholds and writes
   the 8 per-row counts packed into two int32 (multi-threaded, vectorised
   across the thresholds), and a small second reduction adds those up per
   leaf. On XLA:CPU this is ~5x faster than one ``jnp.sum(keys >= t)``, which
@@ -22,17 +23,18 @@ How:
   about ``sqrt(b)`` per pass. Safeguards keep it exact and bounded on any
   input: galloping while a side of the bracket is open, an evenly spaced
   pass whenever a pass did not shrink the bracket well, and a pass that
-  enumerates the last <= 9 keys. A leaf with no key left in the bracket is
-  skipped (:func:`jax.lax.cond`). Leaves of at least :data:`CHUNK_MIN` keys
-  are tracked in chunks of about :data:`CHUNK` keys, each with its own
-  counts at the bracket ends: once at most 1/:data:`SPARSE_FRAC` of a
-  leaf's chunks hold keys of the bracket, a pass reads only those (a
-  :func:`jax.lax.while_loop` over them, each a dynamic slice of the
-  operands). The bracket after the second pass holds some tens of keys,
-  spread over most leaves but few chunks, so the later passes and the
-  masked min read a few percent of the model instead of most of it. (Only
-  with ``elementwise=True`` and on one device: the key function is then
-  called on slices of the operands.)
+  enumerates the last <= 9 keys.
+* On one device, the search over the model stops as soon as the bracket
+  holds at most a few thousand keys (:data:`COLLECT_ROWS`; for GSM in the
+  steady state, after the first pass). Each pass also writes the 8 counts of
+  every row of 32 keys (packed, 1 byte per 4 keys), and the state keeps each
+  row's counts at both ends of the bracket: the rows whose counts differ
+  hold the bracket's keys. Those rows are listed in order (a popcount prefix
+  sum and binary searches, :func:`_set_bits`), gathered (XLA computes the
+  keys of the gathered rows only), the bracket's keys among them listed in
+  global order, and the search ends over that short list. When the bracket
+  is one key wide with more ties than that, the rows' tie counts give the row
+  of the cut, and only that row is gathered.
 * It starts from a *hint*: for GSM, the previous step's threshold moved by
   its recent drift, with the recent spread of that drift as the scale, kept
   in the optimizer state (the score distribution moves slowly, so the first
@@ -45,32 +47,34 @@ How:
   only then (inside a :func:`jax.lax.cond`) and only for models of at least
   :data:`SAMPLE_MIN` keys on one device; smaller ones, and any on a mesh
   (where the sample would be gathered), start at ``2**-20`` and gallop.
-* When the search stops on ``count(>= lo) == Q`` with a bracket wider than a
-  key, one masked-min pass (over the leaves with keys in the bracket) gives
-  the exact Q-th key.
-* Ties at the threshold are broken by global flat index: the per-leaf counts
-  at the bracket ends tell which leaf holds the cut, and a 9-way search over
+* On a mesh (where the gathers would cross devices) the passes go on to the
+  end. When the search stops on ``count(>= lo) == Q`` with a bracket wider
+  than a key, one masked-min pass (over the leaves with keys in the bracket,
+  a :func:`jax.lax.cond` skipping the others) gives the exact Q-th key. Ties
+  at the threshold are broken by global flat index: the per-leaf counts at
+  the bracket ends tell which leaf holds the cut, and a 9-way search over
   the flat index of that leaf only (a :func:`jax.lax.switch` inside the
   loop) finds it.
 * Keys are a function of the caller's operands (for GSM, of the gradient and
   the weights), recomputed inside every pass, so nothing of the size of the
   model is materialised besides the packed per-row counts (1 byte per 4
-  keys). The masks are elementwise expressions of the keys and a few
+  keys) and, on one device, each row's counts at the bracket's ends (2
+  bytes per 32 keys). The masks are elementwise expressions of the keys and a few
   scalars (materialised as control-flow outputs, so that XLA does not
   recompute them per entry), so they fuse into the consumer (the momentum
   update).
 
 Each leaf's share of the ties at the cut reaches the masks as a run-time
-scalar (an output of the tie-break's :func:`jax.lax.cond`), not as an
+scalar (an output of a :func:`jax.lax.cond`), not as an
 expression of the leaf's number: then the fused update is the same
 computation for every leaf of one shape, as are the passes, and XLA:CPU
 compiles it once and reuses it, so the build time grows with the number of
 leaf shapes more than with the number of leaves.
 
-Every step is an elementwise operation, a reduction, a slice and split of a
-leaf's last axis, or arithmetic on small replicated arrays, which XLA's SPMD
-partitioner handles without gathering a leaf: per pass, a sharded model
-all-reduces a few int32 per leaf. Nothing is concatenated or sorted.
+On a mesh, every step is an elementwise operation, a reduction, a slice and
+split of a leaf's last axis, or arithmetic on small replicated arrays, which
+XLA's SPMD partitioner handles without gathering a leaf: per pass, a sharded
+model all-reduces a few int32 per leaf. Nothing is concatenated or sorted.
 """
 
 from __future__ import annotations
@@ -92,9 +96,9 @@ M = 8  # thresholds per counting pass
 W = 32  # keys per row of a counting pass
 WALK_TIES = 2  # a cut at one of the first WALK_TIES ties: min-index passes
 SKIP_MIN = 1 << 15  # leaves at least this large are skipped when idle
-CHUNK = 1 << 16  # keys per chunk of a large leaf (one device): skipped when idle
-CHUNK_MIN = 1 << 19  # leaves at least this large are split into chunks
-SPARSE_FRAC = 4  # a leaf with at most 1/SPARSE_FRAC of its chunks active reads only those
+COLLECT_ROWS = 1 << 14  # at most this many rows of keys are collected (and 1/8 of all rows)
+COLLECT_ROWS_MIN = 64  # ... or this many, in a small model
+GATHER_ROWS = 256  # rows gathered per step of the collecting loop
 
 NAN_KEY = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
@@ -123,6 +127,7 @@ class SearchInfo(NamedTuple):
   key_passes: jax.Array  # counting passes over all leaves to find the key
   min_pass: jax.Array  # 1 if a masked-min pass fixed the exact key
   tie_passes: jax.Array  # passes over one leaf for the tie-break
+  buffer_passes: jax.Array  # counting passes over the collected keys (0: none collected)
 
 
 def _to_u(k):
@@ -189,13 +194,15 @@ def _blocked_index(x: Array):
   return _blocks(_flat_index(x.shape))
 
 
-def _count(parts, pred_fn: Callable[..., Array], m: int, lead: int = 0) -> Array:
+def _count(parts, pred_fn: Callable[..., Array], m: int, rows: bool = False):
   """(m,) int32 counts of ``pred_fn`` over blocked operands.
 
   ``parts`` is a list of ``(main, rest)`` pairs (one per operand, blocked by
   :func:`_blocks`); ``pred_fn(*operands)`` broadcasts them against a trailing
-  axis of ``m`` thresholds. With ``lead`` > 0, the first ``lead`` axes of
-  ``main`` are kept (counts shaped ``main.shape[:lead] + (m,)``; no ``rest``).
+  axis of ``m`` thresholds. With ``rows``, returns ``(packed, counts)``: also
+  the per-row counts,
+  ``(rows, m / 4)`` int32 with the count of threshold ``j`` in byte ``j % 4``
+  of column ``j // 4`` (no ``rest``).
   """
   mains = [p[0] for p in parts]
   rests = [p[1] for p in parts]
@@ -213,10 +220,9 @@ def _count(parts, pred_fn: Callable[..., Array], m: int, lead: int = 0) -> Array
     )  # (..., m / 4)
     packed = lax.optimization_barrier(packed)
     fields = (packed[..., None] >> shifts) & 255  # (..., m/4, 4)
-    axes = tuple(range(lead, fields.ndim - 2))
-    per = jnp.sum(fields, axis=axes, dtype=jnp.int32)
-    if lead:
-      return per.reshape(per.shape[:lead] + (m,))
+    per = jnp.sum(fields, axis=tuple(range(fields.ndim - 2)), dtype=jnp.int32)
+    if rows:
+      return packed.reshape(-1, m // 4), per.reshape(m)
     total = total + per.reshape(m)
   if rests[0] is not None:
     pred = pred_fn(*[a[..., None] for a in rests])  # (..., r, m)
@@ -235,43 +241,34 @@ def _count_ge(keys: Array, ts: Array) -> Array:
   return _count([_blocks(keys)], lambda a: a >= ts, M)
 
 
+def _flat_width(size: int) -> int:
+  """Keys per row of a flattened leaf of ``size`` keys (one device): a width of
+  :func:`_row_width` for ``size``, else its largest divisor below 4."""
+  r = _row_width(size)
+  return r if r is not None else max(d for d in (1, 2, 3) if size % d == 0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _count_ge_rows(keys: Array, ts: Array, width: int) -> tuple[Array, Array]:
+  """Per-row counts (packed, see :func:`_count`) and (M,) counts of ``keys >= ts[j]``,
+  over the flattened keys in rows of ``width`` (:func:`_flat_width`)."""
+  return _count([(keys.reshape(-1, width), None)], lambda a: a >= ts, M, rows=True)
+
+
+def _row_count(packed: Array, j: Array) -> Array:
+  """Per-row counts (uint8) at threshold ``j`` (a traced index) from :func:`_count_ge_rows`."""
+  # Static columns and a select rather than a dynamic slice of the column:
+  # XLA:CPU vectorises the former, not the latter.
+  word = packed[:, 0]
+  for col in range(1, packed.shape[1]):
+    word = jnp.where(j // 4 == col, packed[:, col], word)
+  return ((word >> ((j % 4) * 8)) & 255).astype(jnp.uint8)
+
+
 @jax.jit
 def _count_ties_below(keys: Array, kth: Array, ps: Array) -> Array:
   """(M,) counts of the entries equal to ``kth`` with flat index ``< ps[j]``."""
   return _count([_blocks(keys), _blocked_index(keys)], lambda kk, ii: (kk == kth) & (ii < ps), M)
-
-
-def _num_chunks(shape) -> int:
-  """Chunks of about :data:`CHUNK` keys a leaf of ``shape`` is split into.
-
-  A chunk is a run of whole rows (:func:`_blocks`) of the flattened leaf, so
-  the count must divide the number of rows; 1 (no split) for leaves below
-  :data:`CHUNK_MIN` keys or without a divisor near ``size / CHUNK``. (Smaller
-  leaves gain little: the chunks' bookkeeping costs build time per leaf.)
-  """
-  size = math.prod(shape)
-  r = _row_width(shape[-1]) if len(shape) else None
-  if size < max(CHUNK_MIN, 2 * CHUNK) or r is None:
-    return 1
-  rows = size // r
-  target = size / CHUNK
-  best = 1
-  for c in range(max(2, int(target / 2)), int(2 * target) + 1):
-    if rows % c == 0 and abs(math.log(c / target)) < abs(math.log(best / target)):
-      best = c
-  return best
-
-
-def _chunked(x: Array, c: int) -> Array:
-  """``x`` as ``(c, rows per chunk, row width)`` (see :func:`_num_chunks`)."""
-  r = _row_width(x.shape[-1])
-  return x.reshape(c, -1, r)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _count_ge_chunks(keys: Array, ts: Array, c: int) -> Array:
-  """(c, M) counts of ``keys >= ts[j]`` per chunk."""
-  return _count([(_chunked(keys, c), None)], lambda a: a >= ts, M, lead=1)
 
 
 def _min(parts, value_fn: Callable[..., Array]) -> Array:
@@ -337,13 +334,15 @@ class _S(NamedTuple):
   hi: Array  # uint32: count(>= hi) < q
   c_lo: Array  # int32
   c_hi: Array  # int32
-  part_lo: Array  # (K,) int32 count(>= lo) per part (a leaf or a chunk of one)
-  part_hi: Array  # (K,) int32 count(>= hi) per part
+  part_lo: Array  # (K,) int32 count(>= lo) per leaf
+  part_hi: Array  # (K,) int32 count(>= hi) per leaf
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
   sampled: Array  # bool: the sample's thresholds have been used
   resample: Array  # bool: the next pass takes the sample's thresholds instead of ``ts``
+  row_lo: Any  # (R,) uint8 count(>= lo) per row of the flattened leaves (or ())
+  row_hi: Any  # (R,) uint8 count(>= hi) per row (or ())
 
 
 def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
@@ -370,9 +369,27 @@ def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
 
 
 def _search_key(
-  count_pass, num_parts: int, part_sizes, n: int, q, center, sigma, sample_pass=None, cold=None
+  count_pass,
+  num_parts: int,
+  part_sizes,
+  n: int,
+  q,
+  center,
+  sigma,
+  sample_pass=None,
+  cold=None,
+  rows0=None,
+  collect_max=None,
 ):
   """Interpolation search for the Q-th largest key (``q`` in [1, n]).
+
+  ``count_pass(ts, token, part_lo, part_hi)`` returns the ``(K, M)``
+  counts per leaf and, with ``rows0`` (the keys per row of the flattened
+  leaves), the packed per-row counts (:func:`_count_ge_rows`; else ``()``):
+  the state then keeps each row's counts at both ends of the bracket. With
+  ``collect_max``, the search stops as soon as the bracket holds at most
+  ``collect_max`` keys (or only one key value), for the caller to collect
+  them; else when ``count(>= lo) == q`` or the bracket is one key wide.
 
   ``sample_pass(lo, hi, token)``, if given, returns 8 thresholds inside
   ``(lo, hi)`` read off a sorted sample of the keys (:func:`_sample_thresholds`);
@@ -400,10 +417,15 @@ def _search_key(
     passes=jnp.int32(0),
     sampled=sampled0,
     resample=sampled0,
+    row_lo=() if rows0 is None else rows0,
+    row_hi=() if rows0 is None else jnp.zeros_like(rows0),
   )
 
   def cond(s):
-    return (s.c_lo != q) & (s.hi - s.lo > np.uint32(1))
+    wide = s.hi - s.lo > np.uint32(1)
+    if collect_max is not None:
+      return wide & (s.c_lo - s.c_hi > collect_max)
+    return wide & (s.c_lo != q)
 
   def body(s):
     ts_i = s.ts
@@ -418,7 +440,12 @@ def _search_key(
         lambda: s.ts,
       )
     ts = _to_u(ts_i)
-    per_part = count_pass(ts_i, s.passes, s.part_lo, s.part_hi)  # (K, M)
+    per_part, packed = count_pass(ts_i, s.passes, s.part_lo, s.part_hi)  # (K, M)
+
+    def row_counts(j):
+      # Every row's count at threshold j, leaf by leaf (fused into the concatenation).
+      return jnp.concatenate([_row_count(p, j) for p in packed])
+
     counts = jnp.sum(per_part, axis=0, dtype=jnp.int32)  # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
@@ -466,6 +493,8 @@ def _search_key(
       passes=s.passes + 1,
       sampled=sampled,
       resample=resample,
+      row_lo=s.row_lo if rows0 is None else jnp.where(new_lo, row_counts(i_lo), s.row_lo),
+      row_hi=s.row_hi if rows0 is None else jnp.where(new_hi, row_counts(i_hi), s.row_hi),
     )
 
   return lax.while_loop(cond, body, s0)
@@ -525,6 +554,166 @@ def _cold_center_sigma():
   return center, jnp.float32(2 * 2**23 / 12.0)
 
 
+def _words(flags: Array) -> Array:
+  """Bit ``j`` of word ``b``: ``flags[32 b + j]`` (``flags`` bool, a multiple of 32 long)."""
+  bits = flags.reshape(-1, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+  return jnp.sum(bits, axis=1, dtype=jnp.uint32)
+
+
+def _set_bits(words: Array, cap: int) -> tuple[Array, Array]:
+  """Where the first ``cap`` set bits of ``words`` (see :func:`_words`) are.
+
+  Returns ``(index, ok)``, each ``(cap,)``: the flat index (``32 b + j``) of
+  the ``k``-th set bit in order, and whether there is a ``k``-th. The word of
+  each comes from a binary search over the words' running popcounts, the bit
+  from a binary search over the popcounts of the word's low bits (5 steps):
+  nothing of the size of ``words`` but one prefix sum, no scan over bits.
+  """
+  per_word = lax.population_count(words).astype(jnp.int32)
+  ends = jnp.cumsum(per_word, dtype=jnp.int32)
+  rank = jnp.arange(1, cap + 1, dtype=jnp.int32)
+  word = jnp.searchsorted(ends, rank, side="left").astype(jnp.int32)
+  word = jnp.minimum(word, words.shape[0] - 1)
+  r = rank - (ends[word] - per_word[word])  # the r-th set bit of its word
+  bits = words[word]
+  pos = jnp.zeros((cap,), jnp.int32)
+  for step in (16, 8, 4, 2, 1):
+    low = (jnp.uint32(1) << (pos + step).astype(jnp.uint32)) - jnp.uint32(1)
+    below = lax.population_count(bits & low).astype(jnp.int32)
+    pos = jnp.where(below < r, pos + step, pos)
+  return word * 32 + pos, rank <= ends[-1]
+
+
+def _tie_row(row_ties: Array, take: Array) -> tuple[Array, Array]:
+  """The row that holds the ``take``-th tie, and the ties in the rows before it.
+
+  ``row_ties`` (uint8, a multiple of 32 long) counts the ties per row: a
+  prefix sum over blocks of 32 rows and a binary search give the block, a
+  prefix sum within it the row.
+  """
+  per = row_ties.reshape(-1, 32).astype(jnp.int32)
+  per_block = jnp.sum(per, axis=1, dtype=jnp.int32)
+  ends = jnp.cumsum(per_block, dtype=jnp.int32)
+  block = jnp.searchsorted(ends, take, side="left").astype(jnp.int32)
+  block = jnp.minimum(block, per.shape[0] - 1)
+  within = jnp.cumsum(per[block], dtype=jnp.int32) + (ends[block] - per_block[block])
+  lane = jnp.sum(within < take, dtype=jnp.int32)
+  return block * 32 + lane, within[lane] - per[block, lane]
+
+
+def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
+  """The Q-th key and the tie limits, from the keys of the bracket, collected.
+
+  The search stopped with at most ``cap`` keys in the bracket ``[lo, hi)``,
+  or with a bracket one key wide (``lo`` is the Q-th key) and more ties.
+
+  * In the first case, a row of the flattened leaves holds keys of the
+    bracket iff its counts at the two ends differ. Those rows (at most
+    ``cap``) are listed in global order (:func:`_set_bits`) and their keys
+    gathered (a loop over runs of :data:`GATHER_ROWS` rows of one leaf; XLA
+    computes only the gathered keys). The keys of the bracket among them are
+    listed in order the same way, and :func:`select` over that list gives
+    the ``(q - c_hi)``-th key of the bracket. The list keeps the global order
+    of the keys, so its tie-break is the global one: its last selected tie
+    gives the leaf and the flat index of the cut.
+  * In the second, the per-row counts of ties give the row of the cut
+    (:func:`_tie_row`); only that row is gathered, and the same selection
+    over its ties gives the cut.
+
+  Returns ``(kth, min_pass, tie_passes, buffer_passes, limits)``.
+  """
+  num_leaves = len(shapes)
+  sizes = [math.prod(shape) for shape in shapes]
+  leaf_rows = [size // w for size, w in zip(sizes, widths)]
+  row_off = np.cumsum([0] + leaf_rows).astype(np.int32)
+  total_rows = int(row_off[-1])
+  pad = -total_rows % 32
+  row_lo = jnp.pad(s.row_lo, (0, pad))
+  row_hi = jnp.pad(s.row_hi, (0, pad))
+
+  many_ties = s.c_lo - s.c_hi > cap  # then hi == lo + 1
+  need = q - s.c_hi
+
+  def cut_row():
+    row, before = _tie_row(row_lo - row_hi, need)
+    return jnp.arange(total_rows + pad, dtype=jnp.int32) == row, need - before
+
+  flags, need = lax.cond(many_ties, cut_row, lambda: (row_lo != row_hi, need))
+  slot_rows, slot_ok = _set_bits(_words(flags), cap)
+  num_active = jnp.sum(slot_ok, dtype=jnp.int32)
+  # Past the last active row: total_rows, padded so that every run of
+  # GATHER_ROWS slots is in bounds (and the list stays sorted).
+  slot_rows = jnp.concatenate(
+    [jnp.where(slot_ok, slot_rows, total_rows), jnp.full((GATHER_ROWS,), total_rows, jnp.int32)]
+  )
+  starts = jnp.searchsorted(slot_rows, jnp.asarray(row_off), side="left").astype(jnp.int32)
+
+  def gather_leaf(i, local, ops):
+    # Rows `local` of leaf i's keys, padded to 32 lanes. XLA fuses the key
+    # computation into the gather: only the gathered rows are computed.
+    w = widths[i]
+    keys = key_fn(ops, i).reshape(-1, w)[jnp.clip(local, 0, leaf_rows[i] - 1)]
+    return jnp.pad(keys, ((0, 0), (0, 32 - w)), constant_values=NAN_KEY)
+
+  branches = [functools.partial(gather_leaf, i) for i in range(num_leaves)]
+  leaf_ends = jnp.asarray(row_off[1:])
+  row_w = jnp.asarray(np.array(widths, np.int32))
+  lanes = jnp.arange(32, dtype=jnp.int32)
+
+  def gather_run(c):
+    # Slots [p, p + GATHER_ROWS) cut at the end of the leaf of slot p; the
+    # next run overwrites the slots past it.
+    p, buf, ok = c
+    i = jnp.sum(leaf_ends <= slot_rows[p], dtype=jnp.int32)
+    end = starts[i + 1]
+    local = lax.dynamic_slice_in_dim(slot_rows, p, GATHER_ROWS) - jnp.asarray(row_off)[i]
+    keys = lax.switch(i, branches, local, tied(p))
+    u = _to_u(keys)
+    slot_in = (p + jnp.arange(GATHER_ROWS, dtype=jnp.int32) < end)[:, None]
+    run_ok = slot_in & (lanes < row_w[i]) & (u >= s.lo) & (u < s.hi)
+    buf = lax.dynamic_update_slice(buf, keys, (p, jnp.int32(0)))
+    ok = lax.dynamic_update_slice(ok, run_ok, (p, jnp.int32(0)))
+    return jnp.minimum(p + GATHER_ROWS, end), buf, ok
+
+  buf0 = jnp.full((cap + GATHER_ROWS, 32), NAN_KEY, jnp.int32)
+  ok0 = jnp.zeros((cap + GATHER_ROWS, 32), bool)
+  _, buf, ok = lax.while_loop(lambda c: c[0] < num_active, gather_run, (jnp.int32(0), buf0, ok0))
+  # The keys of the bracket, in order.
+  at, key_ok = _set_bits(_words(ok[:cap].reshape(-1)), cap)
+  keys = buf[:cap].reshape(-1)[at]
+  # A NaN key of the list is one to take (select() would leave it out):
+  # NAN_KEY + 1, which no score maps to, keeps it below every other key and
+  # above the list's padding.
+  keys = jnp.where(key_ok, jnp.where(keys == NAN_KEY, NAN_KEY + 1, keys), NAN_KEY)
+
+  # The need-th key of the list, from a hint at the interpolation of the bracket.
+  center, sigma, _ = _next_guess(
+    s.lo, s.hi, s.c_lo, s.c_hi, s.sigma, q, s.hi - s.lo, s.c_lo - s.c_hi
+  )
+  (mask,), kth, info = select(
+    lambda k, _: k,
+    keys,
+    [keys.shape],
+    need,
+    hint=_to_i(center),
+    sigma=sigma,
+    return_info=True,
+    collect=False,
+  )
+  # The last selected tie: every tie before it in global order is selected.
+  # (The list's padding comes after its keys, so it is never selected.)
+  last = at[jnp.max(jnp.where(mask & (keys == kth), jnp.arange(cap, dtype=jnp.int32), 0))]
+  kth = jnp.where(kth == NAN_KEY + 1, NAN_KEY, kth)
+  row = slot_rows[last // 32]
+  cut_leaf = jnp.sum(leaf_ends <= row, dtype=jnp.int32)
+  cut = (row - jnp.asarray(row_off)[cut_leaf]) * row_w[cut_leaf] + last % 32
+  limits = tuple(
+    jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
+    for i in range(num_leaves)
+  )
+  return kth, info.min_pass, info.tie_passes, info.key_passes, limits
+
+
 def select(
   key_fn: Callable[[Any, int], Array],
   operands: Any,
@@ -534,7 +723,7 @@ def select(
   hint: Optional[Array] = None,
   sigma: Optional[Array] = None,
   return_info: bool = False,
-  elementwise: bool = False,
+  collect: bool = True,
 ) -> tuple[Any, ...]:
   """Exact top-Q masks over the keys ``key_fn(operands, i)``, ``i < len(shapes)``.
 
@@ -553,12 +742,10 @@ def select(
     sigma: optional float32 scalar, the expected distance (in keys) between
       the hint and the answer; default 4096.
     return_info: also return a :class:`SearchInfo`.
-    elementwise: promise that each key of leaf ``i`` depends only on the same
-      entry of the arrays of ``operands`` shaped like leaf ``i`` (and on
-      arrays of other shapes as a whole): then ``key_fn`` is also called on
-      flat slices of those arrays, and the passes read large leaves chunk by
-      chunk, skipping the chunks that hold no key of the bracket. False
-      (the default) keeps every leaf whole; the masks are the same.
+    collect: once a pass leaves at most a few thousand keys between the
+      bracket's ends, gather them and end the search over them (on one
+      device only). False: counting passes over the leaves to the end. The
+      masks are the same.
 
   Returns:
     ``(masks, kth)`` (and ``info``): boolean masks shaped like the keys, with
@@ -580,7 +767,7 @@ def select(
       hint=hint,
       sigma=sigma,
       return_info=return_info,
-      elementwise=elementwise,
+      collect=collect,
     )
     it = iter(out[0])
     masks = [next(it) if size else jnp.zeros(s, bool) for s, size in zip(shapes, sizes)]
@@ -590,7 +777,7 @@ def select(
   if n == 0:
     masks = [jnp.zeros(s, bool) for s in shapes]
     out = (masks, jnp.int32(NAN_KEY))
-    return out + (SearchInfo(*(jnp.int32(0),) * 3),) if return_info else out
+    return out + (SearchInfo(*(jnp.int32(0),) * 4),) if return_info else out
   q1 = jnp.maximum(q, 1)  # Q = 0 is masked at the end
 
   def tied(token):
@@ -603,95 +790,46 @@ def select(
     return key_fn(operands if ops is None else ops, i)
 
   num_leaves = len(shapes)
-  # Large leaves are split into chunks of about CHUNK keys, each with its own
-  # counts at the bracket ends, so that a pass reads only the chunks that
-  # still hold keys of the bracket (after two passes, a few of hundreds). On
-  # a mesh a chunk would cut across shards: there leaves stay whole.
   on_mesh = sharding.on_mesh(jax.tree.leaves(operands))
-  chunks = [_num_chunks(shape) if elementwise and not on_mesh else 1 for shape in shapes]
-  first = [int(x) for x in np.cumsum([0] + chunks)]
-  num_parts = first[-1]
-  part_sizes = jnp.asarray(
-    np.concatenate([np.full(c, size // c) for c, size in zip(chunks, sizes)]).astype(np.int32)
-  )
-
-  def leaf_parts(x, i):
-    return x[first[i] : first[i + 1]]
-
-  def chunk_keys(i, ops, cid):
-    # The keys of chunk `cid` of leaf i: the key function on the same slice
-    # of its leaf-shaped operands (the keys are elementwise in them), so
-    # that only the chunk is read.
-    shape, length = shapes[i], sizes[i] // chunks[i]
-
-    def cut(a):
-      if tuple(getattr(a, "shape", ())) != shape:
-        return a
-      return lax.dynamic_slice_in_dim(a.reshape(-1), cid * np.int32(length), length)
-
-    return key_fn(jax.tree.map(cut, ops), i).reshape(-1, _row_width(shape[-1]))
-
-  def over_active_chunks(i, part_lo, part_hi, idle, visit, whole):
-    # Per chunked leaf: nothing when no chunk is active, a loop over the
-    # active chunks when they are few, else the whole leaf.
-    c = chunks[i]
-    active = leaf_parts(part_lo, i) != leaf_parts(part_hi, i)
-    n_act = jnp.sum(active, dtype=jnp.int32)
-
-    def sparse():
-      # The next active chunk after `cid` (c: none), found by a min over
-      # the leaf's few chunks: cheaper to build than a compaction.
-      iota = jnp.arange(c, dtype=jnp.int32)
-
-      def next_active(cid):
-        return jnp.min(jnp.where(active & (iota > cid), iota, np.int32(c)))
-
-      return lax.while_loop(
-        lambda cr: cr[0] < c,
-        lambda cr: (next_active(cr[0]), visit(cr[1], cr[0])),
-        (next_active(jnp.int32(-1)), idle()),
-      )[1]
-
-    branch = jnp.where(n_act == 0, 0, jnp.where(n_act * SPARSE_FRAC <= c, 1, 2))
-    return lax.switch(branch, [idle, sparse, whole])
+  # On one device, once a pass leaves few keys in the bracket they are
+  # collected (gathering the rows of the flattened leaves that hold them,
+  # which the pass's per-row counts tell) and the search ends over those:
+  # one pass over the model in the steady state. (On a mesh the rows would
+  # be gathered across devices: there the passes go on.)
+  collect = collect and not on_mesh
+  widths = [_flat_width(size) for size in sizes]
+  part_sizes = jnp.asarray(np.array(sizes, np.int32))
 
   def count_pass(ts, token, part_lo, part_hi):
-    # A leaf (or chunk) with no key in the bracket [lo, hi) has the same
+    # A leaf with no key in the bracket [lo, hi) has the same
     # count at every threshold inside it: skip reading it (after the first
     # passes, most hold none of the few keys left in the bracket).
     ops = tied(token)
+    if collect:
+      return count_rows_pass(ts, ops)
     rows = []
     for i in range(num_leaves):
-      j = first[i]
-      if chunks[i] > 1:
-        c = chunks[i]
-        rows.append(
-          over_active_chunks(
-            i,
-            part_lo,
-            part_hi,
-            functools.partial(
-              lambda j, c: jnp.broadcast_to(part_hi[j : j + c, None], (c, M)), j, c
-            ),
-            functools.partial(
-              lambda i, acc, cid: acc.at[cid].set(_count_ge(chunk_keys(i, ops, cid), ts)), i
-            ),
-            functools.partial(lambda i, c: _count_ge_chunks(keys_at(i, ops), ts, c), i, c),
-          )
-        )
-        continue
       count_leaf = functools.partial(lambda i, ops: _count_ge(keys_at(i, ops), ts), i, ops)
       if sizes[i] < SKIP_MIN:  # not worth a branch
         rows.append(count_leaf())
         continue
       rows.append(
         lax.cond(
-          part_lo[j] != part_hi[j],
+          part_lo[i] != part_hi[i],
           count_leaf,
-          lambda j=j: jnp.full((M,), part_hi[j], jnp.int32),
+          lambda i=i: jnp.full((M,), part_hi[i], jnp.int32),
         )
       )
-    return jnp.concatenate([r[None] if r.ndim == 1 else r for r in rows])
+    return jnp.stack(rows), ()
+
+  def count_rows_pass(ts, ops):
+    # The same pass, keeping the per-row counts of every leaf in one array.
+    # No leaf is skipped: the search stops once few keys are left in the
+    # bracket, before most leaves hold none.
+    packed, counts = zip(
+      *[_count_ge_rows(keys_at(i, ops), ts, widths[i]) for i in range(num_leaves)]
+    )
+    return jnp.stack(counts), packed
 
   # -- the Q-th key.
   cold_center, cold_sigma = _cold_center_sigma()
@@ -725,126 +863,152 @@ def select(
     sample_pass = sample_thresholds
 
   cold = jnp.bool_(True) if hint is None else (hint == NAN_KEY)
-  s = _search_key(count_pass, num_parts, part_sizes, n, q1, center, sig, sample_pass, cold)
-
-  # When the search stopped on count(>= lo) == q with a bracket wider than
-  # one key, the Q-th key is the smallest key >= lo: one masked-min pass.
-  def masked_min():
-    # The smallest key >= lo is in [lo, hi): only leaves (chunks) with keys there.
-    lo = _to_i(s.lo)
-    out = jnp.asarray(_INT_MAX)
-    for i in range(num_leaves):
-      leaf_min = functools.partial(lambda i: _min_at_least(keys_at(i), lo), i)
-      if chunks[i] > 1:
-        leaf_min = over_active_chunks(
-          i,
-          s.part_lo,
-          s.part_hi,
-          lambda: jnp.asarray(_INT_MAX),
-          functools.partial(
-            lambda i, acc, cid: jnp.minimum(acc, _min_at_least(chunk_keys(i, operands, cid), lo)),
-            i,
-          ),
-          leaf_min,
-        )
-        out = jnp.minimum(out, leaf_min)
-        continue
-      if sizes[i] < SKIP_MIN:
-        out = jnp.minimum(out, leaf_min())
-        continue
-      j = first[i]
-      out = jnp.minimum(
-        out, lax.cond(s.part_lo[j] != s.part_hi[j], leaf_min, lambda: jnp.asarray(_INT_MAX))
-      )
-    return out
-
-  need_min = s.hi - s.lo > np.uint32(1)  # then c_lo == q
-  # (A cond output is materialised: computed outside, XLA would fuse the
-  # scalar arithmetic into the elementwise masks below, once per entry.)
-  kth = lax.cond(need_min, masked_min, lambda: _to_i(s.lo))
-
-  # -- ties: more keys equal kth than are needed (count(>= kth) > q). Take
-  # the first ones in global index order: the per-leaf counts at the bracket
-  # ends give the leaf of the cut; passes over that leaf only give the index
-  # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-  # Per leaf, keys == kth: the chunks' counts at the bracket ends, summed.
-  ties = s.part_lo - s.part_hi
-  if num_parts > num_leaves:
-    cum_parts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ties)])
-    ties = cum_parts[np.array(first[1:])] - cum_parts[np.array(first[:-1])]
-  take = q1 - s.c_hi
-  cum = jnp.cumsum(ties, dtype=jnp.int32)
-  need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
-  cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32), jnp.int32(num_leaves))
-  pick = jnp.minimum(cut_leaf, num_leaves - 1)
-  t_local = take - (cum - ties)[pick]
-  size_local = leaf_sizes[pick]
-
-  def probes(lo, hi):
-    width = jnp.maximum(hi - lo, 2)
-    j = jnp.arange(1, M + 1, dtype=jnp.int32)
-    return lo + jnp.clip(j * (width // (M + 1)) + (j * (width % (M + 1))) // (M + 1), 1, width - 1)
-
-  # The branches below take the operands as arguments rather than closing
-  # over them: closed-over, every branch would carry all the others'
-  # operands too (JAX merges the branches' constants), which costs tracing
-  # time quadratic in the number of leaves.
-  def tie_count(i, ops, ps):
-    k = keys_at(i, ops)
-    return _count_ties_below(k, kth, ps)
-
-  def tie_body(c):
-    # Invariant: #(ties with index < lo) < t <= #(ties with index < hi); the
-    # probes of a pass are computed by the previous one (see _search_key).
-    lo, hi, ps, passes = c
-    branches = [functools.partial(tie_count, i) for i in range(num_leaves)]
-    cnt = lax.switch(pick, branches, tied(passes), ps)
-    below = jnp.sum(cnt < t_local, dtype=jnp.int32)  # a prefix
-    lo2 = jnp.where(below > 0, ps[jnp.maximum(below - 1, 0)], lo)
-    hi2 = jnp.where(below < M, ps[jnp.minimum(below, M - 1)], hi)
-    return lo2, hi2, probes(lo2, hi2), passes + 1
-
-  def radix():
-    lo, _, _, passes = lax.while_loop(
-      lambda c: c[1] - c[0] > 1,
-      tie_body,
-      (jnp.int32(0), size_local, probes(jnp.int32(0), size_local), jnp.int32(0)),
+  total_rows = sum(size // w for size, w in zip(sizes, widths)) if collect else 0
+  # At most this many keys (so rows) are collected: a small share of the model.
+  cap = max(min(COLLECT_ROWS, total_rows // 8), min(total_rows, COLLECT_ROWS_MIN))
+  cap = -(-cap // 32) * 32  # whole rows of 32 (in the list of collected keys)
+  rows0 = None
+  if collect:
+    # count(>= 0) per row: all its keys.
+    rows0 = jnp.concatenate(
+      [jnp.full((size // w,), w, jnp.uint8) for size, w in zip(sizes, widths)]
     )
-    return lo, passes
-
-  def next_tie(i, ops, cur):
-    # The smallest index > cur of an entry equal to kth (one 1-lane pass).
-    k = keys_at(i, ops)
-    return _next_tie(k, kth, cur)
-
-  def walk():
-    # The usual case: the cut is at the first or second tie of the leaf.
-    def body(c):
-      cur, passes = c
-      branches = [functools.partial(next_tie, i) for i in range(num_leaves)]
-      return lax.switch(pick, branches, tied(passes), cur), passes + 1
-
-    return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
-
-  def tie_limits(cut, cut_leaf):
-    # Per leaf, the largest flat index whose ties are selected: all of them
-    # before the cut leaf, up to `cut` in it, none after it.
-    return tuple(
-      jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
-      for i in range(num_leaves)
-    )
-
-  def tie_search():
-    cut, passes = lax.cond(t_local <= WALK_TIES, walk, radix)
-    return passes, tie_limits(cut, cut_leaf)
-
-  # The cond's outputs are materialised scalars (see kth above); in the
-  # masks below, the per-leaf limits are then run-time scalars rather than
-  # expressions of the leaf's number, so that the fused update is the same
-  # computation for every leaf of one shape, which XLA compiles once.
-  tie_passes, limits = lax.cond(
-    need_tie, tie_search, lambda: (jnp.int32(0), (jnp.asarray(_INT_MAX),) * num_leaves)
+  s = _search_key(
+    count_pass,
+    num_leaves,
+    part_sizes,
+    n,
+    q1,
+    center,
+    sig,
+    sample_pass,
+    cold,
+    rows0=rows0,
+    collect_max=cap if collect else None,
   )
+
+  def from_passes():
+    # The search's own end: the Q-th key is lo, or the smallest key >= lo;
+    # ties cut by passes over the leaf that holds the cut.
+    # When the search stopped on count(>= lo) == q with a bracket wider than
+    # one key, the Q-th key is the smallest key >= lo: one masked-min pass.
+    def masked_min():
+      # The smallest key >= lo is in [lo, hi): only leaves with keys there.
+      lo = _to_i(s.lo)
+      out = jnp.asarray(_INT_MAX)
+      for i in range(num_leaves):
+        leaf_min = functools.partial(lambda i: _min_at_least(keys_at(i), lo), i)
+        if sizes[i] < SKIP_MIN:
+          out = jnp.minimum(out, leaf_min())
+          continue
+        out = jnp.minimum(
+          out, lax.cond(s.part_lo[i] != s.part_hi[i], leaf_min, lambda: jnp.asarray(_INT_MAX))
+        )
+      return out
+
+    need_min = s.hi - s.lo > np.uint32(1)  # then c_lo == q
+    # (A cond output is materialised: computed outside, XLA would fuse the
+    # scalar arithmetic into the elementwise masks below, once per entry.)
+    kth = lax.cond(need_min, masked_min, lambda: _to_i(s.lo))
+
+    # -- ties: more keys equal kth than are needed (count(>= kth) > q). Take
+    # the first ones in global index order: the per-leaf counts at the bracket
+    # ends give the leaf of the cut; passes over that leaf only give the index
+    # (1 or 2 masked-min passes, or a 9-way search over its flat index).
+    ties = s.part_lo - s.part_hi  # per leaf, keys == kth
+    take = q1 - s.c_hi
+    cum = jnp.cumsum(ties, dtype=jnp.int32)
+    need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
+    cut_leaf = jnp.where(need_tie, jnp.sum(cum < take, dtype=jnp.int32), jnp.int32(num_leaves))
+    pick = jnp.minimum(cut_leaf, num_leaves - 1)
+    t_local = take - (cum - ties)[pick]
+    size_local = leaf_sizes[pick]
+
+    def probes(lo, hi):
+      width = jnp.maximum(hi - lo, 2)
+      j = jnp.arange(1, M + 1, dtype=jnp.int32)
+      return lo + jnp.clip(
+        j * (width // (M + 1)) + (j * (width % (M + 1))) // (M + 1), 1, width - 1
+      )
+
+    # The branches below take the operands as arguments rather than closing
+    # over them: closed-over, every branch would carry all the others'
+    # operands too (JAX merges the branches' constants), which costs tracing
+    # time quadratic in the number of leaves.
+    def tie_count(i, ops, ps):
+      k = keys_at(i, ops)
+      return _count_ties_below(k, kth, ps)
+
+    def tie_body(c):
+      # Invariant: #(ties with index < lo) < t <= #(ties with index < hi); the
+      # probes of a pass are computed by the previous one (see _search_key).
+      lo, hi, ps, passes = c
+      branches = [functools.partial(tie_count, i) for i in range(num_leaves)]
+      cnt = lax.switch(pick, branches, tied(passes), ps)
+      below = jnp.sum(cnt < t_local, dtype=jnp.int32)  # a prefix
+      lo2 = jnp.where(below > 0, ps[jnp.maximum(below - 1, 0)], lo)
+      hi2 = jnp.where(below < M, ps[jnp.minimum(below, M - 1)], hi)
+      return lo2, hi2, probes(lo2, hi2), passes + 1
+
+    def radix():
+      lo, _, _, passes = lax.while_loop(
+        lambda c: c[1] - c[0] > 1,
+        tie_body,
+        (jnp.int32(0), size_local, probes(jnp.int32(0), size_local), jnp.int32(0)),
+      )
+      return lo, passes
+
+    def next_tie(i, ops, cur):
+      # The smallest index > cur of an entry equal to kth (one 1-lane pass).
+      k = keys_at(i, ops)
+      return _next_tie(k, kth, cur)
+
+    def walk():
+      # The usual case: the cut is at the first or second tie of the leaf.
+      def body(c):
+        cur, passes = c
+        branches = [functools.partial(next_tie, i) for i in range(num_leaves)]
+        return lax.switch(pick, branches, tied(passes), cur), passes + 1
+
+      return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
+
+    def tie_limits(cut, cut_leaf):
+      # Per leaf, the largest flat index whose ties are selected: all of them
+      # before the cut leaf, up to `cut` in it, none after it.
+      return tuple(
+        jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
+        for i in range(num_leaves)
+      )
+
+    def tie_search():
+      cut, passes = lax.cond(t_local <= WALK_TIES, walk, radix)
+      return passes, tie_limits(cut, cut_leaf)
+
+    # The cond's outputs are materialised scalars (see kth above); in the
+    # masks below, the per-leaf limits are then run-time scalars rather than
+    # expressions of the leaf's number, so that the fused update is the same
+    # computation for every leaf of one shape, which XLA compiles once.
+    tie_passes, limits = lax.cond(
+      need_tie, tie_search, lambda: (jnp.int32(0), (jnp.asarray(_INT_MAX),) * num_leaves)
+    )
+    return kth, need_min.astype(jnp.int32), tie_passes, jnp.int32(0), limits
+
+  def from_buffer():
+    return _finish_in_buffer(key_fn, shapes, widths, s, q1, cap, tied)
+
+  if collect:
+    # The outputs of a cond are materialised: else XLA would fuse the scalar
+    # arithmetic of the limits into each leaf's masks, once per entry and
+    # with the leaf's number in it (no kernel shared between leaves of one
+    # shape). (The predicate is always true, but neither JAX nor XLA can
+    # tell: a loop's output.)
+    kth, min_pass, tie_passes, buffer_passes, limits = lax.cond(
+      s.passes >= 0,
+      from_buffer,
+      lambda: (jnp.int32(NAN_KEY),) + (jnp.int32(0),) * 3 + ((jnp.int32(-1),) * num_leaves,),
+    )
+  else:
+    kth, min_pass, tie_passes, buffer_passes, limits = from_passes()
   q_pos, everything = q > 0, q >= n
 
   # -- masks: elementwise in the keys, fused into whatever consumes them.
@@ -857,7 +1021,10 @@ def select(
   kth = jnp.where(q > 0, kth, NAN_KEY)
   if return_info:
     info = SearchInfo(
-      key_passes=s.passes, min_pass=need_min.astype(jnp.int32), tie_passes=tie_passes
+      key_passes=s.passes,
+      min_pass=min_pass,
+      tie_passes=tie_passes,
+      buffer_passes=buffer_passes,
     )
     return masks, kth, info
   return masks, kth

@@ -130,9 +130,7 @@ def top_q_keys(keys: Sequence[Array], q, *, method: str = "threshold") -> tuple[
   n = sum(int(k.size) for k in keys)
   q = jnp.clip(jnp.asarray(q, jnp.int32), 0, n)
   if method in ("auto", "search"):
-    masks, kth = fast_select.select(
-      lambda ks, i: ks[i], keys, [k.shape for k in keys], q, elementwise=True
-    )
+    masks, kth = fast_select.select(lambda ks, i: ks[i], keys, [k.shape for k in keys], q)
   elif method == "threshold":
     masks, kth = _threshold_select(keys, q)
   elif method == "top_k":

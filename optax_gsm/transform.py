@@ -197,9 +197,7 @@ def global_top_q(
       a callable ``params -> that pytree``. Default: floating-point leaves with
       ``ndim >= 2``.
     metric: ``"taylor"`` (:math:`|g w|`, the paper), ``"magnitude"``
-      (:math:`|w|`), or a callable ``(g, w) -> score``. (A callable may
-      look at the whole leaf, so the ``"search"`` passes read its leaves
-      whole; the built-in metrics let them read large leaves by chunks.)
+      (:math:`|w|`), or a callable ``(g, w) -> score``.
     selection: ``"auto"`` (= ``"search"``: an exact interpolation search by
       counting passes, warm-started from the last step's threshold; see
       :mod:`optax_gsm.fast_select`), ``"threshold"`` (exact radix descent on
@@ -487,10 +485,6 @@ def _top_q_parts(
         q,
         hint=warm.hint,
         sigma=warm.sigma,
-        # A built-in metric is elementwise in (g, w), and stored scores are
-        # keys already: then the passes may read a leaf chunk by chunk. A
-        # metric of the caller's may look at the whole leaf.
-        elementwise=score_momentum is not None or not callable(metric),
       )
     else:
       masks, kth = selection_lib.top_q_keys(keys, q, method=method)

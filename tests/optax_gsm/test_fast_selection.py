@@ -47,11 +47,18 @@ def _select(leaves, q, method):
   return selection.top_q_keys(keys, q, method=method)
 
 
-@jax.jit
-def _search(leaves, q, hint, sigma):
+@functools.partial(jax.jit, static_argnames=("collect",))
+def _search(leaves, q, hint, sigma, collect=True):
   keys = [selection.scores_to_keys(l) for l in leaves]
   return fast_select.select(
-    lambda ks, i: ks[i], keys, [k.shape for k in keys], q, hint=hint, sigma=sigma, return_info=True
+    lambda ks, i: ks[i],
+    keys,
+    [k.shape for k in keys],
+    q,
+    hint=hint,
+    sigma=sigma,
+    return_info=True,
+    collect=collect,
   )
 
 
@@ -139,10 +146,11 @@ def test_traced_q_under_jit():
     _assert_masks(f(jnp.int32(q)), np_select(leaves, q)[0])
 
 
+@pytest.mark.parametrize("collect", [True, False], ids=["collect", "passes"])
 @pytest.mark.parametrize(
   "hint_kind", ["exact", "near", "far_above", "far_below", "nan_key", "int_max", "int_min_plus_one"]
 )
-def test_search_is_exact_from_any_hint(hint_kind):
+def test_search_is_exact_from_any_hint(hint_kind, collect):
   """Warm-start hits and misses: the hint only changes the passes."""
   rng = np.random.default_rng(3)
   for kind in ("random", "zeros", "few", "nan"):
@@ -160,7 +168,8 @@ def test_search_is_exact_from_any_hint(hint_kind):
         "int_min_plus_one": INT_MIN + 1,
       }[hint_kind]
       for sigma in (0.5, 4096.0, 1e9):
-        masks, kth, info = _search(leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
+        args = (leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
+        masks, kth, info = _search(*args, collect=collect)
         _assert_masks(masks, want, f"{kind} q={q} hint={hint_kind}")
         if q > 0 and want_kth != INT_MIN:
           assert int(kth) == want_kth
@@ -179,13 +188,15 @@ def test_search_with_exact_hint_needs_few_passes():
   assert int(info.key_passes) <= 3, info
 
 
-def test_ties_spanning_leaves_are_cut_by_global_index():
+@pytest.mark.parametrize("collect", [True, False], ids=["collect", "passes"])
+def test_ties_spanning_leaves_are_cut_by_global_index(collect):
   # All entries equal: the first q in global order, across leaf boundaries.
   leaves = [np.ones((3, 40), np.float32), np.ones((7,), np.float32), np.ones((2, 33), np.float32)]
   n = sum(l.size for l in leaves)
   for q in (1, 119, 120, 121, 126, 127, 128, n - 1):
     want, _ = np_select(leaves, q)
-    masks, _, info = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    args = (leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    masks, _, info = _search(*args, collect=collect)
     _assert_masks(masks, want, f"q={q}")
     assert sum(int(np.sum(m)) for m in masks) == q
 
@@ -195,8 +206,9 @@ def test_ties_spanning_leaves_are_cut_by_global_index():
 REPEATED_SHAPES = ((3, 40), (7,), (3, 40), (3, 40), (7,), (3, 40))
 
 
+@pytest.mark.parametrize("collect", [True, False], ids=["collect", "passes"])
 @pytest.mark.parametrize("kind", ["ones", "few", "zeros"])
-def test_ties_in_leaves_of_one_shape(kind):
+def test_ties_in_leaves_of_one_shape(kind, collect):
   rng = np.random.default_rng(7)
   leaves = _leaves(kind, rng, shapes=REPEATED_SHAPES)
   n = sum(l.size for l in leaves)
@@ -205,7 +217,8 @@ def test_ties_in_leaves_of_one_shape(kind):
   qs = {1, 2, 3, 119, 120, 121, 122, 127, 128, 129, 180, 250, 367, 369, 372, 400, n - 1}
   for q in sorted(qs | set(_qs(n, rng))):
     want, want_kth = np_select(leaves, q)
-    masks, kth, _ = _search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    args = (leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    masks, kth, _ = _search(*args, collect=collect)
     _assert_masks(masks, want, f"{kind} q={q}")
     if q > 0:
       assert int(kth) == want_kth
@@ -244,76 +257,93 @@ def test_leaves_of_one_shape_share_kernels():
   assert _leaf_kernels(8) == shared
 
 
-# Leaves split into chunks (with small chunks patched in): a (40, 64) leaf
-# in 40 chunks of 64 keys, (33, 96) in 33 of 96, (2000,) in 40 rows of 25
-# keys... and leaves left whole (too small, or no row width).
-CHUNKED_SHAPES = ((40, 64), (7,), (33, 96), (3, 2, 7), (2000,), (5, 37), (700, 3), (12, 5, 64))
+# Collecting the bracket's keys, made to happen with small limits patched in
+# (at most 32 keys collected, runs of 4 rows): leaves in rows of 32, 7, 21,
+# 25, 5 and 1 keys (a prime size, a scalar), so rows and runs end
+# everywhere, and the all-tied kinds take the path of a cut inside one row.
+COLLECT_SHAPES = (
+  (40, 64), (7,), (33, 96), (3, 2, 7), (2000,), (5, 37), (700, 3), (12, 5, 64), (1021,), (),
+  (1000, 1),
+)  # fmt: skip
 
 
-def _small_chunks():
-  """Chunks of ~64 keys for leaves of >= 512 keys (read when tracing)."""
-  return unittest.mock.patch.multiple(fast_select, CHUNK=64, CHUNK_MIN=512)
+def _small_collect():
+  """At most 32 keys collected, gathered 4 rows at a time (read when tracing)."""
+  return unittest.mock.patch.multiple(
+    fast_select, COLLECT_ROWS=16, COLLECT_ROWS_MIN=16, GATHER_ROWS=4
+  )
 
 
-def _chunked_search():
-  """A jitted search over leaves of CHUNKED_SHAPES in small chunks."""
-  with _small_chunks():
-    chunks = [fast_select._num_chunks(s) for s in CHUNKED_SHAPES]
-
-    @jax.jit
-    def run(leaves, q, hint, sigma):
-      keys = [selection.scores_to_keys(l) for l in leaves]
-      with _small_chunks():
-        return fast_select.select(
-          lambda ks, i: ks[i],
-          keys,
-          [k.shape for k in keys],
-          q,
-          hint=hint,
-          sigma=sigma,
-          return_info=True,
-          elementwise=True,
-        )
-
-  assert chunks == [40, 1, 33, 1, 40, 1, 1, 60], chunks
-  return run
+@functools.partial(jax.jit, static_argnames=("collect",))
+def _small_collect_search(leaves, q, hint, sigma, collect=True):
+  with _small_collect():
+    return _search.__wrapped__(leaves, q, hint, sigma, collect=collect)
 
 
-@pytest.mark.parametrize("kind", ["random", "zeros", "few", "nan", "ones"])
-def test_chunked_leaves_match_numpy_and_whole_leaves(kind):
-  """Chunks change which parts a pass reads, never a count: the masks match
-  the reference and the search takes exactly the passes of whole leaves."""
+@pytest.mark.parametrize("kind", ["random", "zeros", "few", "nan", "ones", "tiny"])
+def test_collected_search_matches_numpy_and_passes(kind):
+  """Collecting changes where the search ends, never the answer: the masks
+  match the reference and the search by passes only."""
   rng = np.random.default_rng(17)
-  leaves = _leaves(kind, rng, shapes=CHUNKED_SHAPES)
+  leaves = _leaves(kind, rng, shapes=COLLECT_SHAPES)
   n = sum(l.size for l in leaves)
-  run = _chunked_search()
+  assert [fast_select._flat_width(l.size) for l in leaves] == [
+    32, 7, 32, 21, 25, 5, 25, 32, 1, 1, 25
+  ]  # fmt: skip
   qs = set(_qs(n, rng)) | {n // 5, n // 2, 2560, 2567, 2568, 5735, 9000}
+  collected = 0
   for q in sorted(qs):
     want, want_kth = np_select(leaves, q)
     hints = {INT_MIN, want_kth, min(max(want_kth + 999, INT_MIN + 1), 2**31 - 1), 2**30}
     for hint in sorted(hints):
       for sigma in (64.0, 1e6):
         args = (leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
-        masks, kth, info = run(*args)
+        masks, kth, info = _small_collect_search(*args)
         _assert_masks(masks, want, f"{kind} q={q} hint={hint}")
         if q > 0 and want_kth != INT_MIN:
           assert int(kth) == want_kth
-        whole = _search(*args)[2]
-        assert [int(x) for x in info] == [int(x) for x in whole], (q, hint, info, whole)
+        _assert_masks(_small_collect_search(*args, collect=False)[0], want, "passes only")
+        collected += int(info.buffer_passes) > 0
+  assert collected > 0
 
 
-def test_num_chunks():
-  assert fast_select._num_chunks((3, 3, 512, 512)) == 36  # 64K keys each
-  assert fast_select._num_chunks((2048, 1000)) == 32  # rows of 25 keys
-  assert fast_select._num_chunks((512, 512)) == 1  # below CHUNK_MIN
-  assert fast_select._num_chunks((1 << 20, 3)) == 1  # no row width
-  for shape in ((3, 3, 512, 512), (2048, 1000), (4096, 1024), (1000, 1000), (7, 7, 3, 64 * 997)):
-    c = fast_select._num_chunks(shape)
-    size = int(np.prod(shape))
-    rows = size // fast_select._row_width(shape[-1])
-    assert rows % c == 0
-    if c > 1:
-      assert fast_select.CHUNK / 2 <= size / c <= 2 * fast_select.CHUNK, (shape, c)
+def test_all_tied_keys_are_cut_inside_a_row():
+  """Far more ties than can be collected: the cut's row comes from the
+  per-row counts, and only that row is read."""
+  leaves = [np.ones(s, np.float32) for s in COLLECT_SHAPES]
+  n = sum(l.size for l in leaves)
+  for q in (1, 31, 32, 33, 2559, 2560, 2561, 2567, 5735, n - 1, n):
+    want, _ = np_select(leaves, q)
+    masks, _, _ = _small_collect_search(leaves, jnp.int32(q), jnp.int32(INT_MIN), jnp.float32(1.0))
+    _assert_masks(masks, want, f"q={q}")
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+  flags=hnp.arrays(bool, st.sampled_from([32, 64, 320]), elements=st.booleans()),
+  cap=st.integers(1, 96),
+)
+def test_set_bits_lists_the_set_entries_in_order(flags, cap):
+  index, ok = fast_select._set_bits(fast_select._words(jnp.asarray(flags)), cap)
+  want = np.flatnonzero(flags)[:cap]
+  np.testing.assert_array_equal(np.asarray(ok), np.arange(cap) < len(want))
+  np.testing.assert_array_equal(np.asarray(index)[: len(want)], want)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+  ties=hnp.arrays(np.uint8, st.sampled_from([32, 96]), elements=st.integers(0, 32)),
+  frac=st.floats(0.0, 1.0),
+)
+def test_tie_row_finds_the_row_of_the_take_th_tie(ties, frac):
+  total = int(ties.sum())
+  hypothesis.assume(total > 0)
+  take = 1 + int(frac * (total - 1))
+  row, before = fast_select._tie_row(jnp.asarray(ties), jnp.int32(take))
+  cum = np.cumsum(ties.astype(np.int64))
+  want = int(np.searchsorted(cum, take))
+  assert int(row) == want
+  assert int(before) == int(cum[want] - ties[want])
 
 
 def test_nan_rule():
@@ -354,10 +384,12 @@ _VALUES = st.sampled_from([float(np.float32(v)) for v in _SPECIAL])
 def test_properties(a, b, q, hint, sigma):
   leaves = [a, b]
   n = a.size + b.size
-  masks, _, _ = _search(leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
+  args = (leaves, jnp.int32(q), jnp.int32(hint), jnp.float32(sigma))
+  masks, _, _ = _search(*args)
   masks = [np.asarray(m) for m in masks]
   want, _ = np_select(leaves, q)
   _assert_masks(masks, want)
+  _assert_masks(_search(*args, collect=False)[0], want, "passes only")
   sel = np.concatenate([m.ravel() for m in masks])
   keys = np.concatenate([np_keys(l).ravel() for l in leaves])
   n_real = int(np.sum(keys != INT_MIN))
@@ -429,18 +461,18 @@ def test_gsm_auto_matches_top_k_over_steps():
 
 
 @pytest.mark.parametrize("variant", ["taylor", "score_momentum", "leaf_normalized_metric"])
-def test_gsm_auto_matches_top_k_with_chunked_leaves(variant):
-  """Through the transform: the built-in metric and stored scores read leaf
-  "a" in chunks; a metric of the caller's (here normalised by its leaf's
-  sum, so not elementwise) keeps leaves whole. Every variant is exact."""
+def test_gsm_auto_matches_top_k_when_collecting(variant):
+  """Through the transform, with the built-in metric, stored scores and a
+  metric of the caller's (normalised by its leaf's sum: the gathered rows'
+  keys still come from the whole leaf), at most 32 keys collected 4 rows at
+  a time: every step is exact."""
   params, grads = _problem(2)
   kw = dict(compression=7, momentum=0.9, weight_decay=1e-3)
   if variant == "score_momentum":
     kw["score_momentum"] = 0.5
   elif variant == "leaf_normalized_metric":
     kw["metric"] = lambda g, w: jnp.abs(g * w) / jnp.sum(jnp.abs(g * w))
-  with _small_chunks():
-    assert fast_select._num_chunks(params["a"].shape) == 24
+  with _small_collect():
     p_auto, s_auto, _ = _run(optax_gsm.gsm(0.05, selection="auto", **kw), params, grads)
   p_ref, s_ref, _ = _run(optax_gsm.gsm(0.05, selection="top_k", **kw), params, grads)
   _assert_same_run(params, (p_auto, s_auto), (p_ref, s_ref))

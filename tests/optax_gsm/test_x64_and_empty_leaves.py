@@ -89,7 +89,7 @@ def test_search_under_x64_with_hint_and_info():
   for a, b in zip(off[0], on[0]):
     np.testing.assert_array_equal(a, b)
   assert int(on[1]) == int(off[1]) and on[1].dtype == jnp.int32
-  assert [x.dtype for x in on[2]] == [jnp.int32] * 3
+  assert [x.dtype for x in on[2]] == [jnp.int32] * len(fast_select.SearchInfo._fields)
 
 
 def test_warm_start_and_drift_keep_32_bit_dtypes_under_x64():
