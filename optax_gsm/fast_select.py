@@ -194,36 +194,41 @@ def _blocked_index(x: Array):
   return _blocks(_flat_index(x.shape))
 
 
-def _count(parts, pred_fn: Callable[..., Array], m: int, rows: bool = False):
+def _packed_rows(mains, pred_fn: Callable[..., Array], m: int) -> tuple[Array, Array]:
+  """Per-row counts of ``pred_fn`` over row-blocked operands, packed, and their sums.
+
+  Returns ``(packed, counts)``: ``(..., m / 4)`` int32 with the count of
+  threshold ``j`` of each row in byte ``j % 4`` of column ``j // 4``, and the
+  ``(m,)`` totals.
+  """
+  pred = pred_fn(*[a[..., None] for a in mains])  # (..., W, m)
+  per_row = jnp.sum(pred, axis=-2, dtype=jnp.int32)  # (..., m), <= W
+  # Four per-row counts (<= 32) are packed into the bytes of one int32,
+  # which quarters what the pass writes. The barrier keeps XLA from
+  # merging this sum with the next into one that it would run
+  # single-threaded through a full-size temporary.
+  shifts = np.arange(4, dtype=np.int32) * 8
+  packed = jnp.sum(
+    per_row.reshape(per_row.shape[:-1] + (m // 4, 4)) << shifts, axis=-1, dtype=jnp.int32
+  )  # (..., m / 4)
+  packed = lax.optimization_barrier(packed)
+  fields = (packed[..., None] >> shifts) & 255  # (..., m/4, 4)
+  per = jnp.sum(fields, axis=tuple(range(fields.ndim - 2)), dtype=jnp.int32)
+  return packed, per.reshape(m)
+
+
+def _count(parts, pred_fn: Callable[..., Array], m: int) -> Array:
   """(m,) int32 counts of ``pred_fn`` over blocked operands.
 
   ``parts`` is a list of ``(main, rest)`` pairs (one per operand, blocked by
   :func:`_blocks`); ``pred_fn(*operands)`` broadcasts them against a trailing
-  axis of ``m`` thresholds. With ``rows``, returns ``(packed, counts)``: also
-  the per-row counts,
-  ``(rows, m / 4)`` int32 with the count of threshold ``j`` in byte ``j % 4``
-  of column ``j // 4`` (no ``rest``).
+  axis of ``m`` thresholds.
   """
   mains = [p[0] for p in parts]
   rests = [p[1] for p in parts]
   total = jnp.zeros((m,), jnp.int32)
   if mains[0] is not None:
-    pred = pred_fn(*[a[..., None] for a in mains])  # (..., W, m)
-    per_row = jnp.sum(pred, axis=-2, dtype=jnp.int32)  # (..., m), <= W
-    # Four per-row counts (<= 32) are packed into the bytes of one int32,
-    # which quarters what the pass writes. The barrier keeps XLA from
-    # merging this sum with the next into one that it would run
-    # single-threaded through a full-size temporary.
-    shifts = np.arange(4, dtype=np.int32) * 8
-    packed = jnp.sum(
-      per_row.reshape(per_row.shape[:-1] + (m // 4, 4)) << shifts, axis=-1, dtype=jnp.int32
-    )  # (..., m / 4)
-    packed = lax.optimization_barrier(packed)
-    fields = (packed[..., None] >> shifts) & 255  # (..., m/4, 4)
-    per = jnp.sum(fields, axis=tuple(range(fields.ndim - 2)), dtype=jnp.int32)
-    if rows:
-      return packed.reshape(-1, m // 4), per.reshape(m)
-    total = total + per.reshape(m)
+    total = total + _packed_rows(mains, pred_fn, m)[1]
   if rests[0] is not None:
     pred = pred_fn(*[a[..., None] for a in rests])  # (..., r, m)
     axes = tuple(range(pred.ndim - 1))
@@ -250,9 +255,9 @@ def _flat_width(size: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _count_ge_rows(keys: Array, ts: Array, width: int) -> tuple[Array, Array]:
-  """Per-row counts (packed, see :func:`_count`) and (M,) counts of ``keys >= ts[j]``,
+  """Per-row counts (packed, see :func:`_packed_rows`) and (M,) counts of ``keys >= ts[j]``,
   over the flattened keys in rows of ``width`` (:func:`_flat_width`)."""
-  return _count([(keys.reshape(-1, width), None)], lambda a: a >= ts, M, rows=True)
+  return _packed_rows([keys.reshape(-1, width)], lambda a: a >= ts, M)
 
 
 def _row_count(packed: Array, j: Array) -> Array:
