@@ -24,9 +24,10 @@ How:
   input: galloping while a side of the bracket is open, an evenly spaced
   pass whenever a pass did not shrink the bracket well, and a pass that
   enumerates the last <= 9 keys.
-* On one device, the search over the model stops as soon as the bracket
-  holds at most a few thousand keys (:data:`COLLECT_ROWS`; for GSM in the
-  steady state, after the first pass). Each pass also writes the 8 counts of
+* On one device, for models of at least :data:`COLLECT_MIN` keys, the
+  search over the model stops as soon as the bracket holds at most a few
+  thousand keys (:data:`COLLECT_ROWS`; for GSM in the steady state, after
+  the first pass). Each pass also writes the 8 counts of
   every row of 32 keys (packed, 1 byte per 4 keys), and the state keeps each
   row's counts at both ends of the bracket: the rows whose counts differ
   hold the bracket's keys. Those rows are listed in order (a popcount prefix
@@ -98,6 +99,7 @@ WALK_TIES = 2  # a cut at one of the first WALK_TIES ties: min-index passes
 SKIP_MIN = 1 << 15  # leaves at least this large are skipped when idle
 COLLECT_ROWS = 1 << 14  # at most this many rows of keys are collected (and 1/8 of all rows)
 COLLECT_ROWS_MIN = 64  # ... or this many, in a small model
+COLLECT_MIN = 1 << 16  # fewer keys than this: no collecting (a pass costs little, the build more)
 GATHER_ROWS = 256  # rows gathered per step of the collecting loop
 
 NAN_KEY = np.int32(np.iinfo(np.int32).min)
@@ -747,10 +749,11 @@ def select(
     sigma: optional float32 scalar, the expected distance (in keys) between
       the hint and the answer; default 4096.
     return_info: also return a :class:`SearchInfo`.
-    collect: once a pass leaves at most a few thousand keys between the
-      bracket's ends, gather them and end the search over them (on one
-      device only). False: counting passes over the leaves to the end. The
-      masks are the same.
+    collect: once a pass leaves at most :data:`COLLECT_ROWS` keys (and at
+      most one per 8 rows of keys) between the bracket's ends, gather them and
+      end the search over them (on one device, for at least
+      :data:`COLLECT_MIN` keys). False: counting passes over the leaves to
+      the end. The masks are the same.
 
   Returns:
     ``(masks, kth)`` (and ``info``): boolean masks shaped like the keys, with
@@ -801,7 +804,7 @@ def select(
   # which the pass's per-row counts tell) and the search ends over those:
   # one pass over the model in the steady state. (On a mesh the rows would
   # be gathered across devices: there the passes go on.)
-  collect = collect and not on_mesh
+  collect = collect and not on_mesh and n >= COLLECT_MIN
   widths = [_flat_width(size) for size in sizes]
   part_sizes = jnp.asarray(np.array(sizes, np.int32))
 

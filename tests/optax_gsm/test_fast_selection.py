@@ -49,17 +49,19 @@ def _select(leaves, q, method):
 
 @functools.partial(jax.jit, static_argnames=("collect",))
 def _search(leaves, q, hint, sigma, collect=True):
+  """The search over ``leaves``; with ``collect``, collecting at any size."""
   keys = [selection.scores_to_keys(l) for l in leaves]
-  return fast_select.select(
-    lambda ks, i: ks[i],
-    keys,
-    [k.shape for k in keys],
-    q,
-    hint=hint,
-    sigma=sigma,
-    return_info=True,
-    collect=collect,
-  )
+  with unittest.mock.patch.object(fast_select, "COLLECT_MIN", 0):
+    return fast_select.select(
+      lambda ks, i: ks[i],
+      keys,
+      [k.shape for k in keys],
+      q,
+      hint=hint,
+      sigma=sigma,
+      return_info=True,
+      collect=collect,
+    )
 
 
 def _assert_masks(got, want, msg=""):
@@ -224,7 +226,7 @@ def test_ties_in_leaves_of_one_shape(kind, collect):
       assert int(kth) == want_kth
 
 
-def _leaf_kernels(num_leaves: int) -> int:
+def _leaf_kernels(num_leaves: int, collect_min: int) -> int:
   """Distinct XLA kernels that read or write a leaf-sized array in the
   compiled GSM step over ``num_leaves`` leaves of one shape (up to names)."""
   params = {f"w{i}": jnp.ones((64, 96)) for i in range(num_leaves)}
@@ -235,7 +237,8 @@ def _leaf_kernels(num_leaves: int) -> int:
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s
 
-  hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+  with unittest.mock.patch.object(fast_select, "COLLECT_MIN", collect_min):
+    hlo = jax.jit(step).lower(params, state, params).compile().as_text()
   kernels = set()
   for block in hlo.split("\n\n"):
     block = block.strip()
@@ -248,13 +251,14 @@ def _leaf_kernels(num_leaves: int) -> int:
   return len(kernels)
 
 
-def test_leaves_of_one_shape_share_kernels():
+@pytest.mark.parametrize("collect_min", [0, 2**62], ids=["collect", "passes"])
+def test_leaves_of_one_shape_share_kernels(collect_min):
   # XLA:CPU compiles a kernel once for identical fused computations: no
   # per-leaf constant may enter the leaves' kernels (the build time would
   # grow with the number of leaves rather than of leaf shapes).
-  shared = _leaf_kernels(3)
+  shared = _leaf_kernels(3, collect_min)
   assert shared > 0  # (the HLO was read)
-  assert _leaf_kernels(8) == shared
+  assert _leaf_kernels(8, collect_min) == shared
 
 
 # Collecting the bracket's keys, made to happen with small limits patched in
@@ -268,9 +272,9 @@ COLLECT_SHAPES = (
 
 
 def _small_collect():
-  """At most 32 keys collected, gathered 4 rows at a time (read when tracing)."""
+  """At any size, at most 32 keys collected, gathered 4 rows at a time (read when tracing)."""
   return unittest.mock.patch.multiple(
-    fast_select, COLLECT_ROWS=16, COLLECT_ROWS_MIN=16, GATHER_ROWS=4
+    fast_select, COLLECT_ROWS=16, COLLECT_ROWS_MIN=16, GATHER_ROWS=4, COLLECT_MIN=0
   )
 
 
