@@ -608,6 +608,15 @@ def _tie_row(row_ties: Array, take: Array) -> tuple[Array, Array]:
   return block * 32 + lane, within[lane] - per[block, lane]
 
 
+def _tie_limits(cut: Array, cut_leaf: Array, num_leaves: int) -> tuple[Array, ...]:
+  """Per leaf, the largest flat index whose ties are selected: all of them
+  before the cut leaf, up to ``cut`` in it, none after it."""
+  return tuple(
+    jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
+    for i in range(num_leaves)
+  )
+
+
 def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
   """The Q-th key and the tie limits, from the keys of the bracket, collected.
 
@@ -714,10 +723,7 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
   row = slot_rows[last // 32]
   cut_leaf = jnp.sum(leaf_ends <= row, dtype=jnp.int32)
   cut = (row - jnp.asarray(row_off)[cut_leaf]) * row_w[cut_leaf] + last % 32
-  limits = tuple(
-    jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
-    for i in range(num_leaves)
-  )
+  limits = _tie_limits(cut, cut_leaf, num_leaves)
   return kth, info.min_pass, info.tie_passes, info.key_passes, limits
 
 
@@ -980,17 +986,9 @@ def select(
 
       return lax.while_loop(lambda c: c[1] < t_local, body, (jnp.int32(-1), jnp.int32(0)))
 
-    def tie_limits(cut, cut_leaf):
-      # Per leaf, the largest flat index whose ties are selected: all of them
-      # before the cut leaf, up to `cut` in it, none after it.
-      return tuple(
-        jnp.where(i < cut_leaf, _INT_MAX, jnp.where(i == cut_leaf, cut, jnp.int32(-1)))
-        for i in range(num_leaves)
-      )
-
     def tie_search():
       cut, passes = lax.cond(t_local <= WALK_TIES, walk, radix)
-      return passes, tie_limits(cut, cut_leaf)
+      return passes, _tie_limits(cut, cut_leaf, num_leaves)
 
     # The cond's outputs are materialised scalars (see kth above); in the
     # masks below, the per-leaf limits are then run-time scalars rather than
