@@ -8,7 +8,10 @@ starting hint (warm-start hits and misses). No timing assertions here.
 """
 
 import functools
+import os
 import re
+import subprocess
+import sys
 import unittest.mock
 
 import hypothesis
@@ -259,6 +262,42 @@ def test_leaves_of_one_shape_share_kernels(collect_min):
   shared = _leaf_kernels(3, collect_min)
   assert shared > 0  # (the HLO was read)
   assert _leaf_kernels(8, collect_min) == shared
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_FIXED_POINT_PROGRAM = """
+import jax, jax.numpy as jnp, optax, optax_gsm
+params = {f"w{i:02d}": jnp.ones((64, 96 + 32 * (i % 3))) for i in range(40)}
+tx = optax_gsm.gsm(0.1, compression=4.0)
+def step(p, s, g):
+  updates, s = tx.update(g, s, p)
+  return optax.apply_updates(p, updates), s
+jax.jit(step).lower(params, tx.init(params), params).compile()
+"""
+
+
+def test_build_simplifier_reaches_its_fixed_point():
+  # XLA:CPU's simplification pipeline runs until nothing changes, at most 25
+  # rounds. A reshape after each leaf's count sum was moved through the
+  # chain of additions over the leaves one addition per round: with 40
+  # leaves it never stopped early (25 rounds, then 15 more in the next
+  # pipeline), which cost over 1 s of the ResNet-50-shaped build. XLA logs
+  # each round (a C++ log, so a subprocess reads it).
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL="0",
+    TF_CPP_VMODULE="hlo_pass_pipeline=1",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    JAX_PLATFORMS="cpu",
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", _FIXED_POINT_PROGRAM], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rounds = re.findall(r"pipeline on module jit_step: simplification$", out.stderr, re.MULTILINE)
+  if not rounds:
+    pytest.skip("this XLA does not log its pass pipelines in the expected form")
+  assert len(rounds) < 25
 
 
 # Collecting the bracket's keys, made to happen with small limits patched in
