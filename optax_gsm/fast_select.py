@@ -346,8 +346,8 @@ class _S(NamedTuple):
   hi: Array  # uint32: count(>= hi) < q
   c_lo: Array  # int32
   c_hi: Array  # int32
-  part_lo: Array  # (K,) int32 count(>= lo) per leaf
-  part_hi: Array  # (K,) int32 count(>= hi) per leaf
+  leaf_lo: Array  # (K,) int32 count(>= lo) per leaf
+  leaf_hi: Array  # (K,) int32 count(>= hi) per leaf
   sigma: Array  # float32, the spread used for the next thresholds
   ts: Array  # (M,) int32 keys: the thresholds of the next pass
   passes: Array  # int32
@@ -382,8 +382,8 @@ def _next_guess(lo, hi, c_lo, c_hi, sigma, q, prev_width, prev_nb):
 
 def _search_key(
   count_pass,
-  num_parts: int,
-  part_sizes,
+  num_leaves: int,
+  leaf_sizes,
   n: int,
   q,
   center,
@@ -395,7 +395,7 @@ def _search_key(
 ):
   """Interpolation search for the Q-th largest key (``q`` in [1, n]).
 
-  ``count_pass(ts, token, part_lo, part_hi)`` returns the ``(K, M)``
+  ``count_pass(ts, token, leaf_lo, leaf_hi)`` returns the ``(K, M)``
   counts per leaf and, with ``rows0`` (the keys per row of the flattened
   leaves), the packed per-row counts (:func:`_count_ge_rows`; else ``()``):
   the state then keeps each row's counts at both ends of the bracket. With
@@ -422,8 +422,8 @@ def _search_key(
     hi=hi0,
     c_lo=jnp.int32(n),
     c_hi=jnp.int32(0),
-    part_lo=part_sizes,
-    part_hi=jnp.zeros((num_parts,), jnp.int32),
+    leaf_lo=leaf_sizes,
+    leaf_hi=jnp.zeros((num_leaves,), jnp.int32),
     sigma=sigma,
     ts=ts0,
     passes=jnp.int32(0),
@@ -452,13 +452,13 @@ def _search_key(
         lambda: s.ts,
       )
     ts = _to_u(ts_i)
-    per_part, packed = count_pass(ts_i, s.passes, s.part_lo, s.part_hi)  # (K, M)
+    per_leaf, packed = count_pass(ts_i, s.passes, s.leaf_lo, s.leaf_hi)  # (K, M)
 
     def row_counts(j):
       # Every row's count at threshold j, leaf by leaf (fused into the concatenation).
       return jnp.concatenate([_row_count(p, j) for p in packed])
 
-    counts = jnp.sum(per_part, axis=0, dtype=jnp.int32)  # nonincreasing
+    counts = jnp.sum(per_leaf, axis=0, dtype=jnp.int32)  # nonincreasing
     n_ok = jnp.sum(counts >= q, dtype=jnp.int32)  # a prefix of the 8
     i_lo = jnp.maximum(n_ok - 1, 0)
     i_hi = jnp.minimum(n_ok, M - 1)
@@ -487,7 +487,7 @@ def _search_key(
         m=mode,
         t=ts_i,
         c=counts - q,
-        a=jnp.sum(jnp.where(s.part_lo != s.part_hi, part_sizes, 0)) / n,
+        a=jnp.sum(jnp.where(s.leaf_lo != s.leaf_hi, leaf_sizes, 0)) / n,
         lo=_to_i(lo),
         hi=_to_i(hi),
         nb=c_lo - c_hi,
@@ -498,8 +498,8 @@ def _search_key(
       hi=hi,
       c_lo=c_lo,
       c_hi=c_hi,
-      part_lo=jnp.where(new_lo, per_part[:, i_lo], s.part_lo),
-      part_hi=jnp.where(new_hi, per_part[:, i_hi], s.part_hi),
+      leaf_lo=jnp.where(new_lo, per_leaf[:, i_lo], s.leaf_lo),
+      leaf_hi=jnp.where(new_hi, per_leaf[:, i_hi], s.leaf_hi),
       sigma=sigma,
       ts=nxt,
       passes=s.passes + 1,
@@ -622,7 +622,7 @@ def _tie_limits(cut: Array, cut_leaf: Array, num_leaves: int) -> tuple[Array, ..
   )
 
 
-def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
+def _finish_in_buffer(key_fn, leaf_rows, widths, s: _S, q, cap: int, tied):
   """The Q-th key and the tie limits, from the keys of the bracket, collected.
 
   The search stopped with at most ``cap`` keys in the bracket ``[lo, hi)``,
@@ -643,11 +643,10 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
 
   Returns ``(kth, min_pass, tie_passes, buffer_passes, limits)``.
   """
-  num_leaves = len(shapes)
-  sizes = [math.prod(shape) for shape in shapes]
-  leaf_rows = [size // w for size, w in zip(sizes, widths)]
+  num_leaves = len(leaf_rows)
   row_off = np.cumsum([0] + leaf_rows).astype(np.int32)
   total_rows = int(row_off[-1])
+  offsets = jnp.asarray(row_off)  # each leaf's first row, then total_rows
   pad = -total_rows % 32
   row_lo = jnp.pad(s.row_lo, (0, pad))
   row_hi = jnp.pad(s.row_hi, (0, pad))
@@ -667,7 +666,7 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
   slot_rows = jnp.concatenate(
     [jnp.where(slot_ok, slot_rows, total_rows), jnp.full((GATHER_ROWS,), total_rows, jnp.int32)]
   )
-  starts = jnp.searchsorted(slot_rows, jnp.asarray(row_off), side="left").astype(jnp.int32)
+  starts = jnp.searchsorted(slot_rows, offsets, side="left").astype(jnp.int32)
 
   def gather_leaf(i, local, ops):
     # Rows `local` of leaf i's keys, padded to 32 lanes. XLA fuses the key
@@ -677,7 +676,7 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
     return jnp.pad(keys, ((0, 0), (0, 32 - w)), constant_values=NAN_KEY)
 
   branches = [functools.partial(gather_leaf, i) for i in range(num_leaves)]
-  leaf_ends = jnp.asarray(row_off[1:])
+  leaf_ends = offsets[1:]
   row_w = jnp.asarray(np.array(widths, np.int32))
   lanes = jnp.arange(32, dtype=jnp.int32)
 
@@ -687,7 +686,7 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
     p, buf, ok = c
     i = jnp.sum(leaf_ends <= slot_rows[p], dtype=jnp.int32)
     end = starts[i + 1]
-    local = lax.dynamic_slice_in_dim(slot_rows, p, GATHER_ROWS) - jnp.asarray(row_off)[i]
+    local = lax.dynamic_slice_in_dim(slot_rows, p, GATHER_ROWS) - offsets[i]
     keys = lax.switch(i, branches, local, tied(p))
     u = _to_u(keys)
     slot_in = (p + jnp.arange(GATHER_ROWS, dtype=jnp.int32) < end)[:, None]
@@ -727,7 +726,7 @@ def _finish_in_buffer(key_fn, shapes, widths, s: _S, q, cap: int, tied):
   kth = jnp.where(kth == NAN_KEY + 1, NAN_KEY, kth)
   row = slot_rows[last // 32]
   cut_leaf = jnp.sum(leaf_ends <= row, dtype=jnp.int32)
-  cut = (row - jnp.asarray(row_off)[cut_leaf]) * row_w[cut_leaf] + last % 32
+  cut = (row - offsets[cut_leaf]) * row_w[cut_leaf] + last % 32
   limits = _tie_limits(cut, cut_leaf, num_leaves)
   return kth, info.min_pass, info.tie_passes, info.key_passes, limits
 
@@ -817,9 +816,9 @@ def select(
   # be gathered across devices: there the passes go on.)
   collect = collect and not on_mesh and n >= COLLECT_MIN
   widths = [_flat_width(size) for size in sizes]
-  part_sizes = jnp.asarray(np.array(sizes, np.int32))
+  leaf_sizes = jnp.asarray(np.array(sizes, np.int32))
 
-  def count_pass(ts, token, part_lo, part_hi):
+  def count_pass(ts, token, leaf_lo, leaf_hi):
     # A leaf with no key in the bracket [lo, hi) has the same
     # count at every threshold inside it: skip reading it (after the first
     # passes, most hold none of the few keys left in the bracket).
@@ -834,9 +833,9 @@ def select(
         continue
       rows.append(
         lax.cond(
-          part_lo[i] != part_hi[i],
+          leaf_lo[i] != leaf_hi[i],
           count_leaf,
-          lambda i=i: jnp.full((M,), part_hi[i], jnp.int32),
+          lambda i=i: jnp.full((M,), leaf_hi[i], jnp.int32),
         )
       )
     return jnp.stack(rows), ()
@@ -862,7 +861,6 @@ def select(
     no_hint = hint == NAN_KEY
     center = jnp.where(no_hint, cold_center, _to_u(hint))
     sig = jnp.where(no_hint, cold_sigma, sig0)
-  leaf_sizes = jnp.asarray(np.array(sizes, np.int32))
   stride = _sample_stride(n)
   sampled_leaves = [i for i in range(num_leaves) if sizes[i] > stride // 2]
   sample_pass: Optional[Callable[..., Array]] = None
@@ -882,20 +880,20 @@ def select(
     sample_pass = sample_thresholds
 
   cold = jnp.bool_(True) if hint is None else (hint == NAN_KEY)
-  total_rows = sum(size // w for size, w in zip(sizes, widths)) if collect else 0
+  # Rows of keys per flattened leaf (one device: see _flat_width).
+  leaf_rows = [size // w for size, w in zip(sizes, widths)]
+  total_rows = sum(leaf_rows) if collect else 0
   # At most this many keys (so rows) are collected: a small share of the model.
   cap = max(min(COLLECT_ROWS, total_rows // 8), min(total_rows, COLLECT_ROWS_MIN))
   cap = -(-cap // 32) * 32  # whole rows of 32 (in the list of collected keys)
   rows0 = None
   if collect:
     # count(>= 0) per row: all its keys.
-    rows0 = jnp.concatenate(
-      [jnp.full((size // w,), w, jnp.uint8) for size, w in zip(sizes, widths)]
-    )
+    rows0 = jnp.concatenate([jnp.full((r,), w, jnp.uint8) for r, w in zip(leaf_rows, widths)])
   s = _search_key(
     count_pass,
     num_leaves,
-    part_sizes,
+    leaf_sizes,
     n,
     q1,
     center,
@@ -921,7 +919,7 @@ def select(
           out = jnp.minimum(out, leaf_min())
           continue
         out = jnp.minimum(
-          out, lax.cond(s.part_lo[i] != s.part_hi[i], leaf_min, lambda: jnp.asarray(_INT_MAX))
+          out, lax.cond(s.leaf_lo[i] != s.leaf_hi[i], leaf_min, lambda: jnp.asarray(_INT_MAX))
         )
       return out
 
@@ -934,7 +932,7 @@ def select(
     # the first ones in global index order: the per-leaf counts at the bracket
     # ends give the leaf of the cut; passes over that leaf only give the index
     # (1 or 2 masked-min passes, or a 9-way search over its flat index).
-    ties = s.part_lo - s.part_hi  # per leaf, keys == kth
+    ties = s.leaf_lo - s.leaf_hi  # per leaf, keys == kth
     take = q1 - s.c_hi
     cum = jnp.cumsum(ties, dtype=jnp.int32)
     need_tie = (s.c_lo > q1) & (kth != NAN_KEY)
@@ -1005,7 +1003,7 @@ def select(
     return kth, need_min.astype(jnp.int32), tie_passes, jnp.int32(0), limits
 
   def from_buffer():
-    return _finish_in_buffer(key_fn, shapes, widths, s, q1, cap, tied)
+    return _finish_in_buffer(key_fn, leaf_rows, widths, s, q1, cap, tied)
 
   if collect:
     # The outputs of a cond are materialised: else XLA would fuse the scalar
